@@ -1,0 +1,65 @@
+"""logitstore: compressed storage of teacher distributions for LLM knowledge distillation.
+
+Write a store once from a teacher, read it from any number of student runs::
+
+    import logitstore
+    store = logitstore.open("teacher.zarr")
+    batch = store.read(0, 4096)        # input_ids (n,), ids (n, k), probs (n, k), residual (n,)
+"""
+
+__version__ = "0.1.0"
+
+from .capture import Teacher, capture, load_teacher
+from .codec import EncodedRows, encode_rows
+from .data import Sequences, read_documents, sequences_from_token_ids, tokenize
+from .errors import (
+    CorruptStoreError,
+    FormatError,
+    IncompleteStoreError,
+    InputError,
+    LogitStoreError,
+    PositionError,
+    ResumeMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    TeacherError,
+    UnsupportedVersionError,
+)
+from .metadata import FORMAT_VERSION, Encoding, Layout, StoreMetadata
+from .reader import Batch, LogitStore, open
+from .verify import VerifyReport, verify
+from .writer import StoreWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Batch",
+    "CorruptStoreError",
+    "EncodedRows",
+    "Encoding",
+    "FormatError",
+    "IncompleteStoreError",
+    "InputError",
+    "Layout",
+    "LogitStore",
+    "LogitStoreError",
+    "PositionError",
+    "ResumeMismatchError",
+    "Sequences",
+    "StoreExistsError",
+    "StoreMetadata",
+    "StoreNotFoundError",
+    "StoreWriter",
+    "Teacher",
+    "TeacherError",
+    "UnsupportedVersionError",
+    "VerifyReport",
+    "__version__",
+    "capture",
+    "encode_rows",
+    "load_teacher",
+    "open",
+    "read_documents",
+    "sequences_from_token_ids",
+    "tokenize",
+    "verify",
+]

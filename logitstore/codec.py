@@ -1,0 +1,171 @@
+"""Encode teacher distributions into stored rows (torch, on the teacher's device) and
+decode stored rows back into ids and probabilities (NumPy, on the reader's host).
+
+The stored row layout is docs/FORMAT.md §5: candidate ids sorted ascending and kept as
+gaps (first id, then differences; a gap of 0 after the first column marks padding), values
+in the same order. Encoding is deterministic: the same logits give the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .metadata import Encoding
+
+__all__ = [
+    "EncodedRows",
+    "decode_ids",
+    "decode_values",
+    "encode_rows",
+    "quantize",
+    "uniforms",
+]
+
+#: u8 codes: 0 is exactly zero probability; 1..255 are 255 equal bins of sqrt(p) in (0, 1].
+U8_BINS = 255
+_U8_TABLE = np.concatenate(
+    [[0.0], ((np.arange(1, 256, dtype=np.float64) - 0.5) / U8_BINS) ** 2]
+).astype(np.float32)
+
+_M32 = 0xFFFFFFFF
+
+
+class EncodedRows(NamedTuple):
+    """One batch of encoded rows, as stored. Shapes for ``R`` rows and width ``m``."""
+
+    gaps: torch.Tensor | None  # (R, m) int32 sorted-id gaps; None for ``full``
+    values: torch.Tensor  # (R, m) in the store's value dtype (int16 bits for bf16)
+    residual: torch.Tensor | None  # (R,) float32 mass outside the stored ids; topk only
+    bad: torch.Tensor  # (R,) bool: the logits of this row were not finite
+
+
+def quantize(p: torch.Tensor, values: str) -> torch.Tensor:
+    """Store probabilities ``p`` (float32, any shape) as the value kind ``values``."""
+    if values == "fp32":
+        return p
+    if values == "fp16":
+        return p.to(torch.float16)
+    if values == "bf16":
+        return p.to(torch.bfloat16).view(torch.int16)
+    if values == "u8":
+        codes = torch.floor(torch.sqrt(p) * U8_BINS).clamp_(max=U8_BINS - 1) + 1
+        return torch.where(p > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
+    raise ValueError(f"cannot quantize to {values!r}")
+
+
+def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
+    """Stored values → float32 probabilities (before any renormalisation)."""
+    if values == "fp32":
+        return np.asarray(stored, dtype=np.float32)
+    if values == "fp16":
+        return stored.astype(np.float32)
+    if values == "bf16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    if values == "u8":
+        return _U8_TABLE[stored]
+    raise ValueError(f"cannot decode values of kind {values!r}")
+
+
+def decode_ids(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted-id gaps ``(n, m)`` → ids ``(n, m)`` int64 and the padding mask ``(n, m)``.
+
+    Padding slots (gap 0 after the first column) decode to id 0.
+    """
+    ids = np.cumsum(gaps, axis=1, dtype=np.int64)  # (n, m)
+    pad = gaps == 0
+    pad[:, 0] = False
+    ids[pad] = 0
+    return ids, pad
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # A 32-bit integer hash (xorshift-multiply), in int64 so every product stays below 2**63.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniforms(seed: int, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """Deterministic uniforms in [0, 1) of shape ``(R, n)``, a function of (seed, position, draw).
+
+    The same (seed, position) gives the same draws on any batch split, so a resumed
+    writer reproduces the bytes of an uninterrupted one (FORMAT.md §5.3).
+    """
+    pos = positions.to(torch.int64)[:, None]  # (R, 1)
+    draw = torch.arange(n, device=positions.device, dtype=torch.int64)[None, :]  # (1, n)
+    h = _mix32(torch.full_like(pos, seed & _M32))
+    h = _mix32(h ^ (pos & _M32))
+    h = _mix32(h ^ ((pos >> 32) & _M32))
+    h = _mix32(h ^ ((draw * 0x9E3779B1) & _M32))  # (R, n)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _gaps(sorted_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # (R, m) ascending ids, valid first → first id, then differences; padding → 0.
+    gaps = torch.empty_like(sorted_ids)
+    gaps[:, :1] = sorted_ids[:, :1]
+    gaps[:, 1:] = sorted_ids[:, 1:] - sorted_ids[:, :-1]
+    return torch.where(valid, gaps, torch.zeros_like(gaps))
+
+
+def encode_rows(
+    logits: torch.Tensor, encoding: Encoding, seed: int, positions: torch.Tensor
+) -> EncodedRows:
+    """Encode ``logits`` ``(R, V)`` (any float dtype, any device) for ``R`` store positions.
+
+    ``positions`` ``(R,)`` are the rows' global positions (used to seed sampling).
+    """
+    x = logits.to(torch.float32)
+    if encoding.temperature != 1.0:
+        x = x / encoding.temperature
+    bad = ~torch.isfinite(x.amax(dim=-1))  # (R,) NaN or +inf anywhere, or all -inf
+    logp = torch.log_softmax(x, dim=-1)  # (R, V)
+    del x
+    vocab = logp.shape[-1]
+
+    if encoding.kind == "full":
+        return EncodedRows(None, quantize(logp.exp(), encoding.values), None, bad)
+
+    if encoding.kind == "topk":
+        assert encoding.k is not None
+        top_logp, top_ids = torch.topk(logp, encoding.k, dim=-1)  # (R, k), most likely first
+        # Exact tail mass from the unquantised distribution: logsumexp over the rest.
+        tail = logp.scatter(-1, top_ids, float("-inf"))  # (R, V)
+        residual = torch.logsumexp(tail, dim=-1).exp()  # (R,)
+        del tail
+        valid = top_logp > float("-inf")  # (R, k); impossible tokens become padding
+        key = torch.where(valid, top_ids, top_ids + vocab)
+        order = torch.argsort(key, dim=-1)
+        ids = torch.gather(top_ids, 1, order)
+        valid = torch.gather(valid, 1, order)
+        p = torch.gather(top_logp, 1, order).exp()
+        p = torch.where(valid, p, torch.zeros_like(p))
+        gaps = _gaps(ids.to(torch.int32), valid)
+        return EncodedRows(gaps, quantize(p, encoding.values), residual.to(torch.float32), bad)
+
+    # sampled: inverse-CDF draws with hashed uniforms, then unique ids and their counts.
+    assert encoding.samples is not None
+    n = encoding.samples
+    cdf = torch.cumsum(logp.exp(), dim=-1)  # (R, V)
+    target = uniforms(seed, positions, n) * cdf[:, -1:]  # (R, n), strictly below the total
+    draws = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)  # (R, n)
+    del cdf
+    draws, _ = torch.sort(draws, dim=-1)
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = torch.cumsum(new.to(torch.int64), dim=-1) - 1  # (R, n) slot of each draw
+    width = encoding.width(vocab)
+    rows = draws.shape[0]
+    counts = torch.zeros(rows, n, dtype=torch.int32, device=draws.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.int32))
+    ids = torch.zeros(rows, n, dtype=torch.int64, device=draws.device)
+    ids.scatter_(1, slot, draws)
+    counts, ids = counts[:, :width], ids[:, :width]  # (R, m)
+    gaps = _gaps(ids.to(torch.int32), counts > 0)
+    count_dtype = torch.uint8 if n <= 255 else torch.int32
+    return EncodedRows(gaps, counts.to(count_dtype), None, bad)

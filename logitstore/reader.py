@@ -1,0 +1,247 @@
+"""Reading a store: random access by position range and by sequence, decoded to NumPy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from .codec import decode_ids, decode_values
+from .errors import CorruptStoreError, FormatError, IncompleteStoreError, PositionError
+from .metadata import Encoding, StoreMetadata
+from .storage import (
+    COMMITS,
+    IDS,
+    INPUT_IDS,
+    OFFSETS,
+    RESIDUAL,
+    TOKENIZER,
+    VALUES,
+    open_group,
+    read_metadata,
+)
+
+if TYPE_CHECKING:
+    import tokenizers
+
+__all__ = ["Batch", "LogitStore", "open"]
+
+
+class Batch(NamedTuple):
+    """Decoded rows for ``n`` consecutive positions; ``m`` stored candidates per position."""
+
+    input_ids: np.ndarray  # (n,) int64: the token the teacher read at each position
+    ids: np.ndarray  # (n, m) int64: candidate token ids (0 in padding slots)
+    probs: np.ndarray  # (n, m) float32: teacher probabilities at the store's temperature
+    residual: np.ndarray  # (n,) float32: mass outside the stored ids (0 unless topk)
+
+
+class LogitStore:
+    """A store opened for reading. Use :func:`open`.
+
+    Attributes:
+        metadata: the store's :class:`StoreMetadata`.
+        offsets: ``(num_sequences + 1,)`` int64 sequence boundaries.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self._group = open_group(self.path)
+        self.metadata: StoreMetadata = read_metadata(self._group)
+        md = self.metadata
+        self._committed: np.ndarray | None = None
+        if md.state != "complete":
+            commits = np.asarray(self._group[COMMITS][:]).astype(bool)
+            if not allow_incomplete:
+                raise IncompleteStoreError(
+                    f"{str(self.path)!r} is not complete: {int(commits.sum())} of "
+                    f"{md.num_shards} shards are committed. Its writer is still running or was "
+                    "interrupted: rerun the same `logitstore write` command to resume it, or "
+                    "open with allow_incomplete=True to read the committed shards"
+                )
+            self._committed = commits
+        self._arrays = {
+            name: self._group[name]
+            for name in (INPUT_IDS, IDS, VALUES, RESIDUAL)
+            if name in self._group
+        }
+        self._check_arrays()
+        self.offsets: np.ndarray = np.asarray(self._group[OFFSETS][:], dtype=np.int64)
+        if len(self.offsets) != md.num_sequences + 1 or self.offsets[-1] != md.num_positions:
+            raise CorruptStoreError(
+                f"offsets array has {len(self.offsets)} entries ending at "
+                f"{int(self.offsets[-1]) if len(self.offsets) else None}; expected "
+                f"{md.num_sequences + 1} ending at {md.num_positions}"
+            )
+        self._lossy = md.encoding.values in ("fp16", "bf16", "u8")
+
+    def _check_arrays(self) -> None:
+        md, lay = self.metadata, self.metadata.layout
+        n, kind = md.num_positions, md.encoding.kind
+        expected: dict[str, tuple[tuple[int, ...], str]] = {
+            INPUT_IDS: ((n,), lay.id_dtype),
+            VALUES: ((n, lay.width), lay.value_dtype),
+        }
+        if kind != "full":
+            expected[IDS] = ((n, lay.width), lay.id_dtype)
+        if kind == "topk":
+            expected[RESIDUAL] = ((n,), "float32")
+        for name, (shape, dtype) in expected.items():
+            arr = self._arrays.get(name)
+            if arr is None:
+                raise FormatError(f"store {str(self.path)!r} lacks the required array {name!r}")
+            if tuple(arr.shape) != shape or np.dtype(arr.dtype) != np.dtype(dtype):
+                raise FormatError(
+                    f"array {name!r} has shape {tuple(arr.shape)} and dtype {arr.dtype}; the "
+                    f"metadata requires shape {shape} and dtype {dtype}"
+                )
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.metadata.num_positions
+
+    @property
+    def num_sequences(self) -> int:
+        return self.metadata.num_sequences
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.metadata.encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.metadata.vocab_size
+
+    def nbytes_stored(self) -> int:
+        """Bytes the store occupies on disk (all files)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, start: int, stop: int) -> Batch:
+        """Decode positions ``[start, stop)``.
+
+        Raises:
+            PositionError: the range is reversed or outside ``[0, len(store)]``.
+            IncompleteStoreError: (incomplete stores only) the range touches uncommitted shards.
+            CorruptStoreError: a checksum failed or decoded ids fall outside the vocabulary.
+
+        Example:
+            >>> b = logitstore.open("s.zarr").read(0, 4096)
+            >>> b.probs.shape          # (4096, k)
+        """
+        start, stop = _check_range(start, stop, len(self))
+        if self._committed is not None:
+            self._check_committed(start, stop)
+        md = self.metadata
+        enc = md.encoding
+        try:
+            input_ids = self._arrays[INPUT_IDS][start:stop].astype(np.int64)
+            values = np.asarray(self._arrays[VALUES][start:stop])
+            gaps = np.asarray(self._arrays[IDS][start:stop]) if enc.kind != "full" else None
+            residual = (
+                np.asarray(self._arrays[RESIDUAL][start:stop])
+                if enc.kind == "topk"
+                else np.zeros(stop - start, dtype=np.float32)
+            )
+        except Exception as e:  # zarr raises its own types on checksum or decode failures
+            shard = start // md.layout.shard_positions
+            raise CorruptStoreError(
+                f"reading positions [{start}, {stop}) of {str(self.path)!r} failed (shard "
+                f"{shard} or later): {e}; run `logitstore verify` to locate the damage"
+            ) from None
+
+        if enc.kind == "sampled":
+            assert enc.samples is not None
+            probs = values.astype(np.float32) * np.float32(1.0 / enc.samples)
+        else:
+            probs = decode_values(values, enc.values)
+        if gaps is None:
+            vocab = md.vocab_size
+            ids = np.broadcast_to(np.arange(vocab, dtype=np.int64), (stop - start, vocab))
+            if self._lossy:
+                probs = _rescale(probs, np.ones(stop - start, dtype=np.float32))
+        else:
+            ids, _ = decode_ids(gaps)
+            if ids.size and int(ids.max()) >= md.vocab_size:
+                raise CorruptStoreError(
+                    f"decoded token ids in positions [{start}, {stop}) reach {int(ids.max())}, "
+                    f"outside the vocabulary of {md.vocab_size}; run `logitstore verify`"
+                )
+            if self._lossy and enc.kind == "topk":
+                probs = _rescale(probs, 1.0 - residual)
+        return Batch(input_ids, ids, probs, residual)
+
+    def sequence(self, index: int) -> Batch:
+        """Decode all positions of sequence ``index`` (one teacher context)."""
+        if not 0 <= index < self.num_sequences:
+            raise PositionError(
+                f"sequence {index} is out of range: the store has {self.num_sequences} sequences"
+            )
+        return self.read(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+    def sequence_of(self, position: int) -> int:
+        """Index of the sequence that holds ``position``."""
+        if not 0 <= position < len(self):
+            raise PositionError(f"position {position} is outside [0, {len(self)})")
+        return int(np.searchsorted(self.offsets, position, side="right") - 1)
+
+    def tokenizer(self) -> tokenizers.Tokenizer | None:
+        """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""
+        if TOKENIZER not in self._group:
+            return None
+        import tokenizers
+
+        raw = np.asarray(self._group[TOKENIZER][:]).tobytes()
+        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+
+    def _check_committed(self, start: int, stop: int) -> None:
+        assert self._committed is not None
+        sp = self.metadata.layout.shard_positions
+        first, last = start // sp, max(start, stop - 1) // sp
+        missing = np.flatnonzero(~self._committed[first : last + 1])
+        if stop > start and len(missing):
+            raise IncompleteStoreError(
+                f"positions [{start}, {stop}) touch shard {first + int(missing[0])}, which is not "
+                "committed yet"
+            )
+
+
+def _rescale(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    # Lossy values: scale each row to its known total (1 − residual), which removes the
+    # quantiser's systematic bias in the row sum (FORMAT.md §5.2).
+    total = probs.sum(axis=1, dtype=np.float32)  # (n,)
+    scale = np.where(total > 0, target / np.where(total > 0, total, 1), 0).astype(np.float32)
+    probs *= scale[:, None]
+    return probs
+
+
+def _check_range(start: int, stop: int, size: int) -> tuple[int, int]:
+    try:
+        start, stop = int(start), int(stop)
+    except (TypeError, ValueError):
+        raise PositionError(f"positions must be integers, got {start!r} and {stop!r}") from None
+    if not 0 <= start <= stop <= size:
+        raise PositionError(
+            f"range [{start}, {stop}) is not within the store's positions [0, {size}); "
+            "expected 0 <= start <= stop <= len(store)"
+        )
+    return start, stop
+
+
+def open(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> LogitStore:
+    """Open the store at ``path`` for reading.
+
+    Raises:
+        StoreNotFoundError: no store at ``path``.
+        UnsupportedVersionError: written in a format version this reader does not know.
+        IncompleteStoreError: the writer has not finished (unless ``allow_incomplete``).
+
+    Example:
+        >>> store = logitstore.open("teacher.zarr")
+        >>> len(store), store.offsets[:3]
+    """
+    return LogitStore(path, allow_incomplete=allow_incomplete)

@@ -1,0 +1,141 @@
+"""The on-disk layout: which Zarr v3 arrays a store holds, their codecs, and commit records.
+
+Only standard Zarr v3 codecs are used (``sharding_indexed``, ``bytes``, ``zstd``, ``blosc``,
+``crc32c``), so any Zarr v3 implementation can open the raw arrays (docs/FORMAT.md §4).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs as zc
+
+from .errors import FormatError, StoreNotFoundError
+from .metadata import ATTRS_KEY, StoreMetadata
+
+__all__ = [
+    "INPUT_IDS",
+    "create_arrays",
+    "open_group",
+    "read_metadata",
+    "write_metadata",
+]
+
+INPUT_IDS, IDS, VALUES, RESIDUAL = "input_ids", "ids", "values", "residual"
+OFFSETS, COMMITS, TOKENIZER = "offsets", "commits", "tokenizer"
+_CONFIG = {"write_empty_chunks": True}  # every chunk is written, so a missing one is a fault
+
+
+def _crc() -> zc.Crc32cCodec:
+    return zc.Crc32cCodec()
+
+
+def _per_position_codecs(name: str, itemsize: int) -> list[Any]:
+    # Measured on real top-64 output (docs/FORMAT.md §8): byte-shuffled blosc-zstd is the
+    # best fast codec for id gaps; plain zstd level 1 for values already near their entropy.
+    if name == IDS:
+        return [zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), _crc()]
+    if name == VALUES and itemsize == 1:
+        return [zc.ZstdCodec(level=1), _crc()]
+    return [zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), _crc()]
+
+
+def create_arrays(
+    root: Path,
+    md: StoreMetadata,
+    input_ids: np.ndarray,
+    offsets: np.ndarray,
+    tokenizer_json: bytes | None,
+) -> zarr.Group:
+    """Create the group and every array at its final shape; write the inputs and offsets.
+
+    Per-position teacher arrays stay empty until their shards are written and committed.
+    """
+    group = zarr.open_group(
+        str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: md.to_dict()}
+    )
+    lay, n = md.layout, md.num_positions
+    cp, sp = lay.chunk_positions, lay.shard_positions
+
+    def per_position(name: str, dtype: str, width: int | None) -> zarr.Array:
+        shape = (n,) if width is None else (n, width)
+        chunks = (cp,) if width is None else (cp, width)
+        shards = (sp,) if width is None else (sp, width)
+        return group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=_per_position_codecs(name, np.dtype(dtype).itemsize),
+            fill_value=0,
+            config=_CONFIG,
+            dimension_names=("position",) if width is None else ("position", "candidate"),
+        )
+
+    per_position(INPUT_IDS, lay.id_dtype, None)[:] = input_ids.astype(lay.id_dtype)
+    if md.encoding.kind != "full":
+        per_position(IDS, lay.id_dtype, lay.width)
+    per_position(VALUES, lay.value_dtype, lay.width)
+    if md.encoding.kind == "topk":
+        per_position(RESIDUAL, "float32", None)
+
+    off = group.create_array(
+        OFFSETS,
+        shape=offsets.shape,
+        dtype="int64",
+        chunks=(min(len(offsets), 1 << 20),),
+        compressors=[zc.ZstdCodec(level=3), _crc()],
+        fill_value=0,
+        config=_CONFIG,
+        dimension_names=("sequence_boundary",),
+    )
+    off[:] = offsets
+    group.create_array(
+        COMMITS,
+        shape=(md.num_shards,),
+        dtype="uint8",
+        chunks=(1,),
+        compressors=[_crc()],
+        fill_value=0,
+        dimension_names=("shard",),
+    )
+    if tokenizer_json is not None:
+        buf = np.frombuffer(tokenizer_json, dtype=np.uint8)
+        tok = group.create_array(
+            TOKENIZER,
+            shape=buf.shape,
+            dtype="uint8",
+            chunks=(max(len(buf), 1),),
+            compressors=[zc.ZstdCodec(level=9), _crc()],
+            fill_value=0,
+            config=_CONFIG,
+        )
+        tok[:] = buf
+    return group
+
+
+def open_group(root: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
+    """Open a store's group, with a clear error when there is none."""
+    path = Path(root)
+    if not (path / "zarr.json").is_file():
+        raise StoreNotFoundError(
+            f"no logitstore store at {str(path)!r}: expected a Zarr v3 group with a zarr.json; "
+            "check the path, or write one with `logitstore write`"
+        )
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+    except Exception as e:  # zarr raises several types for unreadable metadata
+        raise FormatError(f"cannot open {str(path)!r} as a Zarr v3 group: {e}") from None
+
+
+def read_metadata(group: zarr.Group) -> StoreMetadata:
+    return StoreMetadata.from_dict(group.attrs.get(ATTRS_KEY))
+
+
+def write_metadata(group: zarr.Group, md: StoreMetadata) -> None:
+    group.attrs.update({ATTRS_KEY: md.to_dict()})

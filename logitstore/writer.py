@@ -1,0 +1,421 @@
+"""Writing a store: create or resume, accept encoded rows in position order, and write and
+commit whole shards off the caller's thread.
+
+Commit protocol (docs/FORMAT.md §6): a shard's arrays are written whole (each file lands by
+write-temp-then-rename), then its commit record; the group is marked ``complete`` only when
+every shard is committed. A writer killed at any moment leaves a store whose committed
+shards are intact; the same call resumes at the first uncommitted shard and, because
+encoding is deterministic, finishes with the bytes an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from . import __version__
+from .codec import EncodedRows
+from .errors import (
+    InputError,
+    LogitStoreError,
+    ResumeMismatchError,
+    StoreExistsError,
+    TeacherError,
+)
+from .metadata import FORMAT_VERSION, Encoding, Layout, StoreMetadata
+from .storage import (
+    COMMITS,
+    IDS,
+    RESIDUAL,
+    VALUES,
+    create_arrays,
+    open_group,
+    read_metadata,
+    write_metadata,
+)
+
+__all__ = ["StoreWriter", "check_sequences"]
+
+_STOP = object()
+
+
+def check_sequences(input_ids: np.ndarray, offsets: np.ndarray, vocab_size: int) -> None:
+    """Raise :class:`InputError` unless ``offsets`` partition ``input_ids`` into non-empty
+    sequences of ids below ``vocab_size``."""
+    if input_ids.ndim != 1 or offsets.ndim != 1 or len(offsets) < 2:
+        raise InputError(
+            f"expected 1-D input_ids and at least two offsets, got shapes {input_ids.shape} "
+            f"and {offsets.shape}"
+        )
+    if offsets[0] != 0 or offsets[-1] != len(input_ids) or np.any(np.diff(offsets) < 1):
+        raise InputError(
+            "offsets must start at 0, end at len(input_ids) and strictly increase "
+            "(no empty sequences)"
+        )
+    if len(input_ids) and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        bad = int(np.flatnonzero((input_ids < 0) | (input_ids >= vocab_size))[0])
+        raise InputError(
+            f"input token id {int(input_ids[bad])} at position {bad} is outside the teacher's "
+            f"vocabulary [0, {vocab_size}); was the data tokenised with another tokenizer?"
+        )
+
+
+def _identity(settings: dict[str, Any], input_ids: np.ndarray, offsets: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+    h.update(np.ascontiguousarray(input_ids, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _created_at() -> str:
+    # SOURCE_DATE_EPOCH (reproducible-builds convention) pins the timestamp for byte-equal stores.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = int(epoch) if epoch and epoch.isdigit() else int(time.time())
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _to_numpy(t: torch.Tensor | None, dtype: str) -> np.ndarray | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.int16:  # bf16 bit patterns travel as int16
+        return t.numpy().view(np.uint16)
+    return t.numpy().astype(dtype, copy=False)
+
+
+class StoreWriter:
+    """Create (or resume) a store at ``path`` and fill it with encoded rows.
+
+    Rows are handed over in position order with :meth:`write`; full shards are written and
+    committed by a background thread, so the caller (a teacher on a GPU) does not wait for
+    transfer, compression or I/O. Leaving the ``with`` block normally marks the store
+    complete; leaving it with an exception keeps every committed shard for a resume.
+
+    Args:
+        path: the store directory.
+        encoding: how distributions are reduced (see :class:`Encoding`).
+        vocab_size: the teacher's output vocabulary size.
+        input_ids: ``(N,)`` the tokens the teacher reads, sequences concatenated.
+        offsets: ``(S + 1,)`` sequence boundaries into ``input_ids``.
+        seq_len: the maximum sequence length used to split documents (provenance only).
+        seed: seeds ``sampled`` draws (with each row's position).
+        teacher, tokenizer: provenance dictionaries (name, revision, vocab hash, ...).
+        tokenizer_json: a Hugging Face ``tokenizer.json`` to keep in the store (for ``show``).
+        overwrite: replace an existing store instead of refusing or resuming.
+
+    Raises:
+        StoreExistsError: a complete store is already at ``path`` (pass ``overwrite``).
+        ResumeMismatchError: an interrupted store at ``path`` was written from other inputs
+            or settings.
+
+    Example:
+        >>> with StoreWriter("s.zarr", encoding=enc, vocab_size=V, input_ids=x, offsets=o) as w:
+        ...     w.write(0, encode_rows(logits, enc, 0, positions))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        encoding: Encoding,
+        vocab_size: int,
+        input_ids: np.ndarray,
+        offsets: np.ndarray,
+        seq_len: int | None = None,
+        seed: int = 0,
+        teacher: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        tokenizer_json: bytes | None = None,
+        chunk_positions: int | None = None,
+        shard_positions: int | None = None,
+        overwrite: bool = False,
+        queue_depth: int = 4,
+    ) -> None:
+        encoding.check_vocab(vocab_size)
+        input_ids = np.asarray(input_ids)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        check_sequences(input_ids, offsets, vocab_size)
+        self.path = Path(path)
+        layout = Layout.choose(encoding, vocab_size, chunk_positions, shard_positions)
+        teacher = dict(teacher or {})
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "encoding": encoding.to_dict(),
+            "layout": layout.to_dict(),
+            "vocab_size": vocab_size,
+            "seq_len": seq_len,
+            "seed": seed,
+            "teacher": teacher,
+            "tokenizer": None if tokenizer is None else tokenizer.get("vocab_hash"),
+            "tool_version": __version__,
+        }
+        md = StoreMetadata(
+            encoding=encoding,
+            layout=layout,
+            vocab_size=vocab_size,
+            num_positions=len(input_ids),
+            num_sequences=len(offsets) - 1,
+            seq_len=seq_len,
+            seed=seed,
+            identity=_identity(settings, input_ids, offsets),
+            teacher=teacher,
+            tokenizer=tokenizer,
+            tool={"name": "logitstore", "version": __version__},
+            created_at=_created_at(),
+        )
+        self.group, self.metadata = self._create_or_resume(
+            md, input_ids, offsets, tokenizer_json, overwrite
+        )
+        commits = np.asarray(self.group[COMMITS][:])
+        self._committed = commits.astype(bool)
+        pending = np.flatnonzero(~self._committed)
+        #: the first position a caller still has to supply; earlier rows are committed.
+        self.resume_position = (
+            self.metadata.shard_range(int(pending[0]))[0] if len(pending) else md.num_positions
+        )
+        self._arrays = {
+            name: self.group[name] for name in (IDS, VALUES, RESIDUAL) if name in self.group
+        }
+        self._cursor = self.resume_position
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
+        self._commit_queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    # -- creation and resume -------------------------------------------------------------
+
+    def _create_or_resume(
+        self,
+        md: StoreMetadata,
+        input_ids: np.ndarray,
+        offsets: np.ndarray,
+        tokenizer_json: bytes | None,
+        overwrite: bool,
+    ) -> tuple[zarr.Group, StoreMetadata]:
+        path = self.path
+        if path.exists():
+            existing = self._existing_metadata(path)
+            if existing is not None and not overwrite:
+                if existing.state == "complete":
+                    raise StoreExistsError(
+                        f"{str(path)!r} already holds a complete store; pass --overwrite "
+                        "(overwrite=True) to replace it, or choose another --out"
+                    )
+                if existing.identity != md.identity:
+                    raise ResumeMismatchError(
+                        f"{str(path)!r} holds an interrupted store written from other data or "
+                        f"settings (identity {existing.identity[:19]}… vs {md.identity[:19]}…); "
+                        "rerun the original command to resume it, or pass --overwrite to "
+                        "start again"
+                    )
+                _remove_partials(path)
+                group = open_group(path, mode="r+")
+                return group, existing
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group = create_arrays(path, md, input_ids, offsets, tokenizer_json)
+        return group, md
+
+    @staticmethod
+    def _existing_metadata(path: Path) -> StoreMetadata | None:
+        if path.is_file() or (
+            path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
+        ):
+            raise StoreExistsError(
+                f"{str(path)!r} exists and is not a logitstore store; refusing to touch it. "
+                "Choose another --out"
+            )
+        if not (path / "zarr.json").exists():
+            return None
+        try:
+            return read_metadata(open_group(path))
+        except LogitStoreError as e:
+            raise StoreExistsError(
+                f"{str(path)!r} holds something that is not a readable logitstore store ({e}); "
+                "remove it yourself or choose another --out"
+            ) from None
+
+    # -- the pipeline ----------------------------------------------------------------------
+
+    def __enter__(self) -> StoreWriter:
+        self._threads = [
+            threading.Thread(target=self._run_fill, name="logitstore-fill", daemon=True),
+            threading.Thread(target=self._run_commit, name="logitstore-commit", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(abort=exc_type is not None)
+
+    def write(self, start: int, rows: EncodedRows) -> None:
+        """Hand over encoded rows for positions ``[start, start + len(rows))``.
+
+        Calls must come in position order without gaps; rows before
+        :attr:`resume_position` are dropped (they are committed already).
+        """
+        self._raise_if_failed()
+        if not self._threads:
+            raise LogitStoreError("StoreWriter.write() called outside its `with` block")
+        while True:
+            try:
+                self._queue.put((start, rows), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def close(self, abort: bool = False) -> None:
+        """Flush, commit and (unless ``abort``) mark the store complete."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._threads:
+            self._put_stop(self._queue)
+            for t in self._threads:
+                t.join()
+        if abort:
+            return
+        self._raise_if_failed()
+        commits = np.asarray(self.group[COMMITS][:]).astype(bool)
+        if not commits.all():
+            first = int(np.flatnonzero(~commits)[0])
+            raise LogitStoreError(
+                f"the writer was closed with {int((~commits).sum())} shard(s) not written "
+                f"(first: shard {first}, from position {self.metadata.shard_range(first)[0]}); "
+                "every position must be supplied before the store can be complete"
+            )
+        self.metadata = self.metadata.with_state("complete")
+        write_metadata(self.group, self.metadata)
+
+    def _put_stop(self, q: queue.Queue[Any]) -> None:
+        while True:
+            try:
+                q.put(_STOP, timeout=0.5)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    return
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, LogitStoreError):
+                raise err
+            raise LogitStoreError(f"writing {str(self.path)!r} failed: {err!r}") from err
+
+    def _run_fill(self) -> None:
+        """Host side: device→host copy, validation, and filling shard buffers in order."""
+        md = self.metadata
+        lay = md.layout
+        buffers: dict[str, np.ndarray] = {}
+        shard = -1
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                start, rows = item
+                if start > self._cursor:
+                    raise LogitStoreError(
+                        f"rows must be written in position order without gaps: expected "
+                        f"position {self._cursor}, got {start}"
+                    )
+                host = {
+                    IDS: _to_numpy(rows.gaps, lay.id_dtype),
+                    VALUES: _to_numpy(rows.values, lay.value_dtype),
+                    RESIDUAL: _to_numpy(rows.residual, "float32"),
+                }
+                bad = _to_numpy(rows.bad, "bool")
+                n = len(host[VALUES])  # type: ignore[arg-type]
+                if bad is not None and bad.any():
+                    pos = start + int(np.flatnonzero(bad)[0])
+                    raise TeacherError(
+                        f"the teacher's logits at position {pos} are NaN, +inf or all -inf; "
+                        "check the model's dtype (try float32) and its inputs"
+                    )
+                lo = self._cursor - start  # rows already committed or already buffered
+                while lo < n:
+                    pos = start + lo
+                    s = pos // lay.shard_positions
+                    s0, s1 = md.shard_range(s)
+                    take = min(n - lo, s1 - pos)
+                    if self._committed[s]:
+                        lo += take
+                        self._cursor += take
+                        continue
+                    if s != shard:
+                        shard = s
+                        buffers = {
+                            name: np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
+                            for name, arr in self._arrays.items()
+                        }
+                    for name, buf in buffers.items():
+                        src = host[name]
+                        if src is None:
+                            raise LogitStoreError(f"encoded rows lack {name!r} for this encoding")
+                        buf[pos - s0 : pos - s0 + take] = src[lo : lo + take]
+                    lo += take
+                    self._cursor += take
+                    if self._cursor == s1:
+                        self._put_commit((s, buffers))
+                        shard, buffers = -1, {}
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._put_stop(self._commit_queue)
+
+    def _put_commit(self, item: Any) -> None:
+        while True:
+            try:
+                self._commit_queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._error is not None:
+                    raise LogitStoreError("the commit thread failed") from self._error
+
+    def _run_commit(self) -> None:
+        """Writes each full shard (arrays first, commit record last)."""
+        commits = self.group[COMMITS]
+        try:
+            while True:
+                item = self._commit_queue.get()
+                if item is _STOP:
+                    break
+                if self._error is not None:
+                    continue
+                s, buffers = item
+                s0, s1 = self.metadata.shard_range(s)
+                for name, buf in buffers.items():
+                    self._arrays[name][s0:s1] = buf
+                commits[s] = 1
+                self._committed[s] = True
+        except BaseException as e:
+            self._error = e
+
+
+def _remove_partials(path: Path) -> None:
+    # Temporary files a killed writer left behind (zarr writes `<key>.<uuid>.partial`, renames).
+    for p in path.rglob("*.partial"):
+        p.unlink(missing_ok=True)
