@@ -6,16 +6,16 @@ subclass the builtin a caller would expect::
 
     ValueError
      └── LogitStoreError
-          ├── FormatError              the bytes or metadata do not follow docs/FORMAT.md
+          ├── FormatError              bytes or metadata do not follow docs/FORMAT.md
           │    ├── UnsupportedVersionError  a format version this reader does not know
           │    └── CorruptStoreError        a checksum, range or sum check failed
-          ├── IncompleteStoreError        the store was not finished (writer still running or killed)
-          ├── StoreExistsError            (+ FileExistsError) refusing to overwrite a store
-          ├── ResumeMismatchError         resuming with data or settings other than the store's
-          ├── StoreNotFoundError          (+ FileNotFoundError) no store at that path
-          ├── InputError                  bad input data (empty file, bad JSONL line, short document)
-          ├── TeacherError                the teacher cannot be used (vocab mismatch, NaN logits, ...)
-          └── PositionError               (+ IndexError) a position or range outside the store
+          ├── IncompleteStoreError     the writer is still running or was killed
+          ├── StoreExistsError         (+ FileExistsError) refusing to overwrite a store
+          ├── ResumeMismatchError      resuming with other data or settings than the store's
+          ├── StoreNotFoundError       (+ FileNotFoundError) no store at that path
+          ├── InputError               bad input (empty file, bad JSONL line, short document)
+          ├── TeacherError             unusable teacher (vocab mismatch, NaN logits, ...)
+          └── PositionError            (+ IndexError) a position or range outside the store
 
 Messages say what was expected, what was found and what to do. All errors pickle, so
 they cross DataLoader worker and process boundaries intact.
