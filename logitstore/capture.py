@@ -179,9 +179,10 @@ def capture(
     encoding.check_vocab(teacher.vocab_size)
     check_sequences(sequences.input_ids, sequences.offsets, teacher.vocab_size)
     lengths = np.diff(sequences.offsets)
-    if teacher.max_length is not None and int(lengths.max()) > teacher.max_length:
+    longest = max(int(lengths.max()), seq_len or 0)
+    if teacher.max_length is not None and longest > teacher.max_length:
         raise TeacherError(
-            f"a sequence has {int(lengths.max())} tokens but the teacher reads at most "
+            f"sequences of {longest} tokens were asked for but the teacher reads at most "
             f"{teacher.max_length}; pass --seq-len {teacher.max_length} or less"
         )
     tok_ident, tok_json = (None, None)

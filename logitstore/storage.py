@@ -22,6 +22,7 @@ __all__ = [
     "create_arrays",
     "open_group",
     "read_metadata",
+    "writable",
     "write_metadata",
 ]
 
@@ -117,6 +118,14 @@ def create_arrays(
         )
         tok[:] = buf
     return group
+
+
+def writable(group: zarr.Group, name: str) -> zarr.Array:
+    """Array ``name`` of ``group``, set to write every chunk (zarr's run-time config is not
+    stored with the array, so it is set again on each open)."""
+    arr = group[name]
+    assert isinstance(arr, zarr.Array)
+    return arr.with_config(_CONFIG)
 
 
 def open_group(root: str | os.PathLike[str], mode: str = "r") -> zarr.Group:

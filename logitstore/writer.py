@@ -43,6 +43,7 @@ from .storage import (
     create_arrays,
     open_group,
     read_metadata,
+    writable,
     write_metadata,
 )
 
@@ -189,7 +190,9 @@ class StoreWriter:
             self.metadata.shard_range(int(pending[0]))[0] if len(pending) else md.num_positions
         )
         self._arrays = {
-            name: self.group[name] for name in (IDS, VALUES, RESIDUAL) if name in self.group
+            name: writable(self.group, name)
+            for name in (IDS, VALUES, RESIDUAL)
+            if name in self.group
         }
         self._cursor = self.resume_position
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny, randomly initialised Hugging Face teacher built from a config
+(no download), with a byte-level BPE tokenizer trained on the spot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nprint(os.path.join('a', 'b'))\n",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "while True:\n    line = input()\n    if not line:\n        break\n",
+]
+
+
+def make_teacher(path: Path, *, vocab_size: int = 320, head_scale: float = 8.0) -> Path:
+    """Save a tiny GPT-2 teacher and its tokenizer to ``path``; returns ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(fast),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        tie_word_embeddings=False,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # a random head is nearly uniform; scaling it makes it peaked
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_dir: Path):  # type: ignore[no-untyped-def]
+    import logitstore
+
+    return logitstore.load_teacher(str(teacher_dir), "cpu")
+
+
+@pytest.fixture()
+def data_file(tmp_path: Path) -> Path:
+    """A JSONL file of a few documents of different lengths."""
+    path = tmp_path / "data.jsonl"
+    texts = [c * (1 + i % 3) for i, c in enumerate(CORPUS)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path

@@ -1,0 +1,56 @@
+"""The public API is a decision: renaming or removing a name must change this test."""
+
+import pickle
+
+import logitstore
+from logitstore import errors
+
+
+def test_public_names() -> None:
+    assert set(logitstore.__all__) == {
+        "FORMAT_VERSION",
+        "Batch",
+        "CorruptStoreError",
+        "EncodedRows",
+        "Encoding",
+        "FormatError",
+        "IncompleteStoreError",
+        "InputError",
+        "Layout",
+        "LogitStore",
+        "LogitStoreError",
+        "PositionError",
+        "ResumeMismatchError",
+        "Sequences",
+        "StoreExistsError",
+        "StoreMetadata",
+        "StoreNotFoundError",
+        "StoreWriter",
+        "Teacher",
+        "TeacherError",
+        "UnsupportedVersionError",
+        "VerifyReport",
+        "__version__",
+        "capture",
+        "encode_rows",
+        "load_teacher",
+        "open",
+        "read_documents",
+        "sequences_from_token_ids",
+        "tokenize",
+        "verify",
+    }
+    for name in logitstore.__all__:
+        assert hasattr(logitstore, name)
+
+
+def test_errors_are_value_errors_and_pickle() -> None:
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, ValueError)
+        e = cls("what was expected, what was found, what to do")
+        again = pickle.loads(pickle.dumps(e))
+        assert type(again) is cls and str(again) == str(e)
+    assert issubclass(errors.StoreNotFoundError, FileNotFoundError)
+    assert issubclass(errors.StoreExistsError, FileExistsError)
+    assert issubclass(errors.PositionError, IndexError)

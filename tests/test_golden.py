@@ -1,0 +1,88 @@
+"""Golden stores of format v1, checked in: the reader must decode them to these exact values,
+and today's writer must store the same integers. A failure here means the bytes changed:
+that is a format change (docs/FORMAT.md change log and version), not a test to update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import logitstore
+
+from .golden.make_golden import HERE, INPUT, STORES, TABLE, write
+
+U8 = lambda c: ((c - 0.5) / 255) ** 2  # noqa: E731  FORMAT.md §5.2, written out independently
+
+
+def test_topk_u8_decodes_to_hand_computed_values() -> None:
+    store = logitstore.open(HERE / "topk-u8.zarr")
+    assert len(store) == 9 and store.offsets.tolist() == [0, 5, 9]
+    raw = {
+        name: np.asarray(zarr.open_array(str(HERE / "topk-u8.zarr" / name))[:])
+        for name in ("input_ids", "ids", "values", "residual")
+    }
+    assert raw["input_ids"].tolist() == [0, 1, 2, 3, 4, 5, 0, 11, 1]
+    # position 0 reads token 0: p = 1/2, 1/4, 1/8, 1/16 on ids 0..3, 1/16 outside.
+    # u8 code = floor(sqrt(p) * 255) + 1: sqrt(1/2)*255 = 180.3 → 181; 127.5 → 128;
+    # sqrt(1/8)*255 = 90.2 → 91; 63.75 → 64.
+    assert raw["ids"][0].tolist() == [0, 1, 1, 1]
+    assert raw["values"][0].tolist() == [181, 128, 91, 64]
+    assert raw["residual"][0] == np.float32(0.0625)
+    # position 1 reads token 1: ids 3, 7, 11 (gaps 3, 4, 4) and one padding slot.
+    assert raw["ids"][1].tolist() == [3, 4, 4, 0]
+    assert raw["values"][1].tolist() == [91, 91, 221, 0]
+    assert raw["residual"][1] == 0
+    # position 3 reads token 3: ids 4, 5, 8 with 1/2, 1/4, 1/4.
+    assert raw["ids"][3].tolist() == [4, 1, 3, 0]
+    assert raw["values"][3].tolist() == [181, 128, 128, 0]
+
+    batch = store.read(0, 2)
+    assert batch.ids.tolist() == [[0, 1, 2, 3], [3, 7, 11, 0]]
+    expected0 = U8(np.array([181, 128, 91, 64]))
+    expected0 *= (1 - 0.0625) / expected0.sum()
+    np.testing.assert_allclose(batch.probs[0], expected0, rtol=1e-6)
+    expected1 = U8(np.array([91, 91, 221]))
+    np.testing.assert_allclose(batch.probs[1], [*(expected1 / expected1.sum()), 0], rtol=1e-6)
+
+
+def test_topk_fp32_is_exact() -> None:
+    batch = logitstore.open(HERE / "topk-fp32.zarr").read(0, 9)
+    for row, token in enumerate(np.concatenate(INPUT)):
+        p = TABLE[token]
+        top = np.argsort(-p, kind="stable")[:4]
+        real = p[top] > 0
+        assert sorted(batch.ids[row][: real.sum()].tolist()) == sorted(top[real].tolist())
+        np.testing.assert_allclose(batch.probs[row][: real.sum()], p[np.sort(top[real])], rtol=1e-6)
+        np.testing.assert_allclose(batch.residual[row], 1 - p[top].sum(), atol=1e-7)
+
+
+def test_sampled_counts_add_up_and_hit_only_possible_tokens() -> None:
+    store = logitstore.open(HERE / "sampled-8.zarr")
+    counts = np.asarray(zarr.open_array(str(HERE / "sampled-8.zarr" / "values"))[:])
+    assert (counts.sum(1) == 8).all()
+    batch = store.read(0, len(store))
+    for row, token in enumerate(np.concatenate(INPUT)):
+        hit = batch.probs[row] > 0
+        assert (TABLE[token][batch.ids[row][hit]] > 0).all()
+
+
+@pytest.mark.parametrize("name", list(STORES))
+def test_the_writer_still_stores_the_same_integers(name: str, tmp_path: Path) -> None:
+    fresh = write(name, tmp_path / name)
+    golden = HERE / f"{name}.zarr"
+    for array in ("input_ids", "ids", "values", "residual", "offsets", "commits"):
+        if not (golden / array).exists():
+            assert not (fresh / array).exists()
+            continue
+        a = zarr.open_array(str(golden / array))
+        b = zarr.open_array(str(fresh / array))
+        assert a.metadata.to_dict() == b.metadata.to_dict(), array
+        np.testing.assert_array_equal(a[:], b[:], err_msg=array)
+    old = logitstore.open(golden).metadata.to_dict()
+    new = logitstore.open(fresh).metadata.to_dict()
+    for volatile in ("created_at", "tool", "identity"):
+        old.pop(volatile), new.pop(volatile)
+    assert old == new

@@ -1,0 +1,141 @@
+"""The reader: ranges, sequences, incomplete stores, versions, and plain-zarr interop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import logitstore
+from logitstore import Encoding
+
+VOCAB = 50
+
+
+def _teacher(fail_after: int | None = None) -> logitstore.Teacher:
+    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(1)) * 2
+    calls = []
+
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("teacher died")
+        return table[ids] + 0.01 * torch.arange(ids.shape[1])[None, :, None]
+
+    return logitstore.Teacher(fn=fn, vocab_size=VOCAB, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, VOCAB, rng.integers(2, 90)) for _ in range(30)]
+    seqs = logitstore.sequences_from_token_ids(docs, 32)
+    return logitstore.capture(
+        _teacher(),
+        seqs,
+        tmp_path_factory.mktemp("r") / "s",
+        Encoding("topk", "u8", k=6),
+        progress=False,
+        chunk_positions=32,
+        shard_positions=128,
+    )
+
+
+def test_random_ranges_agree_with_whole_reads_and_sequences(store_path: Path) -> None:
+    store = logitstore.open(store_path)
+    whole = store.read(0, len(store))
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        a, b = sorted(rng.integers(0, len(store) + 1, 2))
+        part = store.read(a, b)
+        for got, want in zip(part, whole, strict=True):
+            np.testing.assert_array_equal(got, want[a:b])
+    for i in range(store.num_sequences):
+        seq = store.sequence(i)
+        s0, s1 = store.offsets[i], store.offsets[i + 1]
+        np.testing.assert_array_equal(seq.input_ids, whole.input_ids[s0:s1])
+        assert store.sequence_of(int(s0)) == i == store.sequence_of(int(s1) - 1)
+    empty = store.read(5, 5)
+    assert empty.ids.shape == (0, 6) and empty.probs.dtype == np.float32
+
+
+@pytest.mark.parametrize(("a", "b"), [(-1, 3), (5, 2), (0, 10**9), ("x", 3)])
+def test_bad_ranges_are_position_errors(store_path: Path, a, b) -> None:
+    store = logitstore.open(store_path)
+    with pytest.raises(logitstore.PositionError):
+        store.read(a, b)
+    with pytest.raises(IndexError):
+        store.read(a, b)
+
+
+def test_bad_sequence_index(store_path: Path) -> None:
+    store = logitstore.open(store_path)
+    with pytest.raises(logitstore.PositionError, match="sequence 9999"):
+        store.sequence(9999)
+
+
+def test_incomplete_store_reads_only_committed_shards(tmp_path: Path) -> None:
+    seqs = logitstore.sequences_from_token_ids([np.arange(400) % VOCAB], 16)
+    with pytest.raises(RuntimeError, match="teacher died"):
+        logitstore.capture(
+            _teacher(fail_after=12),
+            seqs,
+            tmp_path / "s",
+            Encoding("topk", "u8", k=4),
+            batch_size=1,
+            progress=False,
+            chunk_positions=16,
+            shard_positions=64,
+        )
+    with pytest.raises(logitstore.IncompleteStoreError, match="allow_incomplete"):
+        logitstore.open(tmp_path / "s")
+    store = logitstore.open(tmp_path / "s", allow_incomplete=True)
+    assert store.read(0, 192).ids.shape == (192, 4)  # 12 batches of 16 → shards 0-2 done
+    with pytest.raises(logitstore.IncompleteStoreError, match="shard 3"):
+        store.read(100, 200)
+
+
+def _edit_metadata(path: Path, **changes: object) -> None:
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["logitstore"].update(changes)
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_unknown_major_version_and_extension_are_refused(store_path, tmp_path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store_path, copy)
+    _edit_metadata(copy, format_version="2.0")
+    with pytest.raises(logitstore.UnsupportedVersionError, match=r"reads version 1\.x"):
+        logitstore.open(copy)
+    _edit_metadata(copy, format_version="1.7", extensions=["delta-values"])
+    with pytest.raises(logitstore.UnsupportedVersionError, match="delta-values"):
+        logitstore.open(copy)
+    _edit_metadata(copy, extensions=[])  # a newer minor only adds optional keys: readable
+    assert len(logitstore.open(copy)) == len(logitstore.open(store_path))
+
+
+def test_plain_zarr_group_is_not_a_store(tmp_path: Path) -> None:
+    zarr.open_group(str(tmp_path / "g"), mode="w")
+    with pytest.raises(logitstore.FormatError, match="not a logitstore store"):
+        logitstore.open(tmp_path / "g")
+
+
+def test_any_zarr_v3_reader_sees_standard_codecs(store_path: Path) -> None:
+    # Only codecs from the Zarr v3 core spec, so tensorstore or zarrs can open the arrays.
+    standard = {"sharding_indexed", "bytes", "blosc", "zstd", "crc32c"}
+    for meta in store_path.rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        stack = list(doc.get("codecs", []))
+        while stack:
+            codec = stack.pop()
+            assert codec["name"] in standard, (meta, codec["name"])
+            cfg = codec.get("configuration", {})
+            stack += cfg.get("codecs", []) + cfg.get("index_codecs", [])
+    group = zarr.open_group(str(store_path), mode="r")
+    assert group["ids"].shape == (len(logitstore.open(store_path)), 6)

@@ -1,0 +1,184 @@
+"""Commit protocol: a writer killed at any moment resumes to the same bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import logitstore
+from logitstore import Encoding
+
+from .conftest import CORPUS
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+@pytest.fixture()
+def big_data(tmp_path: Path) -> Path:
+    path = tmp_path / "big.jsonl"
+    texts = [CORPUS[i % len(CORPUS)] * (2 + i % 5) for i in range(60)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def _write_cmd(teacher_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "logitstore.cli",
+        "write",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--k",
+        "8",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--shard-positions",
+        "64",
+        "--chunk-positions",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoding", ["topk", "sampled"])
+def test_killed_writer_resumes_byte_identical(teacher_dir, big_data, tmp_path, encoding) -> None:
+    extra = ("--encoding", encoding, "--samples", "16")
+    ref = tmp_path / "ref"
+    subprocess.run(
+        _write_cmd(teacher_dir, big_data, ref, *extra), env=_env(), check=True, capture_output=True
+    )
+    out = tmp_path / "out"
+    kills = 0
+    for wait_for_commits in (2, 5):  # kill twice, at different points
+        proc = subprocess.Popen(
+            _write_cmd(teacher_dir, big_data, out, *extra),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            commits = out / "commits" / "c"
+            if commits.is_dir() and len(list(commits.iterdir())) >= wait_for_commits:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.002)
+        proc.wait()
+    assert kills == 2, "the writer finished before it could be killed; use more data"
+    with pytest.raises(logitstore.IncompleteStoreError, match="rerun the same"):
+        logitstore.open(out)
+    partial = logitstore.open(out, allow_incomplete=True)
+    assert partial.metadata.state == "writing"
+    subprocess.run(
+        _write_cmd(teacher_dir, big_data, out, *extra), env=_env(), check=True, capture_output=True
+    )
+    assert _files(out) == _files(ref)
+    assert logitstore.verify(out).ok
+
+
+def test_resume_with_other_settings_is_refused(teacher, tmp_path) -> None:
+    seqs = logitstore.sequences_from_token_ids([list(range(1, 200))], 32)
+    out = tmp_path / "s"
+    enc = Encoding("topk", "u8", k=4)
+    calls = []
+
+    def dies_on_third_batch(ids, mask):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("teacher crashed")
+        return teacher.fn(ids, mask)
+
+    crashing = dataclasses.replace(teacher, fn=dies_on_third_batch)
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        logitstore.capture(
+            crashing,
+            seqs,
+            out,
+            enc,
+            batch_size=1,
+            progress=False,
+            shard_positions=64,
+            chunk_positions=16,
+        )
+    assert logitstore.open(out, allow_incomplete=True).metadata.state == "writing"
+    before = _files(out)
+    with pytest.raises(logitstore.ResumeMismatchError, match="other data or settings"):
+        logitstore.capture(
+            teacher,
+            seqs,
+            out,
+            Encoding("topk", "u8", k=5),
+            progress=False,
+            shard_positions=64,
+            chunk_positions=16,
+        )
+    other = logitstore.sequences_from_token_ids([list(range(2, 201))], 32)
+    with pytest.raises(logitstore.ResumeMismatchError):
+        logitstore.capture(
+            teacher, other, out, enc, progress=False, shard_positions=64, chunk_positions=16
+        )
+    assert _files(out) == before  # refusing loses nothing
+    logitstore.capture(
+        teacher, seqs, out, enc, progress=False, shard_positions=64, chunk_positions=16
+    )
+    assert logitstore.open(out).metadata.state == "complete"
+
+
+def test_complete_store_is_not_overwritten_without_flag(teacher, tmp_path) -> None:
+    seqs = logitstore.sequences_from_token_ids([list(range(1, 50))], 32)
+    out = logitstore.capture(
+        teacher, seqs, tmp_path / "s", Encoding("topk", "u8", k=4), progress=False
+    )
+    before = _files(out)
+    with pytest.raises(logitstore.StoreExistsError, match="--overwrite"):
+        logitstore.capture(teacher, seqs, out, Encoding("topk", "u8", k=4), progress=False)
+    assert _files(out) == before
+    logitstore.capture(
+        teacher, seqs, out, Encoding("topk", "fp16", k=4), progress=False, overwrite=True
+    )
+    assert logitstore.open(out).encoding.values == "fp16"
+
+
+def test_a_directory_that_is_not_a_store_is_never_touched(teacher, tmp_path) -> None:
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    seqs = logitstore.sequences_from_token_ids([list(range(1, 50))], 32)
+    for overwrite in (False, True):
+        with pytest.raises(logitstore.StoreExistsError, match="not a logitstore store"):
+            logitstore.capture(
+                teacher,
+                seqs,
+                target,
+                Encoding("topk", "u8", k=4),
+                progress=False,
+                overwrite=overwrite,
+            )
+    assert (target / "notes.txt").read_text() == "keep me"
