@@ -102,7 +102,7 @@ def load_teacher(
         raise TeacherError(f"unknown --dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+        model: Any = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise TeacherError(f"cannot load teacher {name_or_path!r}: {e}") from None
     model.to(dev).eval()
@@ -117,7 +117,10 @@ def load_teacher(
     max_length = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
 
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits: torch.Tensor = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits
+        return logits
 
     return Teacher(
         fn=fn,

@@ -61,11 +61,7 @@ def store_info(path: str) -> dict[str, Any]:
 
     store = LogitStore(path, allow_incomplete=True)
     md = store.metadata
-    committed = (
-        md.num_shards
-        if md.state == "complete"
-        else int(np.asarray(store._group["commits"][:]).astype(bool).sum())
-    )
+    committed = int(store.committed().sum())
     nbytes = store.nbytes_stored()
     full_bf16 = md.num_positions * md.vocab_size * 2
     return {
@@ -172,11 +168,12 @@ def _show(args: argparse.Namespace) -> int:
     ctx = store.read(lo, min(pos + 2, s1))
     row = store.read(pos, pos + 1)
     tok = store.tokenizer()
-    text = (
-        (lambda ids: tok.decode(ids.tolist()))
-        if tok is not None
-        else (lambda ids: " ".join(f"<{i}>" for i in ids))
-    )
+
+    def text(ids: np.ndarray) -> str:
+        if tok is None:
+            return " ".join(f"<{i}>" for i in ids)
+        return str(tok.decode(ids.tolist()))
+
     enc = store.encoding
     print(f"{args.store}: position {pos} = sequence {seq}, token {pos - s0} of {s1 - s0}")
     print(

@@ -65,7 +65,8 @@ def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
     if values == "bf16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
     if values == "u8":
-        return _U8_TABLE[stored]
+        decoded: np.ndarray = _U8_TABLE[stored]
+        return decoded
     raise ValueError(f"cannot decode values of kind {values!r}")
 
 

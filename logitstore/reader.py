@@ -19,7 +19,9 @@ from .storage import (
     RESIDUAL,
     TOKENIZER,
     VALUES,
+    array,
     open_group,
+    read_all,
     read_metadata,
 )
 
@@ -53,7 +55,7 @@ class LogitStore:
         md = self.metadata
         self._committed: np.ndarray | None = None
         if md.state != "complete":
-            commits = np.asarray(self._group[COMMITS][:]).astype(bool)
+            commits = self.committed()
             if not allow_incomplete:
                 raise IncompleteStoreError(
                     f"{str(self.path)!r} is not complete: {int(commits.sum())} of "
@@ -63,12 +65,12 @@ class LogitStore:
                 )
             self._committed = commits
         self._arrays = {
-            name: self._group[name]
+            name: array(self._group, name)
             for name in (INPUT_IDS, IDS, VALUES, RESIDUAL)
             if name in self._group
         }
         self._check_arrays()
-        self.offsets: np.ndarray = np.asarray(self._group[OFFSETS][:], dtype=np.int64)
+        self.offsets: np.ndarray = read_all(self._group, OFFSETS).astype(np.int64)
         if len(self.offsets) != md.num_sequences + 1 or self.offsets[-1] != md.num_positions:
             raise CorruptStoreError(
                 f"offsets array has {len(self.offsets)} entries ending at "
@@ -76,6 +78,12 @@ class LogitStore:
                 f"{md.num_sequences + 1} ending at {md.num_positions}"
             )
         self._lossy = md.encoding.values in ("fp16", "bf16", "u8")
+
+    def committed(self) -> np.ndarray:
+        """``(num_shards,)`` bool: which shards are committed (all, once complete)."""
+        if self.metadata.state == "complete":
+            return np.ones(self.metadata.num_shards, dtype=bool)
+        return read_all(self._group, COMMITS).astype(bool)
 
     def _check_arrays(self) -> None:
         md, lay = self.metadata, self.metadata.layout
@@ -139,7 +147,7 @@ class LogitStore:
         md = self.metadata
         enc = md.encoding
         try:
-            input_ids = self._arrays[INPUT_IDS][start:stop].astype(np.int64)
+            input_ids = np.asarray(self._arrays[INPUT_IDS][start:stop]).astype(np.int64)
             values = np.asarray(self._arrays[VALUES][start:stop])
             gaps = np.asarray(self._arrays[IDS][start:stop]) if enc.kind != "full" else None
             residual = (
@@ -195,7 +203,7 @@ class LogitStore:
             return None
         import tokenizers
 
-        raw = np.asarray(self._group[TOKENIZER][:]).tobytes()
+        raw = read_all(self._group, TOKENIZER).tobytes()
         return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
 
     def _check_committed(self, start: int, stop: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -17,18 +17,23 @@ import zarr.codecs as zc
 from .errors import FormatError, StoreNotFoundError
 from .metadata import ATTRS_KEY, StoreMetadata
 
+if TYPE_CHECKING:  # zarr's private module; only its type is used
+    from zarr.core.array_spec import ArrayConfigParams
+
 __all__ = [
     "INPUT_IDS",
+    "array",
     "create_arrays",
     "open_group",
+    "read_all",
     "read_metadata",
-    "writable",
     "write_metadata",
 ]
 
 INPUT_IDS, IDS, VALUES, RESIDUAL = "input_ids", "ids", "values", "residual"
 OFFSETS, COMMITS, TOKENIZER = "offsets", "commits", "tokenizer"
-_CONFIG = {"write_empty_chunks": True}  # every chunk is written, so a missing one is a fault
+# Every chunk is written, even all-zero ones, so a missing chunk is a fault, not a zero.
+_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def _crc() -> zc.Crc32cCodec:
@@ -62,7 +67,7 @@ def create_arrays(
     lay, n = md.layout, md.num_positions
     cp, sp = lay.chunk_positions, lay.shard_positions
 
-    def per_position(name: str, dtype: str, width: int | None) -> zarr.Array:
+    def per_position(name: str, dtype: str, width: int | None) -> zarr.Array[Any]:
         shape = (n,) if width is None else (n, width)
         chunks = (cp,) if width is None else (cp, width)
         shards = (sp,) if width is None else (sp, width)
@@ -120,12 +125,21 @@ def create_arrays(
     return group
 
 
-def writable(group: zarr.Group, name: str) -> zarr.Array:
-    """Array ``name`` of ``group``, set to write every chunk (zarr's run-time config is not
-    stored with the array, so it is set again on each open)."""
-    arr = group[name]
-    assert isinstance(arr, zarr.Array)
-    return arr.with_config(_CONFIG)
+def array(group: zarr.Group, name: str, *, writable: bool = False) -> zarr.Array[Any]:
+    """Array ``name`` of ``group``, or :class:`FormatError` if the store lacks it.
+
+    ``writable`` arrays write every chunk: zarr's run-time config is not stored with the
+    array, so it is set again on each open.
+    """
+    node = group.get(name)
+    if not isinstance(node, zarr.Array):
+        raise FormatError(f"the store has no array {name!r} (found {type(node).__name__})")
+    return node.with_config(_CONFIG) if writable else node
+
+
+def read_all(group: zarr.Group, name: str) -> np.ndarray:
+    """The whole of a (small) array as NumPy."""
+    return np.asarray(array(group, name)[:])
 
 
 def open_group(root: str | os.PathLike[str], mode: str = "r") -> zarr.Group:

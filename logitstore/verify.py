@@ -13,7 +13,7 @@ from .codec import decode_values
 from .errors import LogitStoreError
 from .metadata import StoreMetadata
 from .reader import LogitStore
-from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES
+from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES, read_all
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -56,9 +56,9 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
     group = store._group
     if md.state != "complete":
         report.faults.append(f"the store is not complete (state {md.state!r}); resume its writer")
-    _check_offsets(np.asarray(group[OFFSETS][:]), md, report)
+    _check_offsets(read_all(group, OFFSETS), md, report)
     try:
-        commits = np.asarray(group[COMMITS][:])
+        commits = read_all(group, COMMITS)
     except Exception as e:
         report.faults.append(f"commit records are unreadable: {e}")
         commits = np.zeros(md.num_shards, dtype=np.uint8)

@@ -40,10 +40,11 @@ from .storage import (
     IDS,
     RESIDUAL,
     VALUES,
+    array,
     create_arrays,
     open_group,
+    read_all,
     read_metadata,
-    writable,
     write_metadata,
 )
 
@@ -182,7 +183,7 @@ class StoreWriter:
         self.group, self.metadata = self._create_or_resume(
             md, input_ids, offsets, tokenizer_json, overwrite
         )
-        commits = np.asarray(self.group[COMMITS][:])
+        commits = read_all(self.group, COMMITS)
         self._committed = commits.astype(bool)
         pending = np.flatnonzero(~self._committed)
         #: the first position a caller still has to supply; earlier rows are committed.
@@ -190,7 +191,7 @@ class StoreWriter:
             self.metadata.shard_range(int(pending[0]))[0] if len(pending) else md.num_positions
         )
         self._arrays = {
-            name: writable(self.group, name)
+            name: array(self.group, name, writable=True)
             for name in (IDS, VALUES, RESIDUAL)
             if name in self.group
         }
@@ -301,7 +302,7 @@ class StoreWriter:
         if abort:
             return
         self._raise_if_failed()
-        commits = np.asarray(self.group[COMMITS][:]).astype(bool)
+        commits = read_all(self.group, COMMITS).astype(bool)
         if not commits.all():
             first = int(np.flatnonzero(~commits)[0])
             raise LogitStoreError(
@@ -400,7 +401,7 @@ class StoreWriter:
 
     def _run_commit(self) -> None:
         """Writes each full shard (arrays first, commit record last)."""
-        commits = self.group[COMMITS]
+        commits = array(self.group, COMMITS)
         try:
             while True:
                 item = self._commit_queue.get()
