@@ -239,9 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--values",
-        choices=["fp32", "fp16", "bf16", "u8"],
+        choices=["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4"],
         default="u8",
-        help="how probabilities are stored (default u8: 255 bins of sqrt(p))",
+        help="how probabilities are stored (default u8: 255 bins of sqrt(p); u7..u4: 127..15 "
+        "bins, smaller and coarser)",
     )
     w.add_argument("--temperature", type=float, default=1.0, help="divide logits by T (default 1)")
     w.add_argument(

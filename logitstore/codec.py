@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .metadata import Encoding
+from .metadata import SQRT_BINS, Encoding
 
 __all__ = [
     "EncodedRows",
@@ -24,11 +24,16 @@ __all__ = [
     "uniforms",
 ]
 
-#: u8 codes: 0 is exactly zero probability; 1..255 are 255 equal bins of sqrt(p) in (0, 1].
-U8_BINS = 255
-_U8_TABLE = np.concatenate(
-    [[0.0], ((np.arange(1, 256, dtype=np.float64) - 0.5) / U8_BINS) ** 2]
-).astype(np.float32)
+
+def _sqrt_table(bins: int) -> np.ndarray:
+    # code 0 → 0; code c in 1..bins → the centre of sqrt-bin c, squared (FORMAT.md §5.2).
+    centres = (np.arange(1, bins + 1, dtype=np.float64) - 0.5) / bins
+    table = np.zeros(256, dtype=np.float32)
+    table[1 : bins + 1] = centres**2
+    return table
+
+
+_SQRT_TABLES = {kind: _sqrt_table(bins) for kind, bins in SQRT_BINS.items()}
 
 _M32 = 0xFFFFFFFF
 
@@ -36,8 +41,8 @@ _M32 = 0xFFFFFFFF
 class EncodedRows(NamedTuple):
     """One batch of encoded rows, as stored. Shapes for ``R`` rows and width ``m``."""
 
-    gaps: torch.Tensor | None  # (R, m) int32 sorted-id gaps; None for ``full``
-    values: torch.Tensor  # (R, m) in the store's value dtype (int16 bits for bf16)
+    gaps: torch.Tensor | None  # (R, m) sorted-id gaps (int16 bits of uint16, or int32); full: None
+    values: torch.Tensor  # (R, m) in the store's value dtype (int16 bits for uint16 kinds)
     residual: torch.Tensor | None  # (R,) float32 mass outside the stored ids; topk only
     bad: torch.Tensor  # (R,) bool: the logits of this row were not finite
 
@@ -50,8 +55,9 @@ def quantize(p: torch.Tensor, values: str) -> torch.Tensor:
         return p.to(torch.float16)
     if values == "bf16":
         return p.to(torch.bfloat16).view(torch.int16)
-    if values == "u8":
-        codes = torch.floor(torch.sqrt(p) * U8_BINS).clamp_(max=U8_BINS - 1) + 1
+    bins = SQRT_BINS.get(values)
+    if bins is not None:
+        codes = torch.floor(torch.sqrt(p) * bins).clamp_(max=bins - 1) + 1
         return torch.where(p > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
     raise ValueError(f"cannot quantize to {values!r}")
 
@@ -64,8 +70,9 @@ def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
         return stored.astype(np.float32)
     if values == "bf16":
         return (stored.astype(np.uint32) << 16).view(np.float32)
-    if values == "u8":
-        decoded: np.ndarray = _U8_TABLE[stored]
+    table = _SQRT_TABLES.get(values)
+    if table is not None:
+        decoded: np.ndarray = table[stored]
         return decoded
     raise ValueError(f"cannot decode values of kind {values!r}")
 
@@ -106,12 +113,19 @@ def uniforms(seed: int, positions: torch.Tensor, n: int) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _gaps(sorted_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _as_u16_bits(x: torch.Tensor) -> torch.Tensor:
+    # Values in [0, 65535] as int16 with the same 16 bits (the host views them as uint16),
+    # so only two bytes per entry cross to the host.
+    return torch.where(x > 32767, x - 65536, x).to(torch.int16)
+
+
+def _gaps(sorted_ids: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
     # (R, m) ascending ids, valid first → first id, then differences; padding → 0.
     gaps = torch.empty_like(sorted_ids)
     gaps[:, :1] = sorted_ids[:, :1]
     gaps[:, 1:] = sorted_ids[:, 1:] - sorted_ids[:, :-1]
-    return torch.where(valid, gaps, torch.zeros_like(gaps))
+    gaps = torch.where(valid, gaps, torch.zeros_like(gaps))
+    return _as_u16_bits(gaps) if vocab <= 65536 else gaps.to(torch.int32)
 
 
 def encode_rows(
@@ -135,10 +149,9 @@ def encode_rows(
     if encoding.kind == "topk":
         assert encoding.k is not None
         top_logp, top_ids = torch.topk(logp, encoding.k, dim=-1)  # (R, k), most likely first
-        # Exact tail mass from the unquantised distribution: logsumexp over the rest.
-        tail = logp.scatter(-1, top_ids, float("-inf"))  # (R, V)
-        residual = torch.logsumexp(tail, dim=-1).exp()  # (R,)
-        del tail
+        # Exact tail mass from the unquantised distribution: the tail's own sum, not
+        # 1 - Σ top-k (which cancels to noise when the tail is small).
+        residual = logp.exp().scatter_(-1, top_ids, 0.0).sum(dim=-1)  # (R,)
         valid = top_logp > float("-inf")  # (R, k); impossible tokens become padding
         key = torch.where(valid, top_ids, top_ids + vocab)
         order = torch.argsort(key, dim=-1)
@@ -146,7 +159,7 @@ def encode_rows(
         valid = torch.gather(valid, 1, order)
         p = torch.gather(top_logp, 1, order).exp()
         p = torch.where(valid, p, torch.zeros_like(p))
-        gaps = _gaps(ids.to(torch.int32), valid)
+        gaps = _gaps(ids.to(torch.int32), valid, vocab)
         return EncodedRows(gaps, quantize(p, encoding.values), residual.to(torch.float32), bad)
 
     # sampled: inverse-CDF draws with hashed uniforms, then unique ids and their counts.
@@ -167,6 +180,6 @@ def encode_rows(
     ids = torch.zeros(rows, n, dtype=torch.int64, device=draws.device)
     ids.scatter_(1, slot, draws)
     counts, ids = counts[:, :width], ids[:, :width]  # (R, m)
-    gaps = _gaps(ids.to(torch.int32), counts > 0)
-    count_dtype = torch.uint8 if n <= 255 else torch.int32
-    return EncodedRows(gaps, counts.to(count_dtype), None, bad)
+    gaps = _gaps(ids.to(torch.int32), counts > 0, vocab)
+    stored = counts.to(torch.uint8) if n <= 255 else _as_u16_bits(counts)
+    return EncodedRows(gaps, stored, None, bad)

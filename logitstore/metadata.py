@@ -30,7 +30,7 @@ FORMAT_VERSION = "1.0"
 _EXTENSIONS_UNDERSTOOD: frozenset[str] = frozenset()
 
 EncodingKind = Literal["topk", "sampled", "full"]
-ValueKind = Literal["fp32", "fp16", "bf16", "u8", "count"]
+ValueKind = Literal["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4", "count"]
 State = Literal["writing", "complete"]
 
 _KINDS: tuple[str, ...] = get_args(EncodingKind)
@@ -41,7 +41,13 @@ VALUE_DTYPES: dict[str, str] = {
     "fp16": "float16",
     "bf16": "uint16",
     "u8": "uint8",
+    "u7": "uint8",
+    "u6": "uint8",
+    "u5": "uint8",
+    "u4": "uint8",
 }
+#: Square-root bins of each ``uN`` kind: codes 1..2**N - 1 (0 means exactly zero).
+SQRT_BINS: dict[str, int] = {f"u{b}": (1 << b) - 1 for b in (8, 7, 6, 5, 4)}
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,8 @@ class Encoding:
         kind: ``topk`` (the k most likely tokens plus the residual mass), ``sampled``
             (``samples`` draws from the distribution, stored as unique ids and counts) or
             ``full`` (the whole vocabulary).
-        values: how probabilities are stored: ``fp32``, ``fp16``, ``bf16`` or ``u8``;
+        values: how probabilities are stored: ``fp32``, ``fp16``, ``bf16``, or ``u8`` (255
+            bins of sqrt(p)) down to ``u4`` (15 bins), all in one byte;
             ``sampled`` always stores integer counts (``count``).
         temperature: the teacher's logits are divided by this before the softmax.
         k: number of candidates for ``topk``.
@@ -113,6 +120,11 @@ class Encoding:
                 f"--k {self.k} is larger than the teacher's vocabulary ({vocab_size} tokens); "
                 f"use k <= {vocab_size}, or --encoding full to keep every token"
             )
+
+    @property
+    def lossy(self) -> bool:
+        """Whether decoded probabilities are rescaled to their known row total."""
+        return self.values not in ("fp32", "count")
 
     @property
     def value_dtype(self) -> str:

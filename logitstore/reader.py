@@ -77,7 +77,7 @@ class LogitStore:
                 f"{int(self.offsets[-1]) if len(self.offsets) else None}; expected "
                 f"{md.num_sequences + 1} ending at {md.num_positions}"
             )
-        self._lossy = md.encoding.values in ("fp16", "bf16", "u8")
+        self._lossy = md.encoding.lossy
 
     def committed(self) -> np.ndarray:
         """``(num_shards,)`` bool: which shards are committed (all, once complete)."""

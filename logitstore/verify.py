@@ -11,14 +11,14 @@ from tqdm.auto import tqdm
 
 from .codec import decode_values
 from .errors import LogitStoreError
-from .metadata import StoreMetadata
+from .metadata import SQRT_BINS, StoreMetadata
 from .reader import LogitStore
 from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES, read_all
 
 __all__ = ["VerifyReport", "verify"]
 
 # How far Σ probs (+ residual) may stray from 1 before renormalisation, per value kind.
-# u8: each entry's error is at most sqrt(p)/255, and Σ sqrt(p) <= sqrt(k); see FORMAT.md §7.
+# uN: each entry's error is at most sqrt(p)/bins, and Σ sqrt(p) <= sqrt(k); see FORMAT.md §7.
 _SUM_TOLERANCE = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 2e-2, "count": 0.0}
 
 
@@ -153,8 +153,8 @@ def _check_shard(
             return
         total = total + residual
     tol = _SUM_TOLERANCE.get(enc.values)
-    if tol is None:  # u8
-        tol = float(np.sqrt(md.layout.width)) / 255 + 1e-3
+    if tol is None:
+        tol = float(np.sqrt(md.layout.width)) / SQRT_BINS[enc.values] + 1e-3
     bad = np.flatnonzero(np.abs(total - 1) > tol)
     if len(bad):
         fault(VALUES, bad, f"probabilities sum to {total[bad[0]]:.6f}, expected 1 ± {tol:g}")

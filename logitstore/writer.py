@@ -89,15 +89,16 @@ def _created_at() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _to_numpy(t: torch.Tensor | None, dtype: str) -> np.ndarray | None:
+def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    """Device tensor → host array; int16/int32 carry the bits of uint16/uint32 columns."""
     if t is None:
         return None
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.dtype == torch.int16:  # bf16 bit patterns travel as int16
-        return t.numpy().view(np.uint16)
-    return t.numpy().astype(dtype, copy=False)
+    a = t.detach().cpu().numpy()
+    if a.dtype == np.int16:
+        return a.view(np.uint16)
+    if a.dtype == np.int32:
+        return a.view(np.uint32)
+    return a
 
 
 class StoreWriter:
@@ -347,11 +348,11 @@ class StoreWriter:
                         f"position {self._cursor}, got {start}"
                     )
                 host = {
-                    IDS: _to_numpy(rows.gaps, lay.id_dtype),
-                    VALUES: _to_numpy(rows.values, lay.value_dtype),
-                    RESIDUAL: _to_numpy(rows.residual, "float32"),
+                    IDS: _to_numpy(rows.gaps),
+                    VALUES: _to_numpy(rows.values),
+                    RESIDUAL: _to_numpy(rows.residual),
                 }
-                bad = _to_numpy(rows.bad, "bool")
+                bad = _to_numpy(rows.bad)
                 n = len(host[VALUES])  # type: ignore[arg-type]
                 if bad is not None and bad.any():
                     pos = start + int(np.flatnonzero(bad)[0])

@@ -13,8 +13,9 @@ from hypothesis.extra.numpy import arrays
 import logitstore
 from logitstore import Encoding
 from logitstore.codec import decode_ids, decode_values, encode_rows, quantize
+from logitstore.metadata import SQRT_BINS
 
-VALUES = ["fp32", "fp16", "bf16", "u8"]
+VALUES = ["fp32", "fp16", "bf16", "u8", "u6", "u4"]
 
 
 @st.composite
@@ -76,8 +77,9 @@ def test_topk_roundtrip(logits: np.ndarray, k: int, values: str) -> None:
         "fp16": 2**-11 * stored_p + 2**-24,
         "bf16": 2**-8 * stored_p + 1e-38,
     }
-    if values == "u8":
-        assert np.all(np.abs(np.sqrt(raw) - np.sqrt(stored_p)) <= 0.5 / 255 + 1e-7)
+    if values in SQRT_BINS:
+        bins = SQRT_BINS[values]
+        assert np.all(np.abs(np.sqrt(raw) - np.sqrt(stored_p)) <= 0.5 / bins + 1e-7)
         assert np.all((raw > 0) == (stored_p > 0))
     else:
         assert np.all(np.abs(raw - stored_p) <= tol[values])
@@ -92,7 +94,7 @@ def test_full_roundtrip(logits: np.ndarray, values: str) -> None:
     p = _exact(logits)
     with tempfile.TemporaryDirectory() as tmp:
         _, got = _store(logits, Encoding("full", values), tmp)
-    atol = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 4e-3, "u8": 0.02}[values]
+    atol = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 4e-3, "u8": 0.02, "u6": 0.08, "u4": 0.35}[values]
     np.testing.assert_allclose(got.probs, p, atol=atol)
     np.testing.assert_allclose(got.probs.sum(1), 1, atol=1e-5)
 
@@ -113,9 +115,13 @@ def test_sampled_roundtrip(logits: np.ndarray, n: int, seed: int) -> None:
         assert (np.diff(got.ids[r][hit[r]]) > 0).all()
 
 
-@given(p=arrays(np.float32, 50, elements=st.floats(0, 1, width=32)))
-def test_u8_code_bounds(p: np.ndarray) -> None:
-    codes = quantize(torch.from_numpy(p), "u8").numpy()
-    q = decode_values(codes, "u8")
-    assert np.all((codes == 0) == (p == 0))
-    assert np.all(np.abs(np.sqrt(q) - np.sqrt(p)) <= 0.5 / 255 + 1e-7)
+@given(
+    p=arrays(np.float32, 50, elements=st.floats(0, 1, width=32)),
+    values=st.sampled_from(sorted(SQRT_BINS)),
+)
+def test_sqrt_code_bounds(p: np.ndarray, values: str) -> None:
+    bins = SQRT_BINS[values]
+    codes = quantize(torch.from_numpy(p), values).numpy()
+    q = decode_values(codes, values)
+    assert np.all((codes == 0) == (p == 0)) and codes.max(initial=0) <= bins
+    assert np.all(np.abs(np.sqrt(q) - np.sqrt(p)) <= 0.5 / bins + 1e-7)
