@@ -9,6 +9,7 @@ Write a store once from a teacher, read it from any number of student runs::
 
 __version__ = "0.1.0"
 
+from . import losses
 from .capture import Teacher, capture, load_teacher
 from .codec import EncodedRows, encode_rows
 from .data import Sequences, read_documents, sequences_from_token_ids, tokenize
@@ -57,6 +58,7 @@ __all__ = [
     "capture",
     "encode_rows",
     "load_teacher",
+    "losses",
     "open",
     "read_documents",
     "sequences_from_token_ids",

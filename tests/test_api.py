@@ -34,6 +34,7 @@ def test_public_names() -> None:
         "capture",
         "encode_rows",
         "load_teacher",
+        "losses",
         "open",
         "read_documents",
         "sequences_from_token_ids",
