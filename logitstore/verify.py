@@ -18,7 +18,7 @@ from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES, read_al
 __all__ = ["VerifyReport", "verify"]
 
 # How far Σ probs (+ residual) may stray from 1 before renormalisation, per value kind.
-# uN: each entry's error is at most sqrt(p)/bins, and Σ sqrt(p) <= sqrt(k); see FORMAT.md §7.
+# uB: |Δp| <= sqrt(p)/L + 1/(4L²) per entry and Σ sqrt(p) <= sqrt(m); see FORMAT.md §7.
 _SUM_TOLERANCE = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 2e-2, "count": 0.0}
 
 
@@ -154,7 +154,8 @@ def _check_shard(
         total = total + residual
     tol = _SUM_TOLERANCE.get(enc.values)
     if tol is None:
-        tol = float(np.sqrt(md.layout.width)) / SQRT_BINS[enc.values] + 1e-3
+        bins, width = SQRT_BINS[enc.values], md.layout.width
+        tol = float(np.sqrt(width)) / bins + width / (4 * bins**2) + 1e-3
     bad = np.flatnonzero(np.abs(total - 1) > tol)
     if len(bad):
         fault(VALUES, bad, f"probabilities sum to {total[bad[0]]:.6f}, expected 1 ± {tol:g}")

@@ -6,7 +6,7 @@ import tempfile
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -90,6 +90,7 @@ def test_topk_roundtrip(logits: np.ndarray, k: int, values: str) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(logits=logit_rows(), values=st.sampled_from(VALUES))
+@example(logits=np.zeros((1, 64), np.float32), values="u6")  # worst case of FORMAT.md §7's sum
 def test_full_roundtrip(logits: np.ndarray, values: str) -> None:
     p = _exact(logits)
     with tempfile.TemporaryDirectory() as tmp:
