@@ -13,6 +13,7 @@ from . import losses
 from .capture import Teacher, capture, load_teacher
 from .codec import EncodedRows, encode_rows
 from .data import Sequences, read_documents, sequences_from_token_ids, tokenize
+from .dataset import LogitDataset, collate
 from .errors import (
     CorruptStoreError,
     FormatError,
@@ -41,6 +42,7 @@ __all__ = [
     "IncompleteStoreError",
     "InputError",
     "Layout",
+    "LogitDataset",
     "LogitStore",
     "LogitStoreError",
     "PositionError",
@@ -56,6 +58,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "capture",
+    "collate",
     "encode_rows",
     "load_teacher",
     "losses",

@@ -1,0 +1,244 @@
+"""``LogitDataset``: a resumable, shardable torch dataset of windows over a store.
+
+Each sample is a window of at most ``seq_len`` consecutive positions of one sequence (a
+teacher context), so contexts never mix. At position ``t`` of a window the student's logits
+and the teacher's stored distribution both predict token ``t + 1``; ``labels[t]`` is that token
+(-100 where the sequence ends). Windows are read in large blocks: the epoch's order permutes
+blocks, then shuffles windows within groups of ``buffer_blocks`` blocks, so each block is read
+and decoded once per epoch while the order stays well mixed.
+
+The order is a pure function of (seed, epoch, rank, world size, worker, num workers), which
+is what makes ``state_dict()``/``load_state_dict()`` exact: a resumed run recomputes the order
+and skips what was already yielded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .errors import LogitStoreError
+from .reader import Batch, LogitStore
+
+__all__ = ["LogitDataset", "collate"]
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch, trimmed to the longest real window in it.
+
+    Shapes: ``input_ids``, ``labels``, ``attention_mask``, ``loss_mask`` ``(B, T)``;
+    ``ids``, ``probs`` ``(B, T, m)``; ``residual`` ``(B, T)``.
+    """
+    longest = max(int(s["attention_mask"].sum()) for s in samples)
+    return {key: torch.stack([s[key][:longest] for s in samples]) for key in samples[0]}
+
+
+class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
+    """Windows of a store as training samples, for a torch ``DataLoader``.
+
+    Args:
+        source: a store path (or an open :class:`LogitStore`).
+        seq_len: positions per window (>= 2); longer sequences are cut into several windows.
+        shuffle: deterministic block shuffle from ``seed`` and the epoch (``set_epoch``).
+        seed: the shuffle seed; every rank must use the same one.
+        rank, world_size: this process's place among data-parallel ranks (default: read
+            from ``torch.distributed`` when initialised, else 0 and 1). Every rank yields the
+            same number of samples (windows are repeated to fill the last ranks), so no rank
+            waits forever at the end of an epoch.
+        block_positions: positions read and decoded at once.
+        buffer_blocks: blocks whose windows are shuffled together.
+        tokenizer_hash: the student tokenizer's vocabulary hash (``"sha256:…"``, see
+            FORMAT.md §3); a store of another tokenizer is refused unless
+            ``allow_tokenizer_mismatch``.
+
+    Raises:
+        LogitStoreError: ``seq_len`` < 2, an empty store, or a tokenizer mismatch.
+
+    Example:
+        >>> ds = LogitDataset("teacher.zarr", seq_len=512, seed=0)
+        >>> loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=collate)
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | LogitStore,
+        seq_len: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        block_positions: int = 1 << 15,
+        buffer_blocks: int = 4,
+        tokenizer_hash: str | None = None,
+        allow_tokenizer_mismatch: bool = False,
+    ) -> None:
+        if seq_len < 2:
+            raise LogitStoreError(f"seq_len must be at least 2, got {seq_len}")
+        store = source if isinstance(source, LogitStore) else LogitStore(source)
+        self.path = store.path
+        self.metadata = store.metadata
+        if len(store) == 0:
+            raise LogitStoreError(f"store {str(self.path)!r} has no positions")
+        stored_hash = (store.metadata.tokenizer or {}).get("vocab_hash")
+        mismatch = tokenizer_hash is not None and stored_hash != tokenizer_hash
+        if mismatch and not allow_tokenizer_mismatch:
+            raise LogitStoreError(
+                f"the store's teacher tokenizer ({stored_hash}) differs from the student's "
+                f"({tokenizer_hash}): token ids would not mean the same thing. Use a "
+                "student with the teacher's tokenizer, or pass allow_tokenizer_mismatch=True"
+            )
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            active = dist.is_available() and dist.is_initialized()
+            rank = rank if rank is not None else (dist.get_rank() if active else 0)
+            world_size = (
+                world_size if world_size is not None else (dist.get_world_size() if active else 1)
+            )
+        if not 0 <= rank < world_size:
+            raise LogitStoreError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.seq_len, self.shuffle, self.seed = seq_len, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.block_positions, self.buffer_blocks = block_positions, buffer_blocks
+        # Window starts and ends: every sequence cut into pieces of at most seq_len.
+        offsets = store.offsets
+        starts, ends = [], []
+        for s0, s1 in itertools.pairwise(offsets):
+            w = np.arange(s0, s1, seq_len, dtype=np.int64)
+            starts.append(w)
+            ends.append(np.minimum(w + seq_len, s1))
+        self._starts = np.concatenate(starts)
+        self._ends = np.concatenate(ends)
+        self._seq_end = np.repeat(offsets[1:], [len(w) for w in starts])  # (W,)
+        self.epoch = 0
+        self._yielded = 0  # samples yielded in this epoch by this worker
+        self._store: LogitStore | None = None  # opened lazily, inside each worker
+
+    # -- order -------------------------------------------------------------------------------
+
+    @property
+    def num_windows(self) -> int:
+        return len(self._starts)
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (over all its DataLoader workers)."""
+        return -(-self.num_windows // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order (call before each epoch, like DistributedSampler)."""
+        if epoch != self.epoch:
+            self.epoch, self._yielded = epoch, 0
+
+    def _epoch_order(self) -> np.ndarray:
+        """All window indices of the epoch, in order, before splitting across ranks."""
+        n = self.num_windows
+        if not self.shuffle:
+            return np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        block = self._starts // self.block_positions  # (W,) block of each window
+        rank_of_block = np.argsort(rng.permutation(int(block.max()) + 1))
+        group = rank_of_block[block] // self.buffer_blocks  # (W,) shuffle group of each window
+        return np.lexsort((rng.random(n), group))  # groups in order, windows shuffled within
+
+    def _worker_order(self) -> np.ndarray:
+        order = self._epoch_order()
+        per_rank = len(self)
+        order = np.resize(order, per_rank * self.world_size)  # repeats fill the last ranks
+        mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        info = get_worker_info()
+        if info is None:
+            return mine
+        bounds = np.linspace(0, len(mine), info.num_workers + 1).astype(np.int64)
+        return mine[bounds[info.id] : bounds[info.id + 1]]
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this (worker's) iteration stands; pair with :meth:`load_state_dict`."""
+        return {
+            "epoch": self.epoch,
+            "yielded": self._yielded,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seed"], state["world_size"]) != (self.seed, self.world_size):
+            raise LogitStoreError(
+                f"this state was saved with seed {state['seed']} and world size "
+                f"{state['world_size']}; resuming with seed {self.seed} and world size "
+                f"{self.world_size} would not continue the same order"
+            )
+        self.epoch, self._yielded = int(state["epoch"]), int(state["yielded"])
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None  # zarr and its I/O threads must not cross a fork/pickle
+        return state
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._store is None:
+            self._store = LogitStore(self.path)
+        order = self._worker_order()
+        cache: OrderedDict[int, tuple[int, Batch]] = OrderedDict()
+        for w in order[self._yielded :]:
+            sample = self._sample(int(w), cache)
+            self._yielded += 1
+            yield sample
+        self.epoch, self._yielded = self.epoch + 1, 0
+
+    def _block(self, b: int, cache: OrderedDict[int, tuple[int, Batch]]) -> tuple[int, Batch]:
+        hit = cache.get(b)
+        if hit is not None:
+            cache.move_to_end(b)
+            return hit
+        assert self._store is not None
+        start = b * self.block_positions
+        # One position more than the block, for the label of its last window.
+        stop = min(start + self.block_positions + self.seq_len + 1, len(self._store))
+        entry = (start, self._store.read(start, stop))
+        cache[b] = entry
+        if len(cache) > self.buffer_blocks + 1:
+            cache.popitem(last=False)
+        return entry
+
+    def _sample(
+        self, w: int, cache: OrderedDict[int, tuple[int, Batch]]
+    ) -> dict[str, torch.Tensor]:
+        a, e, seq_end = int(self._starts[w]), int(self._ends[w]), int(self._seq_end[w])
+        base, data = self._block(a // self.block_positions, cache)
+        n, t = e - a, self.seq_len
+        lo = a - base
+        m = data.ids.shape[1]
+        input_ids = torch.zeros(t, dtype=torch.long)
+        labels = torch.full((t,), -100, dtype=torch.long)
+        ids = torch.zeros(t, m, dtype=torch.long)
+        probs = torch.zeros(t, m, dtype=torch.float32)
+        residual = torch.zeros(t, dtype=torch.float32)
+        mask = torch.zeros(t, dtype=torch.long)
+        input_ids[:n] = torch.from_numpy(data.input_ids[lo : lo + n])
+        has_next = min(e + 1, seq_end) - a - 1  # positions whose next token is in the sequence
+        labels[:has_next] = torch.from_numpy(data.input_ids[lo + 1 : lo + 1 + has_next])
+        ids[:n] = torch.from_numpy(np.ascontiguousarray(data.ids[lo : lo + n]))
+        probs[:n] = torch.from_numpy(data.probs[lo : lo + n])
+        residual[:n] = torch.from_numpy(data.residual[lo : lo + n])
+        mask[:n] = 1
+        return {
+            "input_ids": input_ids,  # (T,)
+            "labels": labels,  # (T,) next token, -100 where none
+            "attention_mask": mask,  # (T,) 1 on real positions
+            "loss_mask": mask.bool(),  # (T,) positions whose teacher distribution counts
+            "ids": ids,  # (T, m)
+            "probs": probs,  # (T, m)
+            "residual": residual,  # (T,)
+        }
