@@ -4,7 +4,9 @@
 #   2. take held-out Python standard-library files as sample text,
 #   3. run the shipped small teacher (examples/teacher, trained by benchmarks/teacher.py)
 #      over it and write a top-64 u8 store,
-#   4. print what the store holds, verify it, and show what the teacher thought at a position.
+#   4. print what the store holds, verify it, and show what the teacher thought at a position,
+#   5. train a small student from the store (examples/train_student.py), reporting held-out
+#      perplexity and KL to the teacher on a second store of other held-out files.
 # Output goes to out/demo (override with OUT=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +16,21 @@ mkdir -p "$out"
 py=.venv/bin/python
 cli=.venv/bin/logitstore
 
-$py benchmarks/teacher.py --export-held-out "$out/sample.jsonl" --max-docs 24
-$cli write --teacher examples/teacher --data "$out/sample.jsonl" --out "$out/teacher.zarr" \
-  --encoding topk --k 64 --values u8 --seq-len 256 --batch-size 8 --device cpu --overwrite
+$py benchmarks/teacher.py --export-held-out "$out/sample.jsonl" --max-docs 28
+head -n 24 "$out/sample.jsonl" > "$out/train.jsonl"
+tail -n 4 "$out/sample.jsonl" > "$out/eval.jsonl"
+for split in train eval; do
+  store=$([ $split = train ] && echo teacher || echo eval)
+  $cli write --teacher examples/teacher --data "$out/$split.jsonl" --out "$out/$store.zarr" \
+    --encoding topk --k 64 --values u8 --seq-len 256 --batch-size 8 --device cpu --overwrite
+done
 echo
 $cli info "$out/teacher.zarr"
 echo
 $cli verify "$out/teacher.zarr" --no-progress
 echo
 $cli show "$out/teacher.zarr" --position 1000 --top 8
+echo
+rm -rf "$out/student"
+$py examples/train_student.py --store "$out/teacher.zarr" --eval-store "$out/eval.zarr" \
+  --out "$out/student" --steps 300 --eval-every 100

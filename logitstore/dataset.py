@@ -118,7 +118,8 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._ends = np.concatenate(ends)
         self._seq_end = np.repeat(offsets[1:], [len(w) for w in starts])  # (W,)
         self.epoch = 0
-        self._yielded = 0  # samples yielded in this epoch by this worker
+        self._yielded = 0  # samples yielded by the current iteration of this worker
+        self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
         self._store: LogitStore | None = None  # opened lazily, inside each worker
 
     # -- order -------------------------------------------------------------------------------
@@ -132,9 +133,10 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         return -(-self.num_windows // self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order (call before each epoch, like DistributedSampler)."""
+        """Select the epoch's order. Call it before each epoch (as with DistributedSampler):
+        iterating again without it repeats the same order."""
         if epoch != self.epoch:
-            self.epoch, self._yielded = epoch, 0
+            self.epoch, self._yielded, self._resume_from = epoch, 0, 0
 
     def _epoch_order(self) -> np.ndarray:
         """All window indices of the epoch, in order, before splitting across ranks."""
@@ -177,7 +179,8 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
                 f"{state['world_size']}; resuming with seed {self.seed} and world size "
                 f"{self.world_size} would not continue the same order"
             )
-        self.epoch, self._yielded = int(state["epoch"]), int(state["yielded"])
+        self.epoch = int(state["epoch"])
+        self._yielded = self._resume_from = int(state["yielded"])
 
     # -- iteration ------------------------------------------------------------------------------
 
@@ -190,12 +193,13 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         if self._store is None:
             self._store = LogitStore(self.path)
         order = self._worker_order()
+        skip, self._resume_from = self._resume_from, 0
+        self._yielded = skip
         cache: OrderedDict[int, tuple[int, Batch]] = OrderedDict()
-        for w in order[self._yielded :]:
+        for w in order[skip:]:
             sample = self._sample(int(w), cache)
             self._yielded += 1
             yield sample
-        self.epoch, self._yielded = self.epoch + 1, 0
 
     def _block(self, b: int, cache: OrderedDict[int, tuple[int, Batch]]) -> tuple[int, Batch]:
         hit = cache.get(b)
