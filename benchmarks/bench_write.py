@@ -34,7 +34,7 @@ import torch
 
 import logitstore
 from logitstore import Encoding
-from logitstore.codec import EncodedRows, encode_rows
+from logitstore.encode import EncodedRows, encode_rows
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

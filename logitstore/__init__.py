@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 from . import losses
 from .capture import Teacher, capture, load_teacher
-from .codec import EncodedRows, encode_rows
 from .data import Sequences, read_documents, sequences_from_token_ids, tokenize
 from .dataset import LogitDataset, collate
+from .encode import EncodedRows, encode_rows
 from .errors import (
     CorruptStoreError,
     FormatError,

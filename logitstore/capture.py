@@ -1,7 +1,7 @@
 """Running a teacher once over the input and writing its distributions into a store.
 
 The teacher runs batched forward passes on its device; log-softmax, temperature, top-k or
-sampling and quantisation run there too (:func:`logitstore.codec.encode_rows`). Host
+sampling and quantisation run there too (:func:`logitstore.encode.encode_rows`). Host
 transfer, compression and commits happen on the :class:`StoreWriter`'s threads, overlapped
 with the next forward pass.
 """
@@ -20,13 +20,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .codec import encode_rows
 from .data import Sequences
+from .encode import encode_rows
 from .errors import TeacherError
 from .metadata import Encoding
 from .writer import StoreWriter, check_sequences
 
-__all__ = ["Teacher", "capture", "load_teacher", "resolve_device", "tokenizer_identity"]
+__all__ = [
+    "Teacher",
+    "capture",
+    "load_teacher",
+    "resolve_device",
+    "tokenizer_identity",
+    "weights_digest",
+]
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Rows of (rows, vocab) float32 encoded at once: bounds the encoder's working memory.
@@ -131,8 +138,36 @@ def load_teacher(
         dtype=dtype,
         max_length=int(max_length) if max_length else None,
         tokenizer=tokenizer,
-        extra={"architecture": type(model).__name__},
+        extra={
+            "architecture": type(model).__name__,
+            **(
+                {"weights_digest": weights_digest(name_or_path)}
+                if os.path.isdir(name_or_path)
+                else {}
+            ),
+        },
     )
+
+
+def weights_digest(directory: str | os.PathLike[str]) -> str | None:
+    """A cheap fingerprint of a model directory's weight files: name, size, first and last
+    MiB of each (docs/FORMAT.md §3). ``None`` when there are no weight files."""
+    files = sorted(
+        p
+        for p in Path(directory).iterdir()
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    )
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return "sha256:" + h.hexdigest()
 
 
 def tokenizer_identity(tokenizer: Any) -> tuple[dict[str, Any], bytes | None]:

@@ -20,7 +20,8 @@ _EPILOG = "Format: docs/FORMAT.md. Every command exits 0 on success, 1 on a faul
 def _write(args: argparse.Namespace) -> int:
     from .capture import capture, load_teacher, resolve_device
     from .data import read_documents, tokenize
-    from .metadata import Encoding
+    from .metadata import Encoding, Layout
+    from .writer import check_target
 
     encoding = Encoding(
         args.encoding, args.values, temperature=args.temperature, k=args.k, samples=args.samples
@@ -28,6 +29,8 @@ def _write(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.seq_len is not None and args.seq_len < 2:
         raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
+    Layout.choose(encoding, 65536, args.chunk_positions, args.shard_positions)  # sizes valid?
+    check_target(args.out, args.overwrite)  # before the teacher is loaded
     documents = read_documents(args.data)
     teacher = load_teacher(args.teacher, device, args.dtype)
     encoding.check_vocab(teacher.vocab_size)

@@ -75,7 +75,9 @@ def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[Document]:
 
 def _jsonl_documents(path: Path, raw: str) -> list[Document]:
     docs = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits on U+2028 and friends, which JSON
+    # strings may hold unescaped.
+    for lineno, line in enumerate(raw.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

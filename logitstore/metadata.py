@@ -166,10 +166,14 @@ class Layout:
     width: int
 
     def __post_init__(self) -> None:
-        if self.chunk_positions < 1 or self.shard_positions % self.chunk_positions:
+        if (
+            self.chunk_positions < 1
+            or self.shard_positions < self.chunk_positions
+            or self.shard_positions % self.chunk_positions
+        ):
             raise FormatError(
-                f"shard_positions ({self.shard_positions}) must be a positive multiple of "
-                f"chunk_positions ({self.chunk_positions})"
+                f"--shard-positions ({self.shard_positions}) must be a positive multiple of "
+                f"--chunk-positions ({self.chunk_positions}), which must be at least 1"
             )
         if self.id_dtype not in ("uint16", "uint32"):
             raise FormatError(f"id_dtype must be uint16 or uint32, found {self.id_dtype!r}")
@@ -300,6 +304,13 @@ class StoreMetadata:
             raise FormatError(f"invalid logitstore metadata: missing or malformed {e}") from None
         if md.state not in ("writing", "complete"):
             raise FormatError(f"invalid state {md.state!r}: expected 'writing' or 'complete'")
+        expected_ids = "uint16" if md.vocab_size <= 65536 else "uint32"
+        if md.layout.value_dtype != md.encoding.value_dtype or md.layout.id_dtype != expected_ids:
+            raise FormatError(
+                f"layout dtypes (values {md.layout.value_dtype}, ids {md.layout.id_dtype}) do not "
+                f"match the encoding ({md.encoding.value_dtype}, {expected_ids} for vocab "
+                f"{md.vocab_size})"
+            )
         if md.layout.width != md.encoding.width(md.vocab_size):
             raise FormatError(
                 f"layout width {md.layout.width} does not match the encoding "

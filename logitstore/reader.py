@@ -19,10 +19,11 @@ from .storage import (
     RESIDUAL,
     TOKENIZER,
     VALUES,
-    array,
+    maybe_array,
     open_group,
     read_all,
     read_metadata,
+    shard_file,
 )
 
 if TYPE_CHECKING:
@@ -64,11 +65,8 @@ class LogitStore:
                     "open with allow_incomplete=True to read the committed shards"
                 )
             self._committed = commits
-        self._arrays = {
-            name: array(self._group, name)
-            for name in (INPUT_IDS, IDS, VALUES, RESIDUAL)
-            if name in self._group
-        }
+        found = {n: maybe_array(self._group, n) for n in (INPUT_IDS, IDS, VALUES, RESIDUAL)}
+        self._arrays = {name: arr for name, arr in found.items() if arr is not None}
         self._check_arrays()
         self.offsets: np.ndarray = read_all(self._group, OFFSETS).astype(np.int64)
         if len(self.offsets) != md.num_sequences + 1 or self.offsets[-1] != md.num_positions:
@@ -78,6 +76,7 @@ class LogitStore:
                 f"{md.num_sequences + 1} ending at {md.num_positions}"
             )
         self._lossy = md.encoding.lossy
+        self._present: set[int] = set()  # shards whose files were seen
 
     def committed(self) -> np.ndarray:
         """``(num_shards,)`` bool: which shards are committed (all, once complete)."""
@@ -144,6 +143,8 @@ class LogitStore:
         start, stop = _check_range(start, stop, len(self))
         if self._committed is not None:
             self._check_committed(start, stop)
+        if stop > start:
+            self._check_present(start, stop)
         md = self.metadata
         enc = md.encoding
         try:
@@ -164,7 +165,7 @@ class LogitStore:
 
         if enc.kind == "sampled":
             assert enc.samples is not None
-            probs = values.astype(np.float32) * np.float32(1.0 / enc.samples)
+            probs = values.astype(np.float32) / np.float32(enc.samples)
         else:
             probs = decode_values(values, enc.values)
         if gaps is None:
@@ -199,12 +200,31 @@ class LogitStore:
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""
-        if TOKENIZER not in self._group:
+        if maybe_array(self._group, TOKENIZER) is None:
             return None
         import tokenizers
 
         raw = read_all(self._group, TOKENIZER).tobytes()
-        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        try:
+            return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own Exception type for bad JSON
+            raise CorruptStoreError(f"the stored tokenizer is unreadable: {e}") from None
+
+    def _check_present(self, start: int, stop: int) -> None:
+        # zarr reads a missing shard file as zeros; a store never lacks one (FORMAT.md §4), so
+        # a missing file is damage. Each shard is checked once per open store.
+        sp = self.metadata.layout.shard_positions
+        for s in range(start // sp, (stop - 1) // sp + 1):
+            if s in self._present:
+                continue
+            for name, arr in self._arrays.items():
+                if not shard_file(self.path, name, arr.ndim, s).is_file():
+                    s0, s1 = self.metadata.shard_range(s)
+                    raise CorruptStoreError(
+                        f"shard {s} (positions {s0}-{s1 - 1}) of array {name!r} is missing "
+                        f"from {str(self.path)!r}; run `logitstore verify`"
+                    )
+            self._present.add(s)
 
     def _check_committed(self, start: int, stop: int) -> None:
         assert self._committed is not None

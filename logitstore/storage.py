@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from .errors import FormatError, StoreNotFoundError
+from .errors import CorruptStoreError, FormatError, StoreNotFoundError
 from .metadata import ATTRS_KEY, StoreMetadata
 
 if TYPE_CHECKING:  # zarr's private module; only its type is used
@@ -125,21 +125,50 @@ def create_arrays(
     return group
 
 
-def array(group: zarr.Group, name: str, *, writable: bool = False) -> zarr.Array[Any]:
-    """Array ``name`` of ``group``, or :class:`FormatError` if the store lacks it.
+def maybe_array(group: zarr.Group, name: str, *, writable: bool = False) -> zarr.Array[Any] | None:
+    """Array ``name`` of ``group``, or ``None`` if the store has no node of that name.
 
     ``writable`` arrays write every chunk: zarr's run-time config is not stored with the
     array, so it is set again on each open.
+
+    Raises:
+        CorruptStoreError: the array's metadata is unreadable.
+        FormatError: the node is not an array.
     """
-    node = group.get(name)
+    try:
+        node = group.get(name)
+    except Exception as e:  # unreadable zarr.json of the array
+        raise CorruptStoreError(f"the metadata of array {name!r} is unreadable: {e}") from None
+    if node is None:
+        return None
     if not isinstance(node, zarr.Array):
-        raise FormatError(f"the store has no array {name!r} (found {type(node).__name__})")
+        raise FormatError(f"{name!r} in the store is a {type(node).__name__}, not an array")
     return node.with_config(_CONFIG) if writable else node
 
 
+def array(group: zarr.Group, name: str, *, writable: bool = False) -> zarr.Array[Any]:
+    """Array ``name`` of ``group``; :class:`FormatError` if the store lacks it."""
+    arr = maybe_array(group, name, writable=writable)
+    if arr is None:
+        raise FormatError(f"the store has no array {name!r}")
+    return arr
+
+
 def read_all(group: zarr.Group, name: str) -> np.ndarray:
-    """The whole of a (small) array as NumPy."""
-    return np.asarray(array(group, name)[:])
+    """The whole of a (small) array as NumPy; damage is a :class:`CorruptStoreError`."""
+    arr = array(group, name)
+    try:
+        return np.asarray(arr[:])
+    except Exception as e:  # zarr raises ValueError and others on checksum or decode failures
+        raise CorruptStoreError(
+            f"array {name!r} is damaged: {e}; run `logitstore verify`"
+        ) from None
+
+
+def shard_file(root: Path, name: str, ndim: int, shard: int) -> Path:
+    """The file of ``shard`` of per-position array ``name`` in a local store (default chunk
+    key encoding: ``<name>/c/<shard>`` for 1-D arrays, ``<name>/c/<shard>/0`` for 2-D)."""
+    return Path(root, name, "c", str(shard), *(["0"] if ndim == 2 else []))
 
 
 def open_group(root: str | os.PathLike[str], mode: str = "r") -> zarr.Group:

@@ -9,17 +9,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .codec import decode_values
+from .codec import decode_ids, decode_values
 from .errors import LogitStoreError
 from .metadata import SQRT_BINS, StoreMetadata
 from .reader import LogitStore
-from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES, read_all
+from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES, read_all, shard_file
 
-__all__ = ["VerifyReport", "verify"]
-
-# How far Σ probs (+ residual) may stray from 1 before renormalisation, per value kind.
-# uB: |Δp| <= sqrt(p)/L + 1/(4L²) per entry and Σ sqrt(p) <= sqrt(m); see FORMAT.md §7.
-_SUM_TOLERANCE = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 2e-2, "count": 0.0}
+__all__ = ["VerifyReport", "sum_tolerance", "verify"]
 
 
 @dataclass
@@ -56,11 +52,14 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
     group = store._group
     if md.state != "complete":
         report.faults.append(f"the store is not complete (state {md.state!r}); resume its writer")
-    _check_offsets(read_all(group, OFFSETS), md, report)
+    try:
+        _check_offsets(read_all(group, OFFSETS), md, report)
+    except LogitStoreError as e:
+        report.faults.append(f"offsets: {e}")
     try:
         commits = read_all(group, COMMITS)
-    except Exception as e:
-        report.faults.append(f"commit records are unreadable: {e}")
+    except LogitStoreError as e:
+        report.faults.append(f"commit records: {e}")
         commits = np.zeros(md.num_shards, dtype=np.uint8)
     leftovers = sorted(str(p.relative_to(store.path)) for p in Path(store.path).rglob("*.partial"))
     if leftovers:
@@ -75,6 +74,17 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
         report.shards += 1
         report.positions += s1 - s0
     return report
+
+
+def sum_tolerance(values: str, width: int) -> float:
+    """How far Σ q̃ + residual may stray from 1 before rescaling (FORMAT.md §7)."""
+    if values in SQRT_BINS:  # |Δp| <= sqrt(p)/L + 1/(4L²) per entry, and Σ sqrt(p) <= sqrt(m)
+        bins = SQRT_BINS[values]
+        return float(np.sqrt(width)) / bins + width / (4 * bins**2) + 1e-3
+    # fp16/bf16: relative rounding per entry, plus fp16's absolute floor for tiny values.
+    per_entry = {"fp32": (0.0, 0.0), "fp16": (2.0**-11, 2.0**-24), "bf16": (2.0**-8, 0.0)}
+    rel, absolute = per_entry[values]
+    return rel + width * absolute + 1e-4
 
 
 def _check_offsets(offsets: np.ndarray, md: StoreMetadata, report: VerifyReport) -> None:
@@ -98,7 +108,7 @@ def _check_shard(
     enc, vocab = md.encoding, md.vocab_size
     data: dict[str, np.ndarray] = {}
     for name, arr in store._arrays.items():
-        key = Path(store.path, name, "c", str(s), *(["0"] if arr.ndim == 2 else []))
+        key = shard_file(store.path, name, arr.ndim, s)
         if not key.is_file():
             report.faults.append(f"{where}: array {name!r} has no shard file ({key.name} missing)")
             return
@@ -124,11 +134,8 @@ def _check_shard(
             fault(VALUES, bad, "probability is negative or not finite")
             return
     if IDS in data:
-        gaps = data[IDS].astype(np.int64)  # (n, m)
-        pad = gaps == 0
-        pad[:, 0] = False
-        ids = np.cumsum(gaps, axis=1)
-        bad = np.flatnonzero(np.where(pad, 0, ids).max(axis=1) >= vocab)
+        ids, pad = decode_ids(data[IDS])  # (n, m)
+        bad = np.flatnonzero(ids.max(axis=1) >= vocab)
         if len(bad):
             fault(IDS, bad, f"candidate id outside the vocabulary of {vocab}")
         # Padding is a suffix: once a slot is padding, every later slot is too.
@@ -152,10 +159,7 @@ def _check_shard(
             fault(RESIDUAL, bad, f"residual {residual[bad[0]]} is not in [0, 1]")
             return
         total = total + residual
-    tol = _SUM_TOLERANCE.get(enc.values)
-    if tol is None:
-        bins, width = SQRT_BINS[enc.values], md.layout.width
-        tol = float(np.sqrt(width)) / bins + width / (4 * bins**2) + 1e-3
+    tol = sum_tolerance(enc.values, md.layout.width)
     bad = np.flatnonzero(np.abs(total - 1) > tol)
     if len(bad):
         fault(VALUES, bad, f"probabilities sum to {total[bad[0]]:.6f}, expected 1 ± {tol:g}")

@@ -10,6 +10,7 @@ encoding is deterministic, finishes with the bytes an uninterrupted run writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import queue
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 import zarr
 
 from . import __version__
-from .codec import EncodedRows
+from .encode import EncodedRows
 from .errors import (
     InputError,
     LogitStoreError,
@@ -42,13 +44,15 @@ from .storage import (
     VALUES,
     array,
     create_arrays,
+    maybe_array,
     open_group,
     read_all,
     read_metadata,
+    shard_file,
     write_metadata,
 )
 
-__all__ = ["StoreWriter", "check_sequences"]
+__all__ = ["StoreWriter", "check_sequences", "check_target"]
 
 _STOP = object()
 
@@ -72,6 +76,41 @@ def check_sequences(input_ids: np.ndarray, offsets: np.ndarray, vocab_size: int)
             f"input token id {int(input_ids[bad])} at position {bad} is outside the teacher's "
             f"vocabulary [0, {vocab_size}); was the data tokenised with another tokenizer?"
         )
+
+
+def check_target(path: str | os.PathLike[str], overwrite: bool) -> StoreMetadata | None:
+    """Check ``path`` before any work: returns an interrupted store's metadata (to resume),
+    or ``None`` when a new store may be created there.
+
+    Raises:
+        StoreExistsError: a complete store is there and ``overwrite`` is false, or something
+            that is not a logitstore store (never touched, even with ``overwrite``).
+    """
+    path = Path(path)
+    if path.is_file() or (
+        path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
+    ):
+        raise StoreExistsError(
+            f"{str(path)!r} exists and is not a logitstore store; refusing to touch it. "
+            "Choose another --out"
+        )
+    if not (path / "zarr.json").exists():
+        return None
+    try:
+        existing = read_metadata(open_group(path))
+    except LogitStoreError as e:
+        raise StoreExistsError(
+            f"{str(path)!r} holds something that is not a readable logitstore store ({e}); "
+            "remove it yourself or choose another --out"
+        ) from None
+    if overwrite:
+        return None
+    if existing.state == "complete":
+        raise StoreExistsError(
+            f"{str(path)!r} already holds a complete store; pass --overwrite "
+            "(overwrite=True) to replace it, or choose another --out"
+        )
+    return existing
 
 
 def _identity(settings: dict[str, Any], input_ids: np.ndarray, offsets: np.ndarray) -> str:
@@ -191,11 +230,8 @@ class StoreWriter:
         self.resume_position = (
             self.metadata.shard_range(int(pending[0]))[0] if len(pending) else md.num_positions
         )
-        self._arrays = {
-            name: array(self.group, name, writable=True)
-            for name in (IDS, VALUES, RESIDUAL)
-            if name in self.group
-        }
+        found = {n: maybe_array(self.group, n, writable=True) for n in (IDS, VALUES, RESIDUAL)}
+        self._arrays = {name: arr for name, arr in found.items() if arr is not None}
         self._cursor = self.resume_position
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
         self._commit_queue: queue.Queue[Any] = queue.Queue(maxsize=1)
@@ -214,47 +250,28 @@ class StoreWriter:
         overwrite: bool,
     ) -> tuple[zarr.Group, StoreMetadata]:
         path = self.path
-        if path.exists():
-            existing = self._existing_metadata(path)
-            if existing is not None and not overwrite:
-                if existing.state == "complete":
-                    raise StoreExistsError(
-                        f"{str(path)!r} already holds a complete store; pass --overwrite "
-                        "(overwrite=True) to replace it, or choose another --out"
-                    )
-                if existing.identity != md.identity:
-                    raise ResumeMismatchError(
-                        f"{str(path)!r} holds an interrupted store written from other data or "
-                        f"settings (identity {existing.identity[:19]}… vs {md.identity[:19]}…); "
-                        "rerun the original command to resume it, or pass --overwrite to "
-                        "start again"
-                    )
-                _remove_partials(path)
-                group = open_group(path, mode="r+")
-                return group, existing
-            shutil.rmtree(path)
+        existing = check_target(path, overwrite)
+        if existing is not None:
+            if existing.identity != md.identity:
+                raise ResumeMismatchError(
+                    f"{str(path)!r} holds an interrupted store written from other data or "
+                    f"settings (identity {existing.identity[:19]}… vs {md.identity[:19]}…); "
+                    "rerun the original command to resume it, or pass --overwrite to "
+                    "start again"
+                )
+            _remove_partials(path)
+            return open_group(path, mode="r+"), existing
+        # Build the new store beside its destination and rename it into place, so a crash
+        # during creation leaves nothing that looks like a store.
         path.parent.mkdir(parents=True, exist_ok=True)
-        group = create_arrays(path, md, input_ids, offsets, tokenizer_json)
-        return group, md
-
-    @staticmethod
-    def _existing_metadata(path: Path) -> StoreMetadata | None:
-        if path.is_file() or (
-            path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
-        ):
-            raise StoreExistsError(
-                f"{str(path)!r} exists and is not a logitstore store; refusing to touch it. "
-                "Choose another --out"
-            )
-        if not (path / "zarr.json").exists():
-            return None
-        try:
-            return read_metadata(open_group(path))
-        except LogitStoreError as e:
-            raise StoreExistsError(
-                f"{str(path)!r} holds something that is not a readable logitstore store ({e}); "
-                "remove it yourself or choose another --out"
-            ) from None
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
+        create_arrays(tmp, md, input_ids, offsets, tokenizer_json)
+        if path.exists():  # an empty directory, or a store the caller asked to overwrite
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return open_group(path, mode="r+"), md
 
     # -- the pipeline ----------------------------------------------------------------------
 
@@ -284,12 +301,10 @@ class StoreWriter:
         self._raise_if_failed()
         if not self._threads:
             raise LogitStoreError("StoreWriter.write() called outside its `with` block")
-        while True:
-            try:
-                self._queue.put((start, rows), timeout=0.5)
-                return
-            except queue.Full:
-                self._raise_if_failed()
+        try:
+            self._put(self._queue, (start, rows))
+        except _Failed:
+            self._raise_if_failed()
 
     def close(self, abort: bool = False) -> None:
         """Flush, commit and (unless ``abort``) mark the store complete."""
@@ -297,7 +312,8 @@ class StoreWriter:
             return
         self._closed = True
         if self._threads:
-            self._put_stop(self._queue)
+            with contextlib.suppress(_Failed):
+                self._put(self._queue, _STOP)
             for t in self._threads:
                 t.join()
         if abort:
@@ -314,14 +330,19 @@ class StoreWriter:
         self.metadata = self.metadata.with_state("complete")
         write_metadata(self.group, self.metadata)
 
-    def _put_stop(self, q: queue.Queue[Any]) -> None:
+    def _put(self, q: queue.Queue[Any], item: Any) -> None:
+        """Put without blocking forever: give up once a pipeline thread has failed."""
         while True:
             try:
-                q.put(_STOP, timeout=0.5)
+                q.put(item, timeout=0.5)
                 return
             except queue.Full:
                 if self._error is not None:
-                    return
+                    raise _Failed from None
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:  # the first failure is the cause; later ones are its echoes
+            self._error = error
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -330,10 +351,32 @@ class StoreWriter:
                 raise err
             raise LogitStoreError(f"writing {str(self.path)!r} failed: {err!r}") from err
 
+    def _host_rows(self, start: int, rows: EncodedRows) -> dict[str, np.ndarray]:
+        """Device→host copy and validation of one batch of encoded rows."""
+        bad = _to_numpy(rows.bad)
+        if bad is not None and bad.any():
+            pos = start + int(np.flatnonzero(bad)[0])
+            raise TeacherError(
+                f"the teacher's logits at position {pos} are NaN, +inf or all -inf; "
+                "check the model's dtype (try float32) and its inputs"
+            )
+        given = {IDS: rows.gaps, VALUES: rows.values, RESIDUAL: rows.residual}
+        host = {}
+        for name, arr in self._arrays.items():
+            a = _to_numpy(given[name])
+            if a is None or a.dtype != arr.dtype or a.shape[1:] != arr.shape[1:]:
+                found = "nothing" if a is None else f"{a.dtype} {a.shape[1:]}"
+                raise LogitStoreError(
+                    f"encoded rows for {name!r} are {found}, but this store holds "
+                    f"{arr.dtype} {tuple(arr.shape[1:])}: encode with the store's encoding "
+                    f"({self.metadata.encoding})"
+                )
+            host[name] = a
+        return host
+
     def _run_fill(self) -> None:
         """Host side: device→host copy, validation, and filling shard buffers in order."""
         md = self.metadata
-        lay = md.layout
         buffers: dict[str, np.ndarray] = {}
         shard = -1
         try:
@@ -347,58 +390,35 @@ class StoreWriter:
                         f"rows must be written in position order without gaps: expected "
                         f"position {self._cursor}, got {start}"
                     )
-                host = {
-                    IDS: _to_numpy(rows.gaps),
-                    VALUES: _to_numpy(rows.values),
-                    RESIDUAL: _to_numpy(rows.residual),
-                }
-                bad = _to_numpy(rows.bad)
-                n = len(host[VALUES])  # type: ignore[arg-type]
-                if bad is not None and bad.any():
-                    pos = start + int(np.flatnonzero(bad)[0])
-                    raise TeacherError(
-                        f"the teacher's logits at position {pos} are NaN, +inf or all -inf; "
-                        "check the model's dtype (try float32) and its inputs"
-                    )
+                host = self._host_rows(start, rows)
+                n = len(host[VALUES])
                 lo = self._cursor - start  # rows already committed or already buffered
                 while lo < n:
                     pos = start + lo
-                    s = pos // lay.shard_positions
+                    s = pos // md.layout.shard_positions
                     s0, s1 = md.shard_range(s)
                     take = min(n - lo, s1 - pos)
-                    if self._committed[s]:
-                        lo += take
-                        self._cursor += take
-                        continue
-                    if s != shard:
-                        shard = s
-                        buffers = {
-                            name: np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
-                            for name, arr in self._arrays.items()
-                        }
-                    for name, buf in buffers.items():
-                        src = host[name]
-                        if src is None:
-                            raise LogitStoreError(f"encoded rows lack {name!r} for this encoding")
-                        buf[pos - s0 : pos - s0 + take] = src[lo : lo + take]
+                    if not self._committed[s]:
+                        if s != shard:
+                            shard = s
+                            buffers = {
+                                name: np.empty((s1 - s0, *arr.shape[1:]), dtype=arr.dtype)
+                                for name, arr in self._arrays.items()
+                            }
+                        for name, buf in buffers.items():
+                            buf[pos - s0 : pos - s0 + take] = host[name][lo : lo + take]
                     lo += take
                     self._cursor += take
-                    if self._cursor == s1:
-                        self._put_commit((s, buffers))
+                    if self._cursor == s1 and shard == s:
+                        self._put(self._commit_queue, (s, buffers))
                         shard, buffers = -1, {}
+        except _Failed:
+            pass
         except BaseException as e:
-            self._error = e
+            self._fail(e)
         finally:
-            self._put_stop(self._commit_queue)
-
-    def _put_commit(self, item: Any) -> None:
-        while True:
-            try:
-                self._commit_queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if self._error is not None:
-                    raise LogitStoreError("the commit thread failed") from self._error
+            with contextlib.suppress(_Failed):
+                self._put(self._commit_queue, _STOP)
 
     def _run_commit(self) -> None:
         """Writes each full shard (arrays first, commit record last)."""
@@ -413,11 +433,19 @@ class StoreWriter:
                 s, buffers = item
                 s0, s1 = self.metadata.shard_range(s)
                 for name, buf in buffers.items():
+                    # An uncommitted file from an interrupted run may be damaged, and zarr
+                    # reads the old file when it rewrites a shard that is cut short by the end
+                    # of the array: remove it first.
+                    shard_file(self.path, name, buf.ndim, s).unlink(missing_ok=True)
                     self._arrays[name][s0:s1] = buf
                 commits[s] = 1
                 self._committed[s] = True
         except BaseException as e:
-            self._error = e
+            self._fail(e)
+
+
+class _Failed(Exception):
+    """A pipeline thread failed; the failure itself is in ``StoreWriter._error``."""
 
 
 def _remove_partials(path: Path) -> None:

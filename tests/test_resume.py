@@ -182,3 +182,44 @@ def test_a_directory_that_is_not_a_store_is_never_touched(teacher, tmp_path) -> 
                 overwrite=overwrite,
             )
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_a_teacher_retrained_in_place_does_not_resume_an_old_store(tmp_path) -> None:
+    from .conftest import make_teacher
+
+    path = make_teacher(tmp_path / "t")
+    old = logitstore.load_teacher(str(path), "cpu")
+    seqs = logitstore.sequences_from_token_ids([list(range(1, 200))], 32)
+    calls = []
+
+    def dies(ids, mask):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("teacher crashed")
+        return old.fn(ids, mask)
+
+    with pytest.raises(RuntimeError):
+        logitstore.capture(
+            dataclasses.replace(old, fn=dies),
+            seqs,
+            tmp_path / "s",
+            Encoding("topk", "u8", k=4),
+            batch_size=1,
+            progress=False,
+            shard_positions=64,
+            chunk_positions=16,
+        )
+    make_teacher(path, head_scale=9.0)  # same config and tokenizer, other weights
+    new = logitstore.load_teacher(str(path), "cpu")
+    assert new.provenance()["weights_digest"] != old.provenance()["weights_digest"]
+    with pytest.raises(logitstore.ResumeMismatchError):
+        logitstore.capture(
+            new,
+            seqs,
+            tmp_path / "s",
+            Encoding("topk", "u8", k=4),
+            batch_size=1,
+            progress=False,
+            shard_positions=64,
+            chunk_positions=16,
+        )
