@@ -40,13 +40,16 @@ def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
     raise ValueError(f"cannot decode values of kind {values!r}")
 
 
-def decode_ids(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted-id gaps ``(n, m)`` → ids ``(n, m)`` int64 and the padding mask ``(n, m)``.
+def decode_ids(gaps: np.ndarray, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted-id gaps ``(n, m)`` → ids ``(n, m)`` and the padding mask ``(n, m)``.
 
-    Padding slots (gap 0 after the first column) decode to id 0.
+    Padding slots (gap 0 after the first column) decode to id 0. ``dtype`` may be int32 for
+    vocabularies below 2**31 (half the memory traffic of int64).
     """
-    ids = np.cumsum(gaps, axis=1, dtype=np.int64)  # (n, m)
+    ids: np.ndarray = np.cumsum(
+        gaps, axis=1, dtype=dtype
+    )  # (n, m); the last column is each row's max id
     pad = gaps == 0
     pad[:, 0] = False
-    ids[pad] = 0
+    np.putmask(ids, pad, 0)
     return ids, pad

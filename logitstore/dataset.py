@@ -34,7 +34,8 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack samples into a batch, trimmed to the longest real window in it.
 
     Shapes: ``input_ids``, ``labels``, ``attention_mask``, ``loss_mask`` ``(B, T)``;
-    ``ids``, ``probs`` ``(B, T, m)``; ``residual`` ``(B, T)``.
+    ``ids`` ``(B, T, m)`` int32 (half the bytes of int64 to move; the losses accept it),
+    ``probs`` ``(B, T, m)``; ``residual`` ``(B, T)``.
     """
     longest = max(int(s["attention_mask"].sum()) for s in samples)
     return {key: torch.stack([s[key][:longest] for s in samples]) for key in samples[0]}
@@ -75,7 +76,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        block_positions: int = 1 << 15,
+        block_positions: int = 1 << 16,
         buffer_blocks: int = 4,
         tokenizer_hash: str | None = None,
         allow_tokenizer_mismatch: bool = False,
@@ -121,6 +122,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._yielded = 0  # samples yielded by the current iteration of this worker
         self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
         self._store: LogitStore | None = None  # opened lazily, inside each worker
+        self._store_pid = -1
 
     # -- order -------------------------------------------------------------------------------
 
@@ -190,8 +192,10 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         return state
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self._store is None:
-            self._store = LogitStore(self.path)
+        # A forked DataLoader worker inherits the parent's open store (and zarr's I/O thread
+        # state) without pickling: open a fresh one in every process.
+        if self._store is None or self._store_pid != os.getpid():
+            self._store, self._store_pid = LogitStore(self.path), os.getpid()
         order = self._worker_order()
         skip, self._resume_from = self._resume_from, 0
         self._yielded = skip
@@ -210,7 +214,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         start = b * self.block_positions
         # One position more than the block, for the label of its last window.
         stop = min(start + self.block_positions + self.seq_len + 1, len(self._store))
-        entry = (start, self._store.read(start, stop))
+        entry = (start, self._store.read(start, stop, id_dtype=np.int32))
         cache[b] = entry
         if len(cache) > self.buffer_blocks + 1:
             cache.popitem(last=False)
@@ -221,28 +225,24 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
     ) -> dict[str, torch.Tensor]:
         a, e, seq_end = int(self._starts[w]), int(self._ends[w]), int(self._seq_end[w])
         base, data = self._block(a // self.block_positions, cache)
-        n, t = e - a, self.seq_len
-        lo = a - base
-        m = data.ids.shape[1]
-        input_ids = torch.zeros(t, dtype=torch.long)
-        labels = torch.full((t,), -100, dtype=torch.long)
-        ids = torch.zeros(t, m, dtype=torch.long)
-        probs = torch.zeros(t, m, dtype=torch.float32)
-        residual = torch.zeros(t, dtype=torch.float32)
-        mask = torch.zeros(t, dtype=torch.long)
-        input_ids[:n] = torch.from_numpy(data.input_ids[lo : lo + n])
+        n, lo = e - a, a - base
+        real = slice(lo, lo + n)
         has_next = min(e + 1, seq_end) - a - 1  # positions whose next token is in the sequence
+        labels = torch.full((n,), -100, dtype=torch.long)
         labels[:has_next] = torch.from_numpy(data.input_ids[lo + 1 : lo + 1 + has_next])
-        ids[:n] = torch.from_numpy(np.ascontiguousarray(data.ids[lo : lo + n]))
-        probs[:n] = torch.from_numpy(data.probs[lo : lo + n])
-        residual[:n] = torch.from_numpy(data.residual[lo : lo + n])
-        mask[:n] = 1
-        return {
-            "input_ids": input_ids,  # (T,)
-            "labels": labels,  # (T,) next token, -100 where none
-            "attention_mask": mask,  # (T,) 1 on real positions
-            "loss_mask": mask.bool(),  # (T,) positions whose teacher distribution counts
-            "ids": ids,  # (T, m)
-            "probs": probs,  # (T, m)
-            "residual": residual,  # (T,)
+        # Copies, not views: a view would pin (and ship to the main process) the whole block.
+        sample = {
+            "input_ids": torch.from_numpy(data.input_ids[real]).clone(),  # (n,)
+            "labels": labels,  # (n,) next token, -100 where there is none
+            "attention_mask": torch.ones(n, dtype=torch.long),  # (n,)
+            "loss_mask": torch.ones(n, dtype=torch.bool),  # (n,) teacher rows that count
+            "ids": torch.from_numpy(data.ids[real]).clone(),  # (n, m) int32: half the bytes
+            "probs": torch.from_numpy(data.probs[real]).clone(),  # (n, m)
+            "residual": torch.from_numpy(data.residual[real]).clone(),  # (n,)
         }
+        if n < self.seq_len:  # pad every field to (T, ...) with zeros (labels with -100)
+            pad = self.seq_len - n
+            for key, t in sample.items():
+                fill = -100 if key == "labels" else 0
+                sample[key] = torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+        return sample

@@ -58,6 +58,7 @@ def _student_logprobs(
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    ids = ids.long()  # gather and scatter index with int64; datasets may hand over int32
     log_q = (torch.gather(z, -1, ids) - lse).clamp_min(_LOG_TINY)  # (n, m)
     # The tail: every token that is not a real candidate (padding slots point at id 0 and
     # must not remove token 0 from the tail, hence a count, not a scatter of -inf).
@@ -215,7 +216,7 @@ def cross_entropy(
 
 def teacher_argmax(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """The teacher's most likely stored token at each position ``(B, T)`` (hard labels)."""
-    return torch.gather(ids, -1, probs.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.gather(ids.long(), -1, probs.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def codistillation_loss(

@@ -65,11 +65,11 @@ def create_arrays(
         str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: md.to_dict()}
     )
     lay, n = md.layout, md.num_positions
-    cp, sp = lay.chunk_positions, lay.shard_positions
+    cp, vp, sp = lay.chunk_positions, lay.vector_chunk_positions, lay.shard_positions
 
     def per_position(name: str, dtype: str, width: int | None) -> zarr.Array[Any]:
         shape = (n,) if width is None else (n, width)
-        chunks = (cp,) if width is None else (cp, width)
+        chunks = (vp,) if width is None else (cp, width)
         shards = (sp,) if width is None else (sp, width)
         return group.create_array(
             name,

@@ -104,10 +104,8 @@ def test_ranks_get_equal_counts_and_cover_everything(store_path: Path, workers: 
 
 def test_workers_yield_the_same_samples_as_the_main_process(store_path: Path) -> None:
     ds = LogitDataset(store_path, 16, seed=2, block_positions=64)
-    solo = Counter(_key(s) for s in ds)
-    loader = DataLoader(
-        LogitDataset(store_path, 16, seed=2, block_positions=64), batch_size=None, num_workers=2
-    )
+    solo = Counter(_key(s) for s in ds)  # the main process has the store open now
+    loader = DataLoader(ds, batch_size=None, num_workers=2)  # forked workers reopen it
     assert Counter(map(_key, loader)) == solo
 
 

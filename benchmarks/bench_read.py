@@ -1,0 +1,341 @@
+"""Read-path benchmark: LogitDataset throughput beside np.memmap of the same decoded data, and
+the cost of a KD loss step over a plain cross-entropy step.
+
+(a) A top-64 u8 store of real teacher rows (the shipped teacher on held-out stdlib text,
+    tiled to ``--positions``) is read through ``LogitDataset`` + ``collate`` in a real
+    ``DataLoader`` with 0, 1 and 2 workers. The baseline is the same dataset class reading the
+    same windows, in the same order, from raw ``np.memmap`` files of the already-decoded arrays:
+    the difference is exactly decompression, checksums and decoding.
+(b) One optimizer step of a small GPT-2 student on a batch from the store: cross-entropy
+    alone, then cross-entropy + forward KL with the residual bucket.
+
+    python benchmarks/bench_read.py            # default: a few minutes on 2 cores
+    python benchmarks/bench_read.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import logitstore
+from logitstore import Encoding, LogitDataset, collate, losses
+from logitstore.encode import encode_rows
+from logitstore.reader import Batch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_write import teacher_logits, tile_rows  # noqa: E402  (sibling benchmark module)
+
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
+def build_store(args: argparse.Namespace, root: Path) -> Path:
+    logits = teacher_logits(args.teacher, args.sample_positions)
+    enc = Encoding("topk", "u8", k=64)
+    rows = encode_rows(logits, enc, 0, torch.arange(len(logits)))
+    n = args.positions
+    tokens = np.random.default_rng(0).integers(0, logits.shape[1], n)
+    seqs = logitstore.sequences_from_token_ids([tokens], args.sequence_length)
+    path = root / "store"
+    with logitstore.StoreWriter(
+        path,
+        encoding=enc,
+        vocab_size=logits.shape[1],
+        input_ids=seqs.input_ids,
+        offsets=seqs.offsets,
+    ) as w:
+        for s in range(0, n, 8192):
+            w.write(s, tile_rows(rows, s, min(8192, n - s)))
+    return path
+
+
+class MemmapWindows(LogitDataset):
+    """The baseline: identical windows, order and sample code, read from raw memmaps of the
+    decoded arrays instead of the store."""
+
+    def __init__(self, store: Path, raw: Path, seq_len: int, **kw: Any) -> None:
+        super().__init__(store, seq_len, **kw)
+        self.raw = raw
+
+    def _block(self, b: int, cache: OrderedDict[int, tuple[int, Batch]]) -> tuple[int, Batch]:
+        hit = cache.get(b)
+        if hit is not None:
+            return hit
+        arrays = [
+            np.load(self.raw / f"{k}.npy", mmap_mode="r")
+            for k in ("input_ids", "ids", "probs", "residual")
+        ]
+        start = b * self.block_positions
+        stop = min(start + self.block_positions + self.seq_len + 1, len(arrays[0]))
+        entry = (start, Batch(*(np.array(a[start:stop]) for a in arrays)))  # page-cache read
+        cache[b] = entry
+        if len(cache) > self.buffer_blocks + 1:
+            cache.popitem(last=False)
+        return entry
+
+
+def write_raw(store: Path, raw: Path) -> None:
+    """Decode the whole store once and keep it as .npy files (the memmap baseline's input)."""
+    s = logitstore.open(store)
+    raw.mkdir(parents=True, exist_ok=True)
+    outs = {}
+    for start in range(0, len(s), 1 << 18):
+        b = s.read(start, min(start + (1 << 18), len(s)), id_dtype=np.int32)
+        for key, value in b._asdict().items():
+            if key not in outs:
+                shape = (len(s), *value.shape[1:])
+                outs[key] = np.lib.format.open_memmap(
+                    raw / f"{key}.npy", mode="w+", dtype=value.dtype, shape=shape
+                )
+            outs[key][start : start + len(value)] = value
+    for m in outs.values():
+        m.flush()
+
+
+def loader_rate(ds: LogitDataset, workers: int, batch: int, limit: int) -> float:
+    """Positions per second through a real DataLoader over up to ``limit`` positions, timed
+    from the first request: worker start-up and the first blocks' reads are included, as
+    they are in every epoch of a real run."""
+    loader = DataLoader(
+        ds,
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4 if workers else None,
+    )
+    n, t0 = 0, time.perf_counter()
+    for b in loader:
+        n += int(b["attention_mask"].sum())
+        if n >= limit:
+            break
+    return n / (time.perf_counter() - t0)
+
+
+def bench_loading(args: argparse.Namespace, store: Path, raw: Path) -> list[dict[str, Any]]:
+    rows = []
+    for workers in (0, 1, 2):
+        for source in ("logitstore", "memmap"):
+            rates = []
+            for rep in range(args.repeats):
+                kw = {"seed": rep, "block_positions": args.block}
+                ds = (
+                    LogitDataset(store, args.seq_len, **kw)
+                    if source == "logitstore"
+                    else MemmapWindows(store, raw, args.seq_len, **kw)
+                )
+                rates.append(loader_rate(ds, workers, args.batch, args.limit))
+            rows.append(
+                {"workers": workers, "source": source, "positions_per_s": statistics.median(rates)}
+            )
+            print(
+                f"[load] workers={workers} {source}: {rows[-1]['positions_per_s']:,.0f} pos/s",
+                file=sys.stderr,
+            )
+    read = []
+    s = logitstore.open(store)
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for start in range(0, min(len(s), args.limit), args.block):
+            s.read(start, min(start + args.block, len(s)), id_dtype=np.int32)
+        read.append(min(len(s), args.limit) / (time.perf_counter() - t0))
+    rows.append(
+        {
+            "workers": 0,
+            "source": "LogitStore.read (blocks, no Dataset)",
+            "positions_per_s": statistics.median(read),
+        }
+    )
+    return rows
+
+
+def bench_step(args: argparse.Namespace, store: Path) -> list[dict[str, Any]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = logitstore.open(store).vocab_size
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=args.seq_len,
+        n_layer=args.student_layers,
+        n_embd=args.student_embd,
+        n_head=args.student_embd // 64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = next(
+        iter(
+            DataLoader(
+                LogitDataset(store, args.seq_len, seed=0),
+                batch_size=args.step_batch,
+                collate_fn=collate,
+            )
+        )
+    )
+
+    def step(kd: bool) -> None:
+        logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+        loss = losses.cross_entropy(logits, batch["labels"])
+        if kd:
+            loss = loss + losses.forward_kl(
+                logits, batch["ids"], batch["probs"], batch["residual"], batch["loss_mask"]
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    out = []
+    for kd in (False, True):
+        step(kd)  # warm-up
+        times = []
+        for _ in range(args.repeats * 2):
+            t0 = time.perf_counter()
+            step(kd)
+            times.append(time.perf_counter() - t0)
+        out.append(
+            {
+                "loss": "CE + forward KL (top-64)" if kd else "CE only",
+                "step_s": statistics.median(times),
+            }
+        )
+    out[1]["ratio_vs_ce"] = out[1]["step_s"] / out[0]["step_s"]
+    out[0]["ratio_vs_ce"] = 1.0
+    for r in out:
+        r |= {
+            "student": f"GPT-2 {args.student_layers}x{args.student_embd}",
+            "vocab": vocab,
+            "batch": f"{args.step_batch}x{args.seq_len}",
+        }
+        print(
+            f"[step] {r['loss']}: {r['step_s'] * 1e3:.0f} ms ({r['ratio_vs_ce']:.2f}x)",
+            file=sys.stderr,
+        )
+    return out
+
+
+def write_outputs(
+    out: Path, load: list[dict[str, Any]], steps: list[dict[str, Any]], argv: list[str]
+) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": " ".join(["python", "benchmarks/bench_read.py", *argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "versions": {
+            "torch": torch.__version__,
+            "zarr": __import__("zarr").__version__,
+            "numpy": np.__version__,
+            "logitstore": logitstore.__version__,
+        },
+    }
+    out.with_suffix(".json").write_text(
+        json.dumps({**meta, "loading": load, "step": steps}, indent=2)
+    )
+    memmap = {r["workers"]: r["positions_per_s"] for r in load if r["source"] == "memmap"}
+    lines = [
+        f"# Read path — {meta['date']}",
+        "",
+        f"`{meta['command']}` on {meta['machine']}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + ".",
+        "",
+        "## (a) LogitDataset + collate through a DataLoader (top-64 u8, windows of "
+        f"{steps[0]['batch'].split('x')[1]} positions)",
+        "",
+        "| workers | source | positions/s | vs memmap, same workers |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for r in load:
+        ratio = (
+            f"{r['positions_per_s'] / memmap[r['workers']]:.2f}"
+            if r["source"] != "memmap" and "Dataset" not in r["source"]
+            else ""
+        )
+        lines.append(f"| {r['workers']} | {r['source']} | {r['positions_per_s']:,.0f} | {ratio} |")
+    lines += [
+        "",
+        "## (b) One optimizer step of the student",
+        "",
+        "| student | vocab | batch | loss | step (ms) | vs CE only |",
+        "| --- | ---: | --- | --- | ---: | ---: |",
+    ]
+    for r in steps:
+        lines.append(
+            f"| {r['student']} | {r['vocab']:,} | {r['batch']} | {r['loss']} | "
+            f"{r['step_s'] * 1e3:.0f} | {r['ratio_vs_ce']:.2f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for i, source in enumerate(("logitstore", "memmap")):
+        xs = [r["workers"] + (i - 0.5) * 0.35 for r in load if r["source"] == source]
+        ys = [r["positions_per_s"] for r in load if r["source"] == source]
+        ax.bar(xs, ys, 0.35, label="LogitDataset (store)" if i == 0 else "np.memmap, decoded")
+    ax.axhline(1e6, color="k", ls=":", lw=1, label="1M positions/s")
+    ax.set_xticks([0, 1, 2], ["0 workers", "1 worker", "2 workers"])
+    ax.set_ylabel("positions / s")
+    ax.set_title("Loading top-64 u8 windows (2 cores)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--teacher", type=Path, default=HERE.parent / "examples" / "teacher")
+    p.add_argument("--positions", type=int, default=1 << 21, help="store size (default 2M)")
+    p.add_argument("--sample-positions", type=int, default=1 << 15, help="real rows, tiled")
+    p.add_argument("--sequence-length", type=int, default=2048, help="teacher context length")
+    p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--batch", type=int, default=16, help="windows per batch")
+    p.add_argument("--block", type=int, default=1 << 16, help="LogitDataset block_positions")
+    p.add_argument("--limit", type=int, default=1 << 21, help="positions timed per run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--student-layers", type=int, default=4)
+    p.add_argument("--student-embd", type=int, default=256)
+    p.add_argument("--step-batch", type=int, default=8)
+    p.add_argument("--tmp", type=Path, default=None, help="scratch directory")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "read")
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.positions = args.limit = 1 << 18
+        args.sample_positions, args.repeats, args.student_layers = 1 << 13, 1, 1
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        store = build_store(args, Path(tmp))
+        write_raw(store, Path(tmp) / "raw")
+        load = bench_loading(args, store, Path(tmp) / "raw")
+        steps = bench_step(args, store)
+    write_outputs(args.out, load, steps, argv)
+    print(f"wrote {args.out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
