@@ -27,8 +27,10 @@ from .errors import (
     TeacherError,
     UnsupportedVersionError,
 )
+from .info import store_info
 from .metadata import FORMAT_VERSION, Encoding, Layout, StoreMetadata
-from .reader import Batch, LogitStore, open
+from .reader import Batch, LogitStore, StoreBase, open
+from .remote import RemoteStore
 from .verify import VerifyReport, verify
 from .writer import StoreWriter
 
@@ -46,8 +48,10 @@ __all__ = [
     "LogitStore",
     "LogitStoreError",
     "PositionError",
+    "RemoteStore",
     "ResumeMismatchError",
     "Sequences",
+    "StoreBase",
     "StoreExistsError",
     "StoreMetadata",
     "StoreNotFoundError",
@@ -65,6 +69,7 @@ __all__ = [
     "open",
     "read_documents",
     "sequences_from_token_ids",
+    "store_info",
     "tokenize",
     "verify",
 ]

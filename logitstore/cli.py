@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LogitStoreError
+from .info import store_info
 
 __all__ = ["main"]
 
@@ -58,41 +59,10 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
-def store_info(path: str) -> dict[str, Any]:
-    """The facts ``logitstore info`` prints, as a dictionary (also served over HTTP)."""
-    from .reader import LogitStore
-
-    store = LogitStore(path, allow_incomplete=True)
-    md = store.metadata
-    committed = int(store.committed().sum())
-    nbytes = store.nbytes_stored()
-    full_bf16 = md.num_positions * md.vocab_size * 2
-    return {
-        "path": str(path),
-        "format_version": md.format_version,
-        "state": md.state,
-        "encoding": md.encoding.to_dict(),
-        "vocab_size": md.vocab_size,
-        "num_positions": md.num_positions,
-        "num_sequences": md.num_sequences,
-        "seq_len": md.seq_len,
-        "shards": {"committed": committed, "total": md.num_shards},
-        "layout": md.layout.to_dict(),
-        "teacher": md.teacher,
-        "tokenizer": md.tokenizer,
-        "tool": md.tool,
-        "created_at": md.created_at,
-        "identity": md.identity,
-        "seed": md.seed,
-        "bytes_on_disk": nbytes,
-        "bytes_per_position": nbytes / max(md.num_positions, 1),
-        "full_vocab_bf16_bytes": full_bf16,
-        "compression_ratio_vs_full_bf16": full_bf16 / max(nbytes, 1),
-    }
-
-
 def _info(args: argparse.Namespace) -> int:
-    info = store_info(args.store)
+    from .reader import open as open_store
+
+    info = store_info(open_store(args.store, allow_incomplete=True))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -161,9 +131,9 @@ def _token(tok: Any, i: int) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .reader import LogitStore
+    from .reader import open as open_store
 
-    store = LogitStore(args.store, allow_incomplete=True)
+    store = open_store(args.store, allow_incomplete=True)
     pos = args.position
     seq = store.sequence_of(pos)
     s0, s1 = int(store.offsets[seq]), int(store.offsets[seq + 1])
@@ -199,6 +169,57 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  {rank:>3}. {probs[j]:8.4f}  {token:<20} id {int(ids[j]):>6}  {bar}")
     if enc.kind == "topk":
         print(f"  mass outside the {enc.k} stored ids (residual): {float(row.residual[0]):.4f}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from .reader import LogitStore
+
+    stores: dict[str, str] = {}
+    for path in args.stores:
+        store = LogitStore(path)  # refuses incomplete or damaged metadata now, not per request
+        name = Path(path).resolve().name
+        if name in stores:
+            raise LogitStoreError(
+                f"two stores are named {name!r} (the directory name is the URL name); rename one"
+            )
+        stores[name] = str(Path(path).resolve())
+        del store
+    tokens: list[str] = []
+    if args.token_file:
+        try:
+            tokens = [
+                t.strip() for t in Path(args.token_file).read_text().splitlines() if t.strip()
+            ]
+        except OSError as e:
+            raise LogitStoreError(f"cannot read --token-file: {e}") from None
+        if not tokens:
+            raise LogitStoreError(f"--token-file {args.token_file} holds no token (one per line)")
+    config = {
+        "stores": stores,
+        "tokens": tokens,
+        "max_positions": args.max_positions,
+        "block_positions": args.block_positions,
+    }
+    os.environ["LOGITSTORE_SERVER_CONFIG"] = json.dumps(config)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    for name in stores:
+        print(f"serving {stores[name]} at http://{host}:{args.port}/v1/stores/{name}", flush=True)
+    uvicorn.run(
+        "server.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        loop="auto",
+        http="auto",
+    )
     return 0
 
 
@@ -308,6 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
     s.set_defaults(func=_show)
+    sv = sub.add_parser(
+        "serve",
+        help="serve stores over HTTP (docs/PROTOCOL.md)",
+        description="Serve complete stores over HTTP. Each store's URL (printed at start) is "
+        "what `logitstore.open` and LogitDataset take on the client side.",
+        epilog=_EPILOG,
+    )
+    sv.add_argument("stores", nargs="+", metavar="STORE", help="store directories to serve")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    sv.add_argument("--token-file", help="file of bearer tokens, one per line: requests need one")
+    sv.add_argument(
+        "--max-positions",
+        type=int,
+        default=1 << 24,
+        help="most positions one request may ask for (default 16M; 413 above)",
+    )
+    sv.add_argument(
+        "--block-positions",
+        type=int,
+        default=1 << 14,
+        help="positions per streamed block (default 16384); memory is ~2 blocks per stream",
+    )
+    sv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    sv.set_defaults(func=_serve)
     return p
 
 

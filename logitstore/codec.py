@@ -7,11 +7,33 @@ same order. Encoding, on the teacher's device, is :mod:`logitstore.encode`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from .metadata import SQRT_BINS
+from .errors import CorruptStoreError
+from .metadata import SQRT_BINS, StoreMetadata
 
-__all__ = ["decode_ids", "decode_values", "sqrt_table"]
+__all__ = ["Batch", "StoredRows", "decode_ids", "decode_rows", "decode_values", "sqrt_table"]
+
+
+class Batch(NamedTuple):
+    """Decoded rows for ``n`` consecutive positions; ``m`` stored candidates per position."""
+
+    input_ids: np.ndarray  # (n,) int64: the token the teacher read at each position
+    ids: np.ndarray  # (n, m) int64 (or the dtype asked for): candidate ids, 0 in padding
+    probs: np.ndarray  # (n, m) float32: teacher probabilities at the store's temperature
+    residual: np.ndarray  # (n,) float32: mass outside the stored ids (0 unless topk)
+
+
+class StoredRows(NamedTuple):
+    """Rows exactly as stored (FORMAT.md §4–5): what a reader decodes, what the HTTP server
+    sends. ``gaps`` is None for ``full``; ``residual`` is None unless ``topk``."""
+
+    input_ids: np.ndarray  # (n,) id_dtype
+    gaps: np.ndarray | None  # (n, m) id_dtype
+    values: np.ndarray  # (n, m) value_dtype
+    residual: np.ndarray | None  # (n,) float32
 
 
 def sqrt_table(bins: int) -> np.ndarray:
@@ -53,3 +75,46 @@ def decode_ids(gaps: np.ndarray, dtype: type = np.int64) -> tuple[np.ndarray, np
     pad[:, 0] = False
     np.putmask(ids, pad, 0)
     return ids, pad
+
+
+def _rescale(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    # Lossy values: scale each row to its known total (1 − residual), which removes the
+    # quantiser's systematic bias in the row sum (FORMAT.md §5.2).
+    total = probs.sum(axis=1, dtype=np.float32)  # (n,)
+    scale = np.where(total > 0, target / np.where(total > 0, total, 1), 0).astype(np.float32)
+    probs *= scale[:, None]
+    return probs
+
+
+def decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) -> Batch:
+    """Stored rows → ids and probabilities (FORMAT.md §5). The one decoder every reader uses,
+    local or remote, so both give the same bits.
+
+    Raises:
+        CorruptStoreError: a decoded id falls outside the vocabulary.
+    """
+    enc = md.encoding
+    n = len(rows.input_ids)
+    residual = rows.residual if rows.residual is not None else np.zeros(n, dtype=np.float32)
+    if enc.kind == "sampled":
+        assert enc.samples is not None
+        probs = rows.values.astype(np.float32) / np.float32(enc.samples)
+    else:
+        probs = decode_values(rows.values, enc.values)
+    if rows.gaps is None:
+        ids: np.ndarray = np.broadcast_to(
+            np.arange(md.vocab_size, dtype=id_dtype), (n, md.vocab_size)
+        )
+        if enc.lossy:
+            probs = _rescale(probs, np.ones(n, dtype=np.float32))
+    else:
+        top = int(rows.gaps.sum(axis=1, dtype=np.int64).max(initial=0))  # padding adds 0
+        if top >= md.vocab_size:
+            raise CorruptStoreError(
+                f"decoded token ids reach {top}, outside the vocabulary of {md.vocab_size}; "
+                "run `logitstore verify`"
+            )
+        ids, _ = decode_ids(rows.gaps, id_dtype)
+        if enc.lossy and enc.kind == "topk":
+            probs = _rescale(probs, 1.0 - residual)
+    return Batch(rows.input_ids.astype(np.int64), ids, probs, residual)

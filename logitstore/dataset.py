@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import LogitStoreError
-from .reader import Batch, LogitStore
+from .reader import Batch, StoreBase
+from .reader import open as open_store
 
 __all__ = ["LogitDataset", "collate"]
 
@@ -45,7 +46,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
     """Windows of a store as training samples, for a torch ``DataLoader``.
 
     Args:
-        source: a store path (or an open :class:`LogitStore`).
+        source: a store path or ``http(s)://`` URL (or an open store).
         seq_len: positions per window (>= 2); longer sequences are cut into several windows.
         shuffle: deterministic block shuffle from ``seed`` and the epoch (``set_epoch``).
         seed: the shuffle seed; every rank must use the same one.
@@ -69,7 +70,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     def __init__(
         self,
-        source: str | os.PathLike[str] | LogitStore,
+        source: str | os.PathLike[str] | StoreBase,
         seq_len: int,
         *,
         shuffle: bool = True,
@@ -83,8 +84,8 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
     ) -> None:
         if seq_len < 2:
             raise LogitStoreError(f"seq_len must be at least 2, got {seq_len}")
-        store = source if isinstance(source, LogitStore) else LogitStore(source)
-        self.path = store.path
+        store = source if isinstance(source, StoreBase) else open_store(source)
+        self.path = store.path  # a directory or a URL: reopened in every worker process
         self.metadata = store.metadata
         if len(store) == 0:
             raise LogitStoreError(f"store {str(self.path)!r} has no positions")
@@ -121,7 +122,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.epoch = 0
         self._yielded = 0  # samples yielded by the current iteration of this worker
         self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
-        self._store: LogitStore | None = None  # opened lazily, inside each worker
+        self._store: StoreBase | None = None  # opened lazily, inside each worker
         self._store_pid = -1
 
     # -- order -------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         # A forked DataLoader worker inherits the parent's open store (and zarr's I/O thread
         # state) without pickling: open a fresh one in every process.
         if self._store is None or self._store_pid != os.getpid():
-            self._store, self._store_pid = LogitStore(self.path), os.getpid()
+            self._store, self._store_pid = open_store(self.path), os.getpid()
         order = self._worker_order()
         skip, self._resume_from = self._resume_from, 0
         self._yielded = skip

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .codec import decode_ids, decode_values
+from .codec import Batch, StoredRows, decode_rows
 from .errors import CorruptStoreError, FormatError, IncompleteStoreError, PositionError
 from .metadata import Encoding, StoreMetadata
 from .storage import (
@@ -29,19 +29,80 @@ from .storage import (
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["Batch", "LogitStore", "open"]
+__all__ = ["Batch", "LogitStore", "StoreBase", "open"]
 
 
-class Batch(NamedTuple):
-    """Decoded rows for ``n`` consecutive positions; ``m`` stored candidates per position."""
+class StoreBase:
+    """What every store reader offers, local or remote: sizes, decoding, sequences.
 
-    input_ids: np.ndarray  # (n,) int64: the token the teacher read at each position
-    ids: np.ndarray  # (n, m) int64: candidate token ids (0 in padding slots)
-    probs: np.ndarray  # (n, m) float32: teacher probabilities at the store's temperature
-    residual: np.ndarray  # (n,) float32: mass outside the stored ids (0 unless topk)
+    Subclasses provide ``metadata``, ``offsets``, :meth:`read_stored`, :meth:`tokenizer`,
+    :meth:`committed` and :meth:`nbytes_stored`.
+    """
+
+    metadata: StoreMetadata
+    offsets: np.ndarray
+    path: Any  # a directory (Path) or a URL (str): what `open` takes to open it again
+
+    def read_stored(self, start: int, stop: int) -> StoredRows:
+        raise NotImplementedError
+
+    def tokenizer(self) -> tokenizers.Tokenizer | None:
+        raise NotImplementedError
+
+    def committed(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def nbytes_stored(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.metadata.num_positions
+
+    @property
+    def num_sequences(self) -> int:
+        return self.metadata.num_sequences
+
+    @property
+    def encoding(self) -> Encoding:
+        return self.metadata.encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.metadata.vocab_size
+
+    def read(self, start: int, stop: int, *, id_dtype: type = np.int64) -> Batch:
+        """Decode positions ``[start, stop)``.
+
+        ``id_dtype`` is int64 by default (what ``torch.gather`` wants); int32 halves the
+        memory traffic of large reads.
+
+        Raises:
+            PositionError: the range is reversed or outside ``[0, len(store)]``.
+            IncompleteStoreError: (incomplete stores only) the range touches uncommitted shards.
+            CorruptStoreError: a checksum failed or decoded ids fall outside the vocabulary.
+
+        Example:
+            >>> b = logitstore.open("s.zarr").read(0, 4096)
+            >>> b.probs.shape          # (4096, k)
+        """
+        return decode_rows(self.metadata, self.read_stored(start, stop), id_dtype)
+
+    def sequence(self, index: int) -> Batch:
+        """Decode all positions of sequence ``index`` (one teacher context)."""
+        if not 0 <= index < self.num_sequences:
+            raise PositionError(
+                f"sequence {index} is out of range: the store has {self.num_sequences} sequences"
+            )
+        return self.read(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+    def sequence_of(self, position: int) -> int:
+        """Index of the sequence that holds ``position``."""
+        if not 0 <= position < len(self):
+            raise PositionError(f"position {position} is outside [0, {len(self)})")
+        return int(np.searchsorted(self.offsets, position, side="right") - 1)
 
 
-class LogitStore:
+class LogitStore(StoreBase):
     """A store opened for reading. Use :func:`open`.
 
     Attributes:
@@ -75,7 +136,6 @@ class LogitStore:
                 f"{int(self.offsets[-1]) if len(self.offsets) else None}; expected "
                 f"{md.num_sequences + 1} ending at {md.num_positions}"
             )
-        self._lossy = md.encoding.lossy
         self._present: set[int] = set()  # shards whose files were seen
 
     def committed(self) -> np.ndarray:
@@ -107,102 +167,36 @@ class LogitStore:
 
     # -- sizes -----------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return self.metadata.num_positions
-
-    @property
-    def num_sequences(self) -> int:
-        return self.metadata.num_sequences
-
-    @property
-    def encoding(self) -> Encoding:
-        return self.metadata.encoding
-
-    @property
-    def vocab_size(self) -> int:
-        return self.metadata.vocab_size
-
     def nbytes_stored(self) -> int:
         """Bytes the store occupies on disk (all files)."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     # -- reading ---------------------------------------------------------------------------
 
-    def read(self, start: int, stop: int, *, id_dtype: type = np.int64) -> Batch:
-        """Decode positions ``[start, stop)``.
+    def read_stored(self, start: int, stop: int) -> StoredRows:
+        """Positions ``[start, stop)`` exactly as stored, before decoding (FORMAT.md §5).
 
-        ``id_dtype`` is int64 by default (what ``torch.gather`` wants); int32 halves the
-        memory traffic of large reads.
-
-        Raises:
-            PositionError: the range is reversed or outside ``[0, len(store)]``.
-            IncompleteStoreError: (incomplete stores only) the range touches uncommitted shards.
-            CorruptStoreError: a checksum failed or decoded ids fall outside the vocabulary.
-
-        Example:
-            >>> b = logitstore.open("s.zarr").read(0, 4096)
-            >>> b.probs.shape          # (4096, k)
+        Raises: as :meth:`read`.
         """
         start, stop = _check_range(start, stop, len(self))
         if self._committed is not None:
             self._check_committed(start, stop)
         if stop > start:
             self._check_present(start, stop)
-        md = self.metadata
-        enc = md.encoding
+        arrays = self._arrays
         try:
-            input_ids = np.asarray(self._arrays[INPUT_IDS][start:stop]).astype(np.int64)
-            values = np.asarray(self._arrays[VALUES][start:stop])
-            gaps = np.asarray(self._arrays[IDS][start:stop]) if enc.kind != "full" else None
-            residual = (
-                np.asarray(self._arrays[RESIDUAL][start:stop])
-                if enc.kind == "topk"
-                else np.zeros(stop - start, dtype=np.float32)
+            return StoredRows(
+                np.asarray(arrays[INPUT_IDS][start:stop]),
+                np.asarray(arrays[IDS][start:stop]) if IDS in arrays else None,
+                np.asarray(arrays[VALUES][start:stop]),
+                np.asarray(arrays[RESIDUAL][start:stop]) if RESIDUAL in arrays else None,
             )
         except Exception as e:  # zarr raises its own types on checksum or decode failures
-            shard = start // md.layout.shard_positions
+            shard = start // self.metadata.layout.shard_positions
             raise CorruptStoreError(
                 f"reading positions [{start}, {stop}) of {str(self.path)!r} failed (shard "
                 f"{shard} or later): {e}; run `logitstore verify` to locate the damage"
             ) from None
-
-        if enc.kind == "sampled":
-            assert enc.samples is not None
-            probs = values.astype(np.float32) / np.float32(enc.samples)
-        else:
-            probs = decode_values(values, enc.values)
-        if gaps is None:
-            vocab = md.vocab_size
-            ids: np.ndarray = np.broadcast_to(
-                np.arange(vocab, dtype=id_dtype), (stop - start, vocab)
-            )
-            if self._lossy:
-                probs = _rescale(probs, np.ones(stop - start, dtype=np.float32))
-        else:
-            top = int(gaps.sum(axis=1, dtype=np.int64).max(initial=0))  # padding adds 0
-            if top >= md.vocab_size:
-                raise CorruptStoreError(
-                    f"decoded token ids in positions [{start}, {stop}) reach {top}, outside "
-                    f"the vocabulary of {md.vocab_size}; run `logitstore verify`"
-                )
-            ids, _ = decode_ids(gaps, id_dtype)
-            if self._lossy and enc.kind == "topk":
-                probs = _rescale(probs, 1.0 - residual)
-        return Batch(input_ids, ids, probs, residual)
-
-    def sequence(self, index: int) -> Batch:
-        """Decode all positions of sequence ``index`` (one teacher context)."""
-        if not 0 <= index < self.num_sequences:
-            raise PositionError(
-                f"sequence {index} is out of range: the store has {self.num_sequences} sequences"
-            )
-        return self.read(int(self.offsets[index]), int(self.offsets[index + 1]))
-
-    def sequence_of(self, position: int) -> int:
-        """Index of the sequence that holds ``position``."""
-        if not 0 <= position < len(self):
-            raise PositionError(f"position {position} is outside [0, {len(self)})")
-        return int(np.searchsorted(self.offsets, position, side="right") - 1)
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""
@@ -244,15 +238,6 @@ class LogitStore:
             )
 
 
-def _rescale(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
-    # Lossy values: scale each row to its known total (1 − residual), which removes the
-    # quantiser's systematic bias in the row sum (FORMAT.md §5.2).
-    total = probs.sum(axis=1, dtype=np.float32)  # (n,)
-    scale = np.where(total > 0, target / np.where(total > 0, total, 1), 0).astype(np.float32)
-    probs *= scale[:, None]
-    return probs
-
-
 def _check_range(start: int, stop: int, size: int) -> tuple[int, int]:
     try:
         start, stop = int(start), int(stop)
@@ -266,8 +251,11 @@ def _check_range(start: int, stop: int, size: int) -> tuple[int, int]:
     return start, stop
 
 
-def open(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> LogitStore:
-    """Open the store at ``path`` for reading.
+def open(
+    path: str | os.PathLike[str], *, allow_incomplete: bool = False, token: str | None = None
+) -> StoreBase:
+    """Open the store at ``path`` — a directory, or an ``http(s)://`` URL that
+    ``logitstore serve`` printed — for reading.
 
     Raises:
         StoreNotFoundError: no store at ``path``.
@@ -275,7 +263,11 @@ def open(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> Log
         IncompleteStoreError: the writer has not finished (unless ``allow_incomplete``).
 
     Example:
-        >>> store = logitstore.open("teacher.zarr")
+        >>> store = logitstore.open("teacher.zarr")   # or "http://host:8000/v1/stores/teacher"
         >>> len(store), store.offsets[:3]
     """
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        from .remote import RemoteStore
+
+        return RemoteStore(path, token=token)
     return LogitStore(path, allow_incomplete=allow_incomplete)

@@ -26,7 +26,9 @@ def test_public_names() -> None:
         "StoreExistsError",
         "StoreMetadata",
         "StoreNotFoundError",
+        "StoreBase",
         "StoreWriter",
+        "RemoteStore",
         "Teacher",
         "TeacherError",
         "UnsupportedVersionError",
@@ -40,6 +42,7 @@ def test_public_names() -> None:
         "open",
         "read_documents",
         "sequences_from_token_ids",
+        "store_info",
         "tokenize",
         "verify",
     }

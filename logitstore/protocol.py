@@ -1,0 +1,155 @@
+"""The streaming wire format for position ranges (docs/PROTOCOL.md): framing for the server,
+parsing and verification for the client. Rows travel exactly as stored (FORMAT.md §5), and
+the client decodes them with the same code as a local reader, so both give the same bits.
+
+    stream = header block* end
+    header = b"LGSTRM01" | u32 json_len | json           (start, stop, dtypes, identity)
+    block  = b"BLK0" | u64 start | u32 n | u32 payload_len | payload | u32 crc32c(payload)
+    end    = b"END0" | u64 stop | u64 positions_sent
+
+All integers little-endian. ``payload`` is input_ids ‖ gaps ‖ values ‖ residual (the last
+three as present in the store) for ``n`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from .codec import StoredRows
+from .errors import FormatError
+from .metadata import StoreMetadata
+
+__all__ = ["MAGIC", "ProtocolError", "StreamParser", "encode_block", "encode_end", "encode_header"]
+
+MAGIC = b"LGSTRM01"
+_BLOCK = struct.Struct("<4sQII")  # tag, start, n, payload_len
+_END = struct.Struct("<4sQQ")  # tag, stop, positions_sent
+_CRC = struct.Struct("<I")
+
+
+class ProtocolError(FormatError):
+    """The stream is not what PROTOCOL.md says it must be (truncated, corrupt, mismatched)."""
+
+
+def encode_header(md: StoreMetadata, start: int, stop: int) -> bytes:
+    info = {
+        "start": start,
+        "stop": stop,
+        "identity": md.identity,
+        "width": md.layout.width,
+        "id_dtype": md.layout.id_dtype,
+        "value_dtype": md.layout.value_dtype,
+        "has_gaps": md.encoding.kind != "full",
+        "has_residual": md.encoding.kind == "topk",
+    }
+    body = json.dumps(info, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<I", len(body)) + body
+
+
+def encode_block(start: int, rows: StoredRows) -> bytes:
+    parts = [np.ascontiguousarray(a).tobytes() for a in rows if a is not None]
+    payload = b"".join(parts)
+    n = len(rows.input_ids)
+    return b"".join(
+        [_BLOCK.pack(b"BLK0", start, n, len(payload)), payload, _CRC.pack(crc32c.crc32c(payload))]
+    )
+
+
+def encode_end(stop: int, sent: int) -> bytes:
+    return _END.pack(b"END0", stop, sent)
+
+
+class StreamParser:
+    """Reads one stream through ``read_exactly(n) -> bytes`` and checks everything: magic,
+    header against the request and the store, contiguous blocks, CRC-32C of every block, and
+    the end record. ``blocks()`` yields ``(start, StoredRows)``; ``position`` is where the
+    verified data stops, so a broken connection can resume from there."""
+
+    def __init__(
+        self, read_exactly: Callable[[int], bytes], md: StoreMetadata, start: int, stop: int
+    ) -> None:
+        self._read = read_exactly
+        self.md, self.start, self.stop = md, start, stop
+        self.position = start
+        self._header()
+
+    def _header(self) -> None:
+        magic = self._read(len(MAGIC))
+        if magic != MAGIC:
+            raise ProtocolError(f"not a logitstore stream: starts with {magic[:8]!r}")
+        (size,) = struct.unpack("<I", self._read(4))
+        if size > 1 << 16:
+            raise ProtocolError(f"stream header of {size} bytes is implausibly large")
+        info: dict[str, Any] = json.loads(self._read(size))
+        lay = self.md.layout
+        want = {
+            "start": self.start,
+            "stop": self.stop,
+            "identity": self.md.identity,
+            "width": lay.width,
+            "id_dtype": lay.id_dtype,
+            "value_dtype": lay.value_dtype,
+        }
+        wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+        if wrong:
+            raise ProtocolError(f"stream header does not match the request/store: {wrong}")
+        self._gaps, self._residual = bool(info["has_gaps"]), bool(info["has_residual"])
+
+    def blocks(self) -> Any:
+        lay = self.md.layout
+        idt, vdt, m = np.dtype(lay.id_dtype), np.dtype(lay.value_dtype), lay.width
+        while True:
+            head = self._read(4)
+            if head == b"END0":
+                stop, sent = struct.unpack("<QQ", self._read(16))
+                if stop != self.stop or sent != self.stop - self.start or self.position != stop:
+                    raise ProtocolError(
+                        f"stream ended at {self.position} (end record: stop {stop}, sent {sent});"
+                        f" expected {self.stop}"
+                    )
+                return
+            if head != b"BLK0":
+                raise ProtocolError(f"expected a block or the end record, found {head!r}")
+            start, n, size = struct.unpack("<QII", self._read(16))
+            expected = n * (
+                idt.itemsize * (1 + (m if self._gaps else 0))
+                + vdt.itemsize * m
+                + (4 if self._residual else 0)
+            )
+            if start != self.position or size != expected or start + n > self.stop:
+                raise ProtocolError(
+                    f"block at {start} of {n} rows ({size} bytes) does not follow position "
+                    f"{self.position} with {expected} bytes"
+                )
+            payload = self._read(size)
+            (crc,) = _CRC.unpack(self._read(4))
+            if crc32c.crc32c(payload) != crc:
+                raise ProtocolError(f"block at {start}: CRC-32C mismatch (corrupted in transit)")
+            yield start, self._rows(payload, n, idt, vdt, m)
+            self.position = start + n
+
+    def _rows(self, payload: bytes, n: int, idt: np.dtype, vdt: np.dtype, m: int) -> StoredRows:
+        buf = memoryview(payload)
+        out: list[np.ndarray | None] = []
+        at = 0
+        for present, dtype, shape in (
+            (True, idt, (n,)),
+            (self._gaps, idt, (n, m)),
+            (True, vdt, (n, m)),
+            (self._residual, np.dtype("<f4"), (n,)),
+        ):
+            if not present:
+                out.append(None)
+                continue
+            size = int(np.prod(shape)) * dtype.itemsize
+            out.append(
+                np.frombuffer(buf[at : at + size], dtype=dtype.newbyteorder("<")).reshape(shape)
+            )
+            at += size
+        return StoredRows(*out)  # type: ignore[arg-type]

@@ -1,0 +1,249 @@
+"""Reading a store served over HTTP by ``logitstore serve``: the same interface as a local
+store (:class:`logitstore.reader.StoreBase`), only slower by the network.
+
+Rows arrive as stored and are decoded by the same code as local reads, so results are
+bit-identical. Streams are verified block by block (PROTOCOL.md); a dropped connection or a
+restarting server is retried with exponential backoff and the read resumes after the last
+verified block.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .codec import StoredRows
+from .errors import LogitStoreError, PositionError, StoreNotFoundError
+from .metadata import StoreMetadata
+from .protocol import ProtocolError, StreamParser
+from .reader import StoreBase, _check_range
+
+if TYPE_CHECKING:
+    import tokenizers
+
+__all__ = ["RemoteError", "RemoteStore"]
+
+_RETRYABLE = (OSError, http.client.HTTPException, ProtocolError)
+
+
+class RemoteError(LogitStoreError):
+    """The server refused a request or could not be reached after every retry."""
+
+
+class RemoteStore(StoreBase):
+    """A store at ``http(s)://host:port/v1/stores/NAME``. Use :func:`logitstore.open`.
+
+    Args:
+        url: the store's URL, as ``logitstore serve`` prints it.
+        token: bearer token (default: the ``LOGITSTORE_TOKEN`` environment variable).
+        timeout: seconds to wait on the socket.
+        retries: attempts after a failure (connection refused or reset, 5xx, broken stream),
+            with exponential backoff from ``backoff`` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 6,
+        backoff: float = 0.25,
+    ) -> None:
+        parts = urlsplit(url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise LogitStoreError(f"not an http(s) store URL: {url!r}")
+        self.path = url.rstrip("/")
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._base = parts.path
+        self._token = token if token is not None else os.environ.get("LOGITSTORE_TOKEN")
+        self._timeout, self._retries, self._backoff = timeout, retries, backoff
+        #: failed attempts that were retried (connection refused or reset, 5xx, cut stream)
+        self.retried = 0
+        self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []
+        self._conns_lock = threading.Lock()
+        info = json.loads(self._get(""))
+        self.info: dict[str, Any] = info
+        self.metadata = StoreMetadata.from_dict(info["metadata"])
+        # Ask in pieces the server accepts (it answers 413 above its cap).
+        self._request_positions = min(
+            int(info.get("server", {}).get("max_positions", 1 << 20)), 1 << 20
+        )
+        self.offsets = np.frombuffer(self._get("/offsets"), dtype="<i8").astype(np.int64)
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("_local", "_conns", "_conns_lock"):  # connections stay in their process
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._conns, self._conns_lock = [], threading.Lock()
+
+    def close(self) -> None:
+        """Close every connection this object opened (they reopen on the next request)."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_conns_lock"):
+            self.close()
+
+    def __enter__(self) -> RemoteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = (
+                http.client.HTTPSConnection
+                if self._scheme == "https"
+                else http.client.HTTPConnection
+            )
+            conn = cls(self._host, self._port, timeout=self._timeout)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _request(self, path: str) -> http.client.HTTPResponse:
+        headers = {"Accept": "*/*"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        conn = self._connection()
+        conn.request("GET", self._base + path, headers=headers)
+        resp = conn.getresponse()
+        if resp.status >= 500:
+            resp.read()
+            raise http.client.HTTPException(f"server error {resp.status}")
+        if resp.status >= 400:
+            body = resp.read().decode(errors="replace")
+            try:
+                message = json.loads(body)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = body[:200]
+            cls = {404: StoreNotFoundError, 416: PositionError, 400: PositionError}.get(
+                resp.status, RemoteError
+            )
+            raise cls(f"{self.path}{path}: HTTP {resp.status}: {message}")
+        return resp
+
+    def _retrying(self, attempt: Any) -> Any:
+        delay = self._backoff
+        for i in range(self._retries + 1):
+            try:
+                return attempt()
+            except _RETRYABLE as e:
+                self._drop_connection()
+                self.retried += 1
+                if i == self._retries:
+                    raise RemoteError(
+                        f"{self.path}: giving up after {self._retries + 1} attempts: {e}"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def _get(self, path: str) -> bytes:
+        def attempt() -> bytes:
+            data: bytes = self._request(path).read()
+            return data
+
+        result: bytes = self._retrying(attempt)
+        return result
+
+    # -- the store interface ----------------------------------------------------------------------
+
+    def read_stored(self, start: int, stop: int) -> StoredRows:
+        """Positions ``[start, stop)`` as stored, streamed and verified (PROTOCOL.md)."""
+        start, stop = _check_range(start, stop, len(self))
+        parts: list[StoredRows] = []
+        position = start
+
+        def attempt(stop: int) -> None:
+            nonlocal position
+            resp = self._request(f"/positions?start={position}&stop={stop}")
+
+            def read_exactly(n: int) -> bytes:
+                buf = bytearray(n)
+                view, got = memoryview(buf), 0
+                while got < n:
+                    k = resp.readinto(view[got:])
+                    if not k:
+                        raise ProtocolError(f"stream cut short after position {position}")
+                    got += k
+                return buf  # type: ignore[return-value]  # writable, so arrays are too
+
+            parser = StreamParser(read_exactly, self.metadata, position, stop)
+            for block_start, rows in parser.blocks():
+                parts.append(rows)  # verified: a retry resumes after it
+                position = block_start + len(rows.input_ids)
+            if resp.read(1):  # the end record is the last byte; reading on frees the connection
+                raise ProtocolError("data after the end record")
+
+        for piece_stop in range(
+            start + self._request_positions, stop + self._request_positions, self._request_positions
+        ):
+            stop_here = min(piece_stop, stop)
+            if position < stop_here:
+                self._retrying(lambda s=stop_here: attempt(s))
+        if len(parts) == 1:
+            return parts[0]
+        return _concat(parts, self.metadata, stop - start)
+
+    def tokenizer(self) -> tokenizers.Tokenizer | None:
+        import tokenizers
+
+        try:
+            raw = self._get("/tokenizer")
+        except StoreNotFoundError:
+            return None
+        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+
+    def committed(self) -> np.ndarray:
+        return np.ones(self.metadata.num_shards, dtype=bool)  # the server serves complete stores
+
+    def nbytes_stored(self) -> int:
+        return int(self.info["bytes_on_disk"])
+
+
+def _concat(parts: list[StoredRows], md: StoreMetadata, n: int) -> StoredRows:
+    if not parts:
+        lay = md.layout
+        empty = np.zeros((0, lay.width), dtype=lay.value_dtype)
+        return StoredRows(
+            np.zeros(0, dtype=lay.id_dtype),
+            np.zeros((0, lay.width), dtype=lay.id_dtype) if md.encoding.kind != "full" else None,
+            empty,
+            np.zeros(0, dtype=np.float32) if md.encoding.kind == "topk" else None,
+        )
+    fields = []
+    for column in zip(*parts, strict=True):
+        fields.append(None if column[0] is None else np.concatenate(column))
+    rows = StoredRows(*fields)  # type: ignore[arg-type]
+    assert len(rows.input_ids) == n
+    return rows
