@@ -5,8 +5,9 @@
 #   3. run the shipped small teacher (examples/teacher, trained by benchmarks/teacher.py)
 #      over it and write a top-64 u8 store,
 #   4. print what the store holds, verify it, and show what the teacher thought at a position,
-#   5. train a small student from the store (examples/train_student.py), reporting held-out
-#      perplexity and KL to the teacher on a second store of other held-out files.
+#   5. serve both stores over HTTP (logitstore serve, on 127.0.0.1) and train a small student
+#      from them over the network (examples/train_student.py), reporting held-out perplexity
+#      and KL to the teacher on the second store, of other held-out files.
 # Output goes to out/demo (override with OUT=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,15 @@ $cli verify "$out/teacher.zarr" --no-progress
 echo
 $cli show "$out/teacher.zarr" --position 1000 --top 8
 echo
+port=${PORT:-8765}
+$cli serve "$out/teacher.zarr" "$out/eval.zarr" --port "$port" &
+server=$!
+trap 'kill $server 2>/dev/null' EXIT
+for _ in $(seq 100); do  # wait until it answers
+  $py -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/v1/health')" 2>/dev/null && break
+  sleep 0.1
+done
 rm -rf "$out/student"
-$py examples/train_student.py --store "$out/teacher.zarr" --eval-store "$out/eval.zarr" \
+$py examples/train_student.py --store "http://127.0.0.1:$port/v1/stores/teacher.zarr" \
+  --eval-store "http://127.0.0.1:$port/v1/stores/eval.zarr" \
   --out "$out/student" --steps 300 --eval-every 100

@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--store", required=True, help="training store (any encoding)")
+    p.add_argument(
+        "--store",
+        required=True,
+        help="training store: a directory or an http(s):// URL (any encoding)",
+    )
     p.add_argument("--eval-store", help="held-out store for perplexity and KL (default: none)")
     p.add_argument(
         "--out", default="out/student", help="checkpoint directory (default out/student)"

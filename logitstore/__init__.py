@@ -9,7 +9,7 @@ Write a store once from a teacher, read it from any number of student runs::
 
 __version__ = "0.1.0"
 
-from . import losses
+from . import losses, protocol
 from .capture import Teacher, capture, load_teacher
 from .data import Sequences, read_documents, sequences_from_token_ids, tokenize
 from .dataset import LogitDataset, collate
@@ -67,6 +67,7 @@ __all__ = [
     "load_teacher",
     "losses",
     "open",
+    "protocol",
     "read_documents",
     "sequences_from_token_ids",
     "store_info",

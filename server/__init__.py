@@ -1,4 +1,4 @@
-"""HTTP service over the logitstore reader (planned: see the project's HTTP issue).
+"""The HTTP service over the logitstore reader (docs/PROTOCOL.md); started by `logitstore serve`.
 
-It may import only the public ``logitstore`` API; ``logitstore`` never imports it.
+It imports only the public ``logitstore`` API; ``logitstore`` never imports it.
 """

@@ -40,6 +40,7 @@ def test_public_names() -> None:
         "load_teacher",
         "losses",
         "open",
+        "protocol",
         "read_documents",
         "sequences_from_token_ids",
         "store_info",
