@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -72,21 +71,12 @@ class MemmapWindows(LogitDataset):
         super().__init__(store, seq_len, **kw)
         self.raw = raw
 
-    def _block(self, b: int, cache: OrderedDict[int, tuple[int, Batch]]) -> tuple[int, Batch]:
-        hit = cache.get(b)
-        if hit is not None:
-            return hit
+    def _read_block(self, start: int, stop: int) -> Batch:
         arrays = [
             np.load(self.raw / f"{k}.npy", mmap_mode="r")
             for k in ("input_ids", "ids", "probs", "residual")
         ]
-        start = b * self.block_positions
-        stop = min(start + self.block_positions + self.seq_len + 1, len(arrays[0]))
-        entry = (start, Batch(*(np.array(a[start:stop]) for a in arrays)))  # page-cache read
-        cache[b] = entry
-        if len(cache) > self.buffer_blocks + 1:
-            cache.popitem(last=False)
-        return entry
+        return Batch(*(np.array(a[start:stop]) for a in arrays))  # page-cache read
 
 
 def write_raw(store: Path, raw: Path) -> None:

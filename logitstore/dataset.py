@@ -18,6 +18,7 @@ import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,8 +57,8 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             waits forever at the end of an epoch.
         block_positions: positions read and decoded at once.
         buffer_blocks: blocks whose windows are shuffled together.
-        tokenizer_hash: the student tokenizer's vocabulary hash (``"sha256:…"``, see
-            FORMAT.md §3); a store of another tokenizer is refused unless
+        tokenizer, tokenizer_hash: the student's tokenizer (or its vocabulary hash,
+            ``"sha256:…"``, FORMAT.md §3); a store of another tokenizer is refused unless
             ``allow_tokenizer_mismatch``.
 
     Raises:
@@ -80,6 +81,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         block_positions: int = 1 << 16,
         buffer_blocks: int = 4,
         tokenizer_hash: str | None = None,
+        tokenizer: Any = None,
         allow_tokenizer_mismatch: bool = False,
     ) -> None:
         if seq_len < 2:
@@ -89,6 +91,10 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.metadata = store.metadata
         if len(store) == 0:
             raise LogitStoreError(f"store {str(self.path)!r} has no positions")
+        if tokenizer is not None:  # the student's tokenizer: compare its vocabulary hash
+            from .capture import tokenizer_identity
+
+            tokenizer_hash = tokenizer_identity(tokenizer)[0]["vocab_hash"]
         stored_hash = (store.metadata.tokenizer or {}).get("vocab_hash")
         mismatch = tokenizer_hash is not None and stored_hash != tokenizer_hash
         if mismatch and not allow_tokenizer_mismatch:
@@ -200,32 +206,30 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         order = self._worker_order()
         skip, self._resume_from = self._resume_from, 0
         self._yielded = skip
-        cache: OrderedDict[int, tuple[int, Batch]] = OrderedDict()
-        for w in order[skip:]:
-            sample = self._sample(int(w), cache)
-            self._yielded += 1
-            yield sample
+        todo = order[skip:]
+        blocks = self._starts[todo] // self.block_positions
+        _, first = np.unique(blocks, return_index=True)
+        with _BlockReader(self, blocks[np.sort(first)]) as reader:
+            for w in todo:
+                sample = self._sample(int(w), reader)
+                self._yielded += 1
+                yield sample
 
-    def _block(self, b: int, cache: OrderedDict[int, tuple[int, Batch]]) -> tuple[int, Batch]:
-        hit = cache.get(b)
-        if hit is not None:
-            cache.move_to_end(b)
-            return hit
+    def _read_block(self, start: int, stop: int) -> Batch:
+        """Decode positions ``[start, stop)`` (int32 ids); subclasses may read elsewhere."""
         assert self._store is not None
+        return self._store.read(start, stop, id_dtype=np.int32)
+
+    def _block_range(self, b: int) -> tuple[int, int]:
         start = b * self.block_positions
         # One position more than the block, for the label of its last window.
-        stop = min(start + self.block_positions + self.seq_len + 1, len(self._store))
-        entry = (start, self._store.read(start, stop, id_dtype=np.int32))
-        cache[b] = entry
-        if len(cache) > self.buffer_blocks + 1:
-            cache.popitem(last=False)
-        return entry
+        return start, min(
+            start + self.block_positions + self.seq_len + 1, self.metadata.num_positions
+        )
 
-    def _sample(
-        self, w: int, cache: OrderedDict[int, tuple[int, Batch]]
-    ) -> dict[str, torch.Tensor]:
+    def _sample(self, w: int, reader: _BlockReader) -> dict[str, torch.Tensor]:
         a, e, seq_end = int(self._starts[w]), int(self._ends[w]), int(self._seq_end[w])
-        base, data = self._block(a // self.block_positions, cache)
+        base, data = reader.get(a // self.block_positions)
         n, lo = e - a, a - base
         real = slice(lo, lo + n)
         has_next = min(e + 1, seq_end) - a - 1  # positions whose next token is in the sequence
@@ -247,3 +251,42 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
                 fill = -100 if key == "labels" else 0
                 sample[key] = torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
         return sample
+
+
+class _BlockReader:
+    """Decoded blocks for one iteration: an LRU of ``buffer_blocks + 1`` blocks, and the next
+    block in the iteration's order read ahead on a thread while the current one is used
+    (which also hides network latency for remote stores)."""
+
+    def __init__(self, ds: LogitDataset, blocks_in_order: np.ndarray) -> None:
+        self.ds = ds
+        order = [int(b) for b in blocks_in_order]
+        self.next = dict(itertools.pairwise(order))
+        self.cache: OrderedDict[int, tuple[int, Batch]] = OrderedDict()
+        self.pending: dict[int, Future[tuple[int, Batch]]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitstore-prefetch")
+
+    def __enter__(self) -> _BlockReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self, b: int) -> tuple[int, Batch]:
+        start, stop = self.ds._block_range(b)
+        return start, self.ds._read_block(start, stop)
+
+    def get(self, b: int) -> tuple[int, Batch]:
+        hit = self.cache.get(b)
+        if hit is not None:
+            self.cache.move_to_end(b)
+            return hit
+        future = self.pending.pop(b, None)
+        entry = future.result() if future is not None else self._load(b)
+        self.cache[b] = entry
+        if len(self.cache) > self.ds.buffer_blocks + 1:
+            self.cache.popitem(last=False)
+        nxt = self.next.get(b)
+        if nxt is not None and nxt not in self.cache and nxt not in self.pending:
+            self.pending[nxt] = self.pool.submit(self._load, nxt)
+        return entry

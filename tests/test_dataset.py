@@ -164,3 +164,17 @@ def test_bad_arguments(store_path: Path) -> None:
     LogitDataset(store_path, 16, tokenizer_hash="sha256:other", allow_tokenizer_mismatch=True)
     with pytest.raises(logitstore.LogitStoreError, match="rank 3"):
         LogitDataset(store_path, 16, rank=3, world_size=2)
+
+
+def test_student_tokenizer_must_match_the_teachers(teacher, data_file: Path, tmp_path) -> None:
+    from .conftest import make_teacher
+
+    docs = logitstore.read_documents([data_file])
+    seqs = logitstore.tokenize(docs, teacher.tokenizer, 32)
+    out = logitstore.capture(
+        teacher, seqs, tmp_path / "s", Encoding("topk", "u8", k=4), progress=False
+    )
+    LogitDataset(out, 16, tokenizer=teacher.tokenizer)  # the same tokenizer: accepted
+    other = logitstore.load_teacher(str(make_teacher(tmp_path / "t2", vocab_size=290)), "cpu")
+    with pytest.raises(logitstore.LogitStoreError, match="tokenizer"):
+        LogitDataset(out, 16, tokenizer=other.tokenizer)

@@ -365,3 +365,34 @@ def test_serve_refuses_bad_stores(tmp_path: Path, stores, capsys) -> None:
     assert main(["serve", str(stores["topk"]), "--token-file", str(tmp_path / "none")]) == 2
     assert "--token-file" in capsys.readouterr().err
     _ = os  # (os is used by the token fixture)
+
+
+def _streamed_bytes(srv: Server) -> int:
+    text = srv.get("/metrics", token=None)[2].decode()
+    for line in text.splitlines():
+        if line.startswith('logitstore_response_bytes_total{route="/v1/stores/{name}/positions"}'):
+            return int(line.split()[-1])
+    return 0
+
+
+@pytest.mark.slow
+def test_a_stream_stops_when_its_client_goes_away(stores) -> None:
+    srv = Server([stores["topk"]], "--block-positions", "16").start()
+    try:
+        n = len(logitstore.open(stores["topk"]))
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(
+                f"GET /v1/stores/topk/positions?start=0&stop={n} HTTP/1.1\r\n"
+                "Host: localhost\r\n\r\n".encode()
+            )
+            got = 0
+            while got < 50_000:
+                got += len(s.recv(65536))
+        time.sleep(1.0)
+        first = _streamed_bytes(srv)
+        time.sleep(1.0)
+        assert _streamed_bytes(srv) == first  # nothing more is read or sent
+        row = 2 + 16 * 2 + 16 + 4  # input id, 16 gaps, 16 u8 values, residual
+        assert first < n * row / 2  # it stopped long before the end
+    finally:
+        srv.stop()
