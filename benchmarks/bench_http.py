@@ -12,9 +12,6 @@ stream of the whole store takes, to a client that receives them into a buffer, i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -32,7 +29,8 @@ import logitstore
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_read import build_store  # noqa: E402  (sibling benchmark module)
+from bench_read import build_store  # noqa: E402  (sibling module)
+from common import md_table, run_meta, write_results  # noqa: E402
 
 
 def raw_loopback(nbytes: int) -> float:
@@ -218,29 +216,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: Path, rows: list[dict[str, Any]], argv: list[str], raw: float) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": " ".join(["python", "benchmarks/bench_http.py", *argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-    }
-    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    lines = [
-        f"# HTTP — {meta['date']}",
+    body = [
+        "Server and clients share the machine's 2 cores.",
         "",
-        f"`{meta['command']}` on {meta['machine']}; "
-        "server and clients share the machine's 2 cores.",
-        "",
-        "| clients | what | positions/s | MB/s | vs raw TCP |",
-        "| ---: | --- | ---: | ---: | ---: |",
+        *md_table(
+            ["clients", "what", "positions/s", "MB/s", "vs raw TCP"],
+            [
+                [
+                    str(r["clients"]),
+                    r["what"],
+                    f"{r['positions_per_s']:,.0f}",
+                    f"{r['mb_per_s']:,.0f}",
+                    f"{r['mb_per_s'] * 1e6 / raw:.2f}",
+                ]
+                for r in rows
+            ],
+        ),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['clients']} | {r['what']} | {r['positions_per_s']:,.0f} | "
-            f"{r['mb_per_s']:,.0f} | {r['mb_per_s'] * 1e6 / raw:.2f} |"
-        )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, "HTTP", run_meta("bench_http.py", argv), {"rows": rows}, body)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ the cost of a KD loss step over a plain cross-entropy step.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +35,8 @@ from logitstore.reader import Batch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_write import teacher_logits, tile_rows  # noqa: E402  (sibling benchmark module)
+from bench_write import teacher_logits, tile_rows  # noqa: E402  (sibling module)
+from common import md_table, run_meta, write_results  # noqa: E402
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
@@ -222,56 +220,46 @@ def bench_step(args: argparse.Namespace, store: Path) -> list[dict[str, Any]]:
 def write_outputs(
     out: Path, load: list[dict[str, Any]], steps: list[dict[str, Any]], argv: list[str]
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": " ".join(["python", "benchmarks/bench_read.py", *argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "versions": {
-            "torch": torch.__version__,
-            "zarr": __import__("zarr").__version__,
-            "numpy": np.__version__,
-            "logitstore": logitstore.__version__,
-        },
-    }
-    out.with_suffix(".json").write_text(
-        json.dumps({**meta, "loading": load, "step": steps}, indent=2)
-    )
     memmap = {r["workers"]: r["positions_per_s"] for r in load if r["source"] == "memmap"}
-    lines = [
-        f"# Read path — {meta['date']}",
-        "",
-        f"`{meta['command']}` on {meta['machine']}; "
-        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        + ".",
-        "",
+    body = [
         "## (a) LogitDataset + collate through a DataLoader (top-64 u8, windows of "
         f"{steps[0]['batch'].split('x')[1]} positions)",
         "",
-        "| workers | source | positions/s | vs memmap, same workers |",
-        "| ---: | --- | ---: | ---: |",
-    ]
-    for r in load:
-        ratio = (
-            f"{r['positions_per_s'] / memmap[r['workers']]:.2f}"
-            if r["source"] != "memmap" and "Dataset" not in r["source"]
-            else ""
-        )
-        lines.append(f"| {r['workers']} | {r['source']} | {r['positions_per_s']:,.0f} | {ratio} |")
-    lines += [
+        *md_table(
+            ["workers", "source", "positions/s", "vs memmap, same workers"],
+            [
+                [
+                    str(r["workers"]),
+                    r["source"],
+                    f"{r['positions_per_s']:,.0f}",
+                    f"{r['positions_per_s'] / memmap[r['workers']]:.2f}"
+                    if r["source"] == "logitstore"
+                    else "",
+                ]
+                for r in load
+            ],
+        ),
         "",
         "## (b) One optimizer step of the student",
         "",
-        "| student | vocab | batch | loss | step (ms) | vs CE only |",
-        "| --- | ---: | --- | --- | ---: | ---: |",
+        *md_table(
+            ["student", "vocab", "batch", "loss", "step (ms)", "vs CE only"],
+            [
+                [
+                    r["student"],
+                    f"{r['vocab']:,}",
+                    r["batch"],
+                    r["loss"],
+                    f"{r['step_s'] * 1e3:.0f}",
+                    f"{r['ratio_vs_ce']:.2f}",
+                ]
+                for r in steps
+            ],
+        ),
     ]
-    for r in steps:
-        lines.append(
-            f"| {r['student']} | {r['vocab']:,} | {r['batch']} | {r['loss']} | "
-            f"{r['step_s'] * 1e3:.0f} | {r['ratio_vs_ce']:.2f} |"
-        )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(
+        out, "Read path", run_meta("bench_read.py", argv), {"loading": load, "step": steps}, body
+    )
     try:
         import matplotlib
 

@@ -17,8 +17,6 @@ encode beside the teacher's forward pass.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shutil
 import statistics
@@ -38,7 +36,8 @@ from logitstore.encode import EncodedRows, encode_rows
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from teacher import held_out_documents  # noqa: E402  (sibling benchmark module)
+from common import md_table, run_meta, write_results  # noqa: E402  (sibling module)
+from teacher import held_out_documents  # noqa: E402
 
 HOST_CONFIGS: dict[str, Encoding] = {
     "topk-64 u8": Encoding("topk", "u8", k=64),
@@ -278,39 +277,13 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> list[dict[st
 # -- output ----------------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    align = ["---"] + ["---:"] * (len(header) - 1)
-    return [f"| {' | '.join(r)} |" for r in (header, align, *rows)]
-
-
 def write_outputs(
     out: Path, host: list[dict[str, Any]], device: list[dict[str, Any]], argv: list[str]
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": " ".join(["python", "benchmarks/bench_write.py", *argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        "versions": {
-            "torch": torch.__version__,
-            "zarr": __import__("zarr").__version__,
-            "numpy": np.__version__,
-            "logitstore": logitstore.__version__,
-        },
-    }
-    out.with_suffix(".json").write_text(
-        json.dumps({**meta, "host": host, "device": device}, indent=2)
-    )
-    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-    lines = [
-        f"# Write path — {meta['date']}",
-        "",
-        f"`{meta['command']}` on {meta['machine']}; {versions}.",
-        "",
+    body = [
         "## (a) Host side: pre-encoded rows → committed store, beside np.memmap of the same bytes",
         "",
-        *_table(
+        *md_table(
             [
                 "config",
                 "positions",
@@ -343,7 +316,7 @@ def write_outputs(
         "",
         "## (b) Device side: encode_rows beside the teacher's forward pass",
         "",
-        *_table(
+        *md_table(
             [
                 "device",
                 "model",
@@ -371,7 +344,9 @@ def write_outputs(
             ],
         ),
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(
+        out, "Write path", run_meta("bench_write.py", argv), {"host": host, "device": device}, body
+    )
     try:
         import matplotlib
 
