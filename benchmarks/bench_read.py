@@ -36,7 +36,7 @@ from logitstore.reader import Batch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_write import teacher_logits, tile_rows  # noqa: E402  (sibling module)
-from common import md_table, run_meta, write_results  # noqa: E402
+from common import md_table, pyplot, run_meta, write_results  # noqa: E402
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
@@ -260,12 +260,8 @@ def write_outputs(
     write_results(
         out, "Read path", run_meta("bench_read.py", argv), {"loading": load, "step": steps}, body
     )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for i, source in enumerate(("logitstore", "memmap")):

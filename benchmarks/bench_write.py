@@ -36,7 +36,7 @@ from logitstore.encode import EncodedRows, encode_rows
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import md_table, run_meta, write_results  # noqa: E402  (sibling module)
+from common import md_table, pyplot, run_meta, write_results  # noqa: E402  (sibling module)
 from teacher import held_out_documents  # noqa: E402
 
 HOST_CONFIGS: dict[str, Encoding] = {
@@ -347,13 +347,8 @@ def write_outputs(
     write_results(
         out, "Write path", run_meta("bench_write.py", argv), {"host": host, "device": device}, body
     )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 3.8))
     names = [r["config"] for r in host]

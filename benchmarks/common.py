@@ -15,7 +15,7 @@ import zarr
 
 import logitstore
 
-__all__ = ["md_table", "run_meta", "write_results"]
+__all__ = ["md_table", "pyplot", "run_meta", "write_results"]
 
 
 def run_meta(script: str, argv: list[str]) -> dict[str, Any]:
@@ -54,3 +54,18 @@ def write_results(
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(head + body) + "\n")
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a word) if missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+
+        print("matplotlib is not installed: no plot (pip install -e '.[dev]')", file=sys.stderr)
+        return None
+    return plt

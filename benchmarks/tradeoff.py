@@ -39,7 +39,7 @@ from logitstore import Encoding, LogitDataset, collate, losses
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import md_table, run_meta, write_results  # noqa: E402  (sibling module)
+from common import md_table, pyplot, run_meta, write_results  # noqa: E402  (sibling module)
 from teacher import ensure_teacher, held_out_documents  # noqa: E402
 
 SWEEP: list[tuple[str, Encoding]] = (
@@ -351,11 +351,9 @@ def students(
 
 
 def plot(out: Path, rows: list[dict[str, Any]], student_rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, marker in (("topk", "o"), ("sampled", "s"), ("full", "^")):
         pts = [r for r in rows if r["encoding"] == kind and r["temperature"] == 1.0 and r["kl"]]
