@@ -381,7 +381,15 @@ def plot(out: Path, rows: list[dict[str, Any]], student_rows: list[dict[str, Any
             ax.annotate(r["student"], (x, r["held_out_ce"]), fontsize=7)
         else:
             ax.axhline(r["held_out_ce"], ls=":", lw=1, color="gray")
-            ax.annotate(r["student"], (1, r["held_out_ce"]), fontsize=7, color="gray")
+            ax.text(
+                0.01,
+                r["held_out_ce"],
+                r["student"],
+                fontsize=7,
+                color="gray",
+                va="bottom",
+                transform=ax.get_yaxis_transform(),
+            )  # x in axes units
     ax.set_xscale("log")
     ax.set_xlabel("bytes per position of the store")
     ax.set_ylabel("student held-out CE (nats)")
