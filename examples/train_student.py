@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = logitstore.open(args.store)
+    if args.kd == "reverse" and store.encoding.kind == "sampled":
+        sys.exit(
+            "--kd reverse needs a topk or full store: a sampled store's zero residual "
+            "would penalise every token that was not drawn"
+        )
     model = make_student(store.vocab_size, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     alpha = SCHEDULES[args.schedule](args.alpha, args.steps)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log = (out / "log.jsonl").open("a")
     model.train()
-    t0 = time.perf_counter()
+    t0, first_step = time.perf_counter(), step  # tokens/s counts this run's steps only
     while step < args.steps:
         loader.dataset.set_epoch(epoch)
         for batch in loader:
@@ -190,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval_store and (step % args.eval_every == 0 or step == args.steps):
                 record |= evaluate(model, args.eval_store, args)
             if step % 20 == 0 or "eval_ce" in record:
-                tps = step * args.batch_size * args.seq_len / (time.perf_counter() - t0)
+                tps = (
+                    (step - first_step)
+                    * args.batch_size
+                    * args.seq_len
+                    / (time.perf_counter() - t0)
+                )
                 extra = (
                     (
                         f" | eval ce {record['eval_ce']:.3f} ppl {record['eval_ppl']:.1f} "

@@ -271,6 +271,8 @@ class _BlockReader:
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.ds._store is not None:
+            self.ds._store.close()  # e.g. the read-ahead thread's HTTP connection
 
     def _load(self, b: int) -> tuple[int, Batch]:
         start, stop = self.ds._block_range(b)

@@ -126,7 +126,7 @@ def _chunked(
 
 def _reduce(losses: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
     """``losses (B, T)`` → a scalar (or ``(B, T)`` for ``none``), counting only ``mask``."""
-    m = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
+    m = torch.ones_like(losses) if mask is None else (mask > 0).to(losses.dtype)  # 0/1 only
     losses = torch.where(m > 0, losses, 0)
     if reduction == "none":
         return losses
@@ -187,7 +187,9 @@ def reverse_kl(
     """KL(student ‖ teacher) over the stored ids plus the residual bucket (mode-seeking).
 
     Where the teacher stored probability 0 (a padding slot never counts; an empty residual
-    does) the student is charged ``log(1e-30)``, so it learns to put no mass there.
+    does) the student is charged ``log(1e-30)``, so it learns to put no mass there. Do not
+    use it with ``sampled`` stores: their residual is 0 by construction (not a statement that
+    the tail is impossible), so every unsampled token would be penalised.
     """
     rows = _chunked(
         _reverse_kl_rows, student_logits, (ids, probs, residual), temperature, chunk_size

@@ -25,7 +25,15 @@ from .codec import StoredRows
 from .errors import FormatError
 from .metadata import StoreMetadata
 
-__all__ = ["MAGIC", "ProtocolError", "StreamParser", "encode_block", "encode_end", "encode_header"]
+__all__ = [
+    "MAGIC",
+    "ProtocolError",
+    "StreamMismatchError",
+    "StreamParser",
+    "encode_block",
+    "encode_end",
+    "encode_header",
+]
 
 MAGIC = b"LGSTRM01"
 _BLOCK = struct.Struct("<4sQII")  # tag, start, n, payload_len
@@ -34,7 +42,12 @@ _CRC = struct.Struct("<I")
 
 
 class ProtocolError(FormatError):
-    """The stream is not what PROTOCOL.md says it must be (truncated, corrupt, mismatched)."""
+    """The stream broke off or was damaged in transit (truncated, corrupt): worth retrying."""
+
+
+class StreamMismatchError(FormatError):
+    """The stream is for another store or request than the one asked for: retrying will not
+    help (was the store replaced on the server?)."""
 
 
 def encode_header(md: StoreMetadata, start: int, stop: int) -> bytes:
@@ -86,8 +99,14 @@ class StreamParser:
         (size,) = struct.unpack("<I", self._read(4))
         if size > 1 << 16:
             raise ProtocolError(f"stream header of {size} bytes is implausibly large")
-        info: dict[str, Any] = json.loads(self._read(size))
-        lay = self.md.layout
+        try:
+            info: Any = json.loads(self._read(size))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"stream header is not JSON: {e}") from None
+        if not isinstance(info, dict):
+            raise ProtocolError("stream header is not a JSON object")
+        lay, kind = self.md.layout, self.md.encoding.kind
+        self._gaps, self._residual = kind != "full", kind == "topk"
         want = {
             "start": self.start,
             "stop": self.stop,
@@ -95,11 +114,14 @@ class StreamParser:
             "width": lay.width,
             "id_dtype": lay.id_dtype,
             "value_dtype": lay.value_dtype,
+            "has_gaps": self._gaps,
+            "has_residual": self._residual,
         }
         wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
         if wrong:
-            raise ProtocolError(f"stream header does not match the request/store: {wrong}")
-        self._gaps, self._residual = bool(info["has_gaps"]), bool(info["has_residual"])
+            raise StreamMismatchError(
+                f"stream header does not match the request and store (found, expected): {wrong}"
+            )
 
     def blocks(self) -> Any:
         lay = self.md.layout
@@ -122,7 +144,7 @@ class StreamParser:
                 + vdt.itemsize * m
                 + (4 if self._residual else 0)
             )
-            if start != self.position or size != expected or start + n > self.stop:
+            if n == 0 or start != self.position or size != expected or start + n > self.stop:
                 raise ProtocolError(
                     f"block at {start} of {n} rows ({size} bytes) does not follow position "
                     f"{self.position} with {expected} bytes"

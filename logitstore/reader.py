@@ -55,6 +55,9 @@ class StoreBase:
     def nbytes_stored(self) -> int:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release connections or handles (a no-op for local stores; reads reopen them)."""
+
     def __len__(self) -> int:
         return self.metadata.num_positions
 

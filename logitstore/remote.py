@@ -129,6 +129,8 @@ class RemoteStore(StoreBase):
         if conn is not None:
             conn.close()
             self._local.conn = None
+            with self._conns_lock:
+                self._conns = [c for c in self._conns if c is not conn]
 
     def _request(self, path: str) -> http.client.HTTPResponse:
         headers = {"Accept": "*/*"}

@@ -100,8 +100,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         route = request.scope.get("route")
         if config.tokens and not (request.url.path == "/v1/health" and config.public_health):
             denied = _check_token(request.headers.get("authorization"), config.tokens)
-            if denied is not None:
-                metrics.observe(request.url.path, denied.status_code, 0, time.perf_counter() - t0)
+            if denied is not None:  # one fixed label: request paths must not mint new series
+                metrics.observe("unauthenticated", denied.status_code, 0, time.perf_counter() - t0)
                 return denied
         response: Response = await call_next(request)
         route = request.scope.get("route")
@@ -161,18 +161,22 @@ def create_app(config: ServerConfig) -> FastAPI:
             pending = (
                 asyncio.ensure_future(asyncio.to_thread(read, start)) if stop > start else None
             )
-            for a in range(start, stop, step):
-                assert pending is not None
-                rows = await pending
-                # Read the next block while this one goes out: bounded at two blocks.
-                nxt = a + step
-                pending = (
-                    asyncio.ensure_future(asyncio.to_thread(read, nxt)) if nxt < stop else None
-                )
-                block = encode_block(a, rows)
-                metrics.add_bytes("/v1/stores/{name}/positions", len(block))
-                yield block
-            yield encode_end(stop, stop - start)
+            try:
+                for a in range(start, stop, step):
+                    assert pending is not None
+                    rows = await pending
+                    # Read the next block while this one goes out: bounded at two blocks.
+                    nxt = a + step
+                    pending = (
+                        asyncio.ensure_future(asyncio.to_thread(read, nxt)) if nxt < stop else None
+                    )
+                    block = encode_block(a, rows)
+                    metrics.add_bytes("/v1/stores/{name}/positions", len(block))
+                    yield block
+                yield encode_end(stop, stop - start)
+            finally:  # the client went away (or a read failed): drop the read-ahead
+                if pending is not None:
+                    pending.cancel()
 
         return StreamingResponse(
             body(),
@@ -244,12 +248,25 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     async def raw(name: str, key: str, request: Request) -> Response:
         root = Path(get_store(name).path).resolve()
-        if not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
-            raise ApiError(400, "bad_key", "keys are relative store paths without '.' or '..'")
-        path = (root / key).resolve()
-        if not path.is_relative_to(root) or not path.is_file() or path.name.endswith(".partial"):
+        if (
+            len(key) > 512
+            or not _KEY.match(key)
+            or any(part in (".", "..") for part in key.split("/"))
+        ):
+            raise ApiError(
+                400,
+                "bad_key",
+                "keys are relative store paths of at most 512 "
+                "characters, without '.' or '..' segments",
+            )
+        try:
+            path = (root / key).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+            stat = path.stat() if found else None
+        except OSError:  # e.g. a name too long for the file system
+            stat = None
+        if stat is None or path.name.endswith(".partial"):
             raise ApiError(404, "no_such_key", f"store {name!r} has no key {key!r}")
-        stat = path.stat()
         etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
         headers = {
             "ETag": etag,

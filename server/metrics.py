@@ -10,6 +10,11 @@ __all__ = ["Metrics"]
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 
+def _escape(label: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -20,6 +25,7 @@ class Metrics:
         self._latency_count: defaultdict[str, int] = defaultdict(int)
 
     def observe(self, route: str, status: int, nbytes: int, seconds: float) -> None:
+        route = _escape(route)
         with self._lock:
             self._requests[route, status] += 1
             self._bytes[route] += nbytes
@@ -32,7 +38,7 @@ class Metrics:
     def add_bytes(self, route: str, nbytes: int) -> None:
         """Bytes of a streamed body, counted as they are sent."""
         with self._lock:
-            self._bytes[route] += nbytes
+            self._bytes[_escape(route)] += nbytes
 
     def render(self) -> str:
         lines = [

@@ -257,6 +257,8 @@ HOSTILE = [
     ("/v1/stores/topk/zarr//etc/passwd", 400, "bad_key"),
     ("/v1/stores/topk/zarr/nope", 404, "no_such_key"),
     ("/v1/nothing-here", 404, "not_found"),
+    ("/v1/stores/topk/zarr/" + "a" * 300, 404, "no_such_key"),  # too long for the file system
+    ("/v1/stores/topk/zarr/" + "a" * 600, 400, "bad_key"),
 ]
 
 
@@ -396,3 +398,11 @@ def test_a_stream_stops_when_its_client_goes_away(stores) -> None:
         assert first < n * row / 2  # it stopped long before the end
     finally:
         srv.stop()
+
+
+def test_unauthenticated_paths_do_not_mint_metric_series(server: Server) -> None:
+    for path in ("/made-up-1", '/quote"d', "/v1/stores"):
+        assert server.get(path, token=None)[0] == 401
+    metrics = server.get("/metrics")[2].decode()
+    assert 'route="unauthenticated",status="401"' in metrics
+    assert "made-up" not in metrics and 'quote"d' not in metrics
