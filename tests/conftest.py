@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,6 +53,24 @@ def make_teacher(path: Path, *, vocab_size: int = 320, head_scale: float = 8.0) 
         model.lm_head.weight.mul_(head_scale)
     model.save_pretrained(path)
     return path
+
+
+def dies_at_call(teacher: Any, call: int) -> Any:
+    """A copy of ``teacher`` whose forward pass raises ``RuntimeError("teacher died")`` on
+    its ``call``-th batch: a crash in the middle of a real write, without a mock."""
+    import dataclasses
+
+    calls = 0
+
+    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise RuntimeError("teacher died")
+        out: torch.Tensor = teacher.fn(ids, mask)
+        return out
+
+    return dataclasses.replace(teacher, fn=fn)
 
 
 @pytest.fixture(scope="session")

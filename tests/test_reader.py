@@ -13,17 +13,15 @@ import zarr
 import logitstore
 from logitstore import Encoding
 
+from .conftest import dies_at_call
+
 VOCAB = 50
 
 
-def _teacher(fail_after: int | None = None) -> logitstore.Teacher:
+def _teacher() -> logitstore.Teacher:
     table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(1)) * 2
-    calls = []
 
     def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        if fail_after is not None and len(calls) > fail_after:
-            raise RuntimeError("teacher died")
         return table[ids] + 0.01 * torch.arange(ids.shape[1])[None, :, None]
 
     return logitstore.Teacher(fn=fn, vocab_size=VOCAB, device=torch.device("cpu"))
@@ -82,7 +80,7 @@ def test_incomplete_store_reads_only_committed_shards(tmp_path: Path) -> None:
     seqs = logitstore.sequences_from_token_ids([np.arange(400) % VOCAB], 16)
     with pytest.raises(RuntimeError, match="teacher died"):
         logitstore.capture(
-            _teacher(fail_after=12),
+            dies_at_call(_teacher(), 13),
             seqs,
             tmp_path / "s",
             Encoding("topk", "u8", k=4),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -16,7 +15,9 @@ import pytest
 import logitstore
 from logitstore import Encoding
 
-from .conftest import CORPUS
+from .conftest import CORPUS, dies_at_call
+
+SMALL = {"progress": False, "shard_positions": 64, "chunk_positions": 16}  # many shards
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -107,47 +108,17 @@ def test_resume_with_other_settings_is_refused(teacher, tmp_path) -> None:
     seqs = logitstore.sequences_from_token_ids([list(range(1, 200))], 32)
     out = tmp_path / "s"
     enc = Encoding("topk", "u8", k=4)
-    calls = []
-
-    def dies_on_third_batch(ids, mask):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("teacher crashed")
-        return teacher.fn(ids, mask)
-
-    crashing = dataclasses.replace(teacher, fn=dies_on_third_batch)
-    with pytest.raises(RuntimeError, match="teacher crashed"):
-        logitstore.capture(
-            crashing,
-            seqs,
-            out,
-            enc,
-            batch_size=1,
-            progress=False,
-            shard_positions=64,
-            chunk_positions=16,
-        )
+    with pytest.raises(RuntimeError, match="teacher died"):
+        logitstore.capture(dies_at_call(teacher, 3), seqs, out, enc, batch_size=1, **SMALL)
     assert logitstore.open(out, allow_incomplete=True).metadata.state == "writing"
     before = _files(out)
     with pytest.raises(logitstore.ResumeMismatchError, match="other data or settings"):
-        logitstore.capture(
-            teacher,
-            seqs,
-            out,
-            Encoding("topk", "u8", k=5),
-            progress=False,
-            shard_positions=64,
-            chunk_positions=16,
-        )
+        logitstore.capture(teacher, seqs, out, Encoding("topk", "u8", k=5), **SMALL)
     other = logitstore.sequences_from_token_ids([list(range(2, 201))], 32)
     with pytest.raises(logitstore.ResumeMismatchError):
-        logitstore.capture(
-            teacher, other, out, enc, progress=False, shard_positions=64, chunk_positions=16
-        )
+        logitstore.capture(teacher, other, out, enc, **SMALL)
     assert _files(out) == before  # refusing loses nothing
-    logitstore.capture(
-        teacher, seqs, out, enc, progress=False, shard_positions=64, chunk_positions=16
-    )
+    logitstore.capture(teacher, seqs, out, enc, **SMALL)
     assert logitstore.open(out).metadata.state == "complete"
 
 
@@ -190,36 +161,11 @@ def test_a_teacher_retrained_in_place_does_not_resume_an_old_store(tmp_path) -> 
     path = make_teacher(tmp_path / "t")
     old = logitstore.load_teacher(str(path), "cpu")
     seqs = logitstore.sequences_from_token_ids([list(range(1, 200))], 32)
-    calls = []
-
-    def dies(ids, mask):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("teacher crashed")
-        return old.fn(ids, mask)
-
-    with pytest.raises(RuntimeError):
-        logitstore.capture(
-            dataclasses.replace(old, fn=dies),
-            seqs,
-            tmp_path / "s",
-            Encoding("topk", "u8", k=4),
-            batch_size=1,
-            progress=False,
-            shard_positions=64,
-            chunk_positions=16,
-        )
+    enc = Encoding("topk", "u8", k=4)
+    with pytest.raises(RuntimeError, match="teacher died"):
+        logitstore.capture(dies_at_call(old, 3), seqs, tmp_path / "s", enc, batch_size=1, **SMALL)
     make_teacher(path, head_scale=9.0)  # same config and tokenizer, other weights
     new = logitstore.load_teacher(str(path), "cpu")
     assert new.provenance()["weights_digest"] != old.provenance()["weights_digest"]
     with pytest.raises(logitstore.ResumeMismatchError):
-        logitstore.capture(
-            new,
-            seqs,
-            tmp_path / "s",
-            Encoding("topk", "u8", k=4),
-            batch_size=1,
-            progress=False,
-            shard_positions=64,
-            chunk_positions=16,
-        )
+        logitstore.capture(new, seqs, tmp_path / "s", enc, batch_size=1, **SMALL)

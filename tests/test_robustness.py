@@ -17,20 +17,16 @@ from logitstore import Encoding
 from logitstore.cli import main
 from logitstore.encode import encode_rows
 
+from .conftest import dies_at_call
+
 VOCAB = 40
 TABLE = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(7)) * 3
 
 
-def _teacher(die_at_call: int | None = None) -> logitstore.Teacher:
-    calls = []
-
-    def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        calls.append(1)
-        if len(calls) == die_at_call:
-            raise RuntimeError("teacher died")
-        return TABLE[ids]
-
-    return logitstore.Teacher(fn=fn, vocab_size=VOCAB, device=torch.device("cpu"))
+def _teacher() -> logitstore.Teacher:
+    return logitstore.Teacher(
+        fn=lambda ids, mask: TABLE[ids], vocab_size=VOCAB, device=torch.device("cpu")
+    )
 
 
 SEQS = logitstore.sequences_from_token_ids([np.arange(300) % VOCAB], 20)  # 15 sequences
@@ -65,7 +61,7 @@ def test_crash_during_creation_leaves_nothing_that_looks_like_a_store(tmp_path, 
 def test_damaged_uncommitted_shard_is_rewritten_on_resume(tmp_path: Path) -> None:
     out = tmp_path / "s"
     with pytest.raises(RuntimeError):
-        _capture(out, _teacher(die_at_call=14))  # 13 sequences of 20 = 260 positions: 4 shards
+        _capture(out, dies_at_call(_teacher(), 14))  # 13 sequences of 20 = 260 positions: 4 shards
     store = logitstore.open(out, allow_incomplete=True)
     assert store.committed().tolist() == [True, True, True, True, False]
     last = out / "values" / "c" / "4" / "0"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -366,7 +365,6 @@ def test_serve_refuses_bad_stores(tmp_path: Path, stores, capsys) -> None:
     assert "no logitstore store" in capsys.readouterr().err
     assert main(["serve", str(stores["topk"]), "--token-file", str(tmp_path / "none")]) == 2
     assert "--token-file" in capsys.readouterr().err
-    _ = os  # (os is used by the token fixture)
 
 
 def _streamed_bytes(srv: Server) -> int:
