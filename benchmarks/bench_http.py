@@ -29,7 +29,7 @@ import logitstore
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_read import build_store  # noqa: E402  (sibling module)
+from bench_read import add_store_args, build_store  # noqa: E402  (sibling module)
 from common import md_table, run_meta, write_results  # noqa: E402
 
 
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--teacher", type=Path, default=HERE.parent / "examples" / "teacher")
-    p.add_argument("--positions", type=int, default=1 << 21, help="store size (default 2M)")
-    p.add_argument("--sample-positions", type=int, default=1 << 15)
-    p.add_argument("--sequence-length", type=int, default=2048)
+    add_store_args(p)
     p.add_argument("--span", type=int, default=1 << 16, help="positions per concurrent request")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tmp", type=Path, default=None)

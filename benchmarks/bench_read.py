@@ -41,6 +41,19 @@ from common import md_table, pyplot, run_meta, write_results  # noqa: E402
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
+def add_store_args(p: argparse.ArgumentParser) -> None:
+    """The options :func:`build_store` reads (shared with bench_http.py)."""
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        default=HERE.parent / "examples" / "teacher",
+        help="teacher directory for the real rows (default: the shipped teacher)",
+    )
+    p.add_argument("--positions", type=int, default=1 << 21, help="store size (default 2M)")
+    p.add_argument("--sample-positions", type=int, default=1 << 15, help="real rows, tiled")
+    p.add_argument("--sequence-length", type=int, default=2048, help="teacher context length")
+
+
 def build_store(args: argparse.Namespace, root: Path) -> Path:
     logits = teacher_logits(args.teacher, args.sample_positions)
     enc = Encoding("topk", "u8", k=64)
@@ -282,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--teacher", type=Path, default=HERE.parent / "examples" / "teacher")
-    p.add_argument("--positions", type=int, default=1 << 21, help="store size (default 2M)")
-    p.add_argument("--sample-positions", type=int, default=1 << 15, help="real rows, tiled")
-    p.add_argument("--sequence-length", type=int, default=2048, help="teacher context length")
+    add_store_args(p)
     p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--batch", type=int, default=16, help="windows per batch")
     p.add_argument("--block", type=int, default=1 << 16, help="LogitDataset block_positions")
