@@ -62,15 +62,25 @@ def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
     raise ValueError(f"cannot decode values of kind {values!r}")
 
 
-def decode_ids(gaps: np.ndarray, dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+def decode_ids(
+    gaps: np.ndarray, dtype: type = np.int64, vocab_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Sorted-id gaps ``(n, m)`` → ids ``(n, m)`` and the padding mask ``(n, m)``.
 
     Padding slots (gap 0 after the first column) decode to id 0. ``dtype`` may be int32 for
     vocabularies below 2**31 (half the memory traffic of int64).
+
+    Raises:
+        CorruptStoreError: ``vocab_size`` is given and a decoded id reaches it.
     """
-    ids: np.ndarray = np.cumsum(
-        gaps, axis=1, dtype=dtype
-    )  # (n, m); the last column is each row's max id
+    ids: np.ndarray = np.cumsum(gaps, axis=1, dtype=dtype)  # (n, m)
+    # Padding adds 0, so the last column holds each row's largest id: a free range check.
+    top = int(ids[:, -1].max()) if ids.size else 0
+    if vocab_size is not None and top >= vocab_size:
+        raise CorruptStoreError(
+            f"decoded token ids reach {top}, outside the vocabulary of {vocab_size}; "
+            "run `logitstore verify`"
+        )
     pad = gaps == 0
     pad[:, 0] = False
     np.putmask(ids, pad, 0)
@@ -108,13 +118,7 @@ def decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) 
         if enc.lossy:
             probs = _rescale(probs, np.ones(n, dtype=np.float32))
     else:
-        top = int(rows.gaps.sum(axis=1, dtype=np.int64).max(initial=0))  # padding adds 0
-        if top >= md.vocab_size:
-            raise CorruptStoreError(
-                f"decoded token ids reach {top}, outside the vocabulary of {md.vocab_size}; "
-                "run `logitstore verify`"
-            )
-        ids, _ = decode_ids(rows.gaps, id_dtype)
+        ids, _ = decode_ids(rows.gaps, id_dtype, md.vocab_size)
         if enc.lossy and enc.kind == "topk":
             probs = _rescale(probs, 1.0 - residual)
     return Batch(rows.input_ids.astype(np.int64), ids, probs, residual)

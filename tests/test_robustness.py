@@ -180,3 +180,15 @@ def test_cli_refuses_a_complete_store_before_loading_the_teacher(complete, tmp_p
     assert "--overwrite" in capsys.readouterr().err  # not "cannot load teacher"
     assert main([*argv[:-2], "--shard-positions", "0", "--device", "cpu"]) == 2
     assert "--shard-positions (0) must be a positive multiple" in capsys.readouterr().err
+
+
+def test_ids_decoded_past_the_vocabulary_are_refused(complete: Path) -> None:
+    ids = zarr.open_array(str(complete / "ids"), mode="r+")
+    row = ids[70:71]
+    row[0, -1] = VOCAB  # a gap that carries the last id past the vocabulary, checksums intact
+    ids[70:71] = row
+    store = logitstore.open(complete)
+    store.read(0, 64)  # other shards are fine
+    with pytest.raises(logitstore.CorruptStoreError, match="outside the vocabulary"):
+        store.read(64, 128)
+    assert any("position 70" in f and "vocabulary" in f for f in logitstore.verify(complete).faults)
