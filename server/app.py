@@ -86,6 +86,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         store = logitstore.open(path)
         assert isinstance(store, logitstore.LogitStore)
         stores[name] = store
+    # Served stores are complete and read-only: their info (which walks every file to count
+    # bytes on disk) is computed once, not on every metadata request.
+    infos: dict[str, dict[str, Any]] = {}
+    for name, store in stores.items():
+        info = logitstore.store_info(store)
+        info.pop("path")  # the server's file system is its own business
+        infos[name] = info | {"server": {"max_positions": config.max_positions}}
     metrics = Metrics()
     app = FastAPI(
         title="logitstore",
@@ -205,10 +212,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/stores/{name}", summary="A store's metadata (as `logitstore info --json`)")
     async def store_metadata(name: str) -> dict[str, Any]:
-        info = logitstore.store_info(get_store(name))
-        info.pop("path")  # the server's file system is its own business
-        info["server"] = {"max_positions": config.max_positions}
-        return info
+        get_store(name)  # 404 for unknown names
+        return infos[name]
 
     @app.get("/v1/stores/{name}/offsets", summary="Sequence boundaries, little-endian int64")
     async def offsets(name: str) -> Response:
