@@ -197,11 +197,15 @@ def capture(
     progress: bool = True,
     chunk_positions: int | None = None,
     shard_positions: int | None = None,
+    loss_mask: np.ndarray | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> Path:
     """Run ``teacher`` over ``sequences`` and write (or resume) the store at ``out``.
 
     Batch ``b`` always holds sequences ``[b * batch_size, (b + 1) * batch_size)``, so a
-    resumed run recomputes exactly the batches an uninterrupted one did.
+    resumed run recomputes exactly the batches an uninterrupted one did. ``loss_mask`` and
+    ``generation`` are stored as :class:`StoreWriter` describes; an encoding of kind
+    ``none`` stores the tokens without running the teacher.
 
     Raises:
         InputError, TeacherError, StoreExistsError, ResumeMismatchError: checked before the
@@ -240,7 +244,13 @@ def capture(
         chunk_positions=chunk_positions,
         shard_positions=shard_positions,
         overwrite=overwrite,
+        loss_mask=loss_mask,
+        generation=generation,
     )
+    if encoding.kind == "none":  # tokens only: everything was written at creation
+        with writer:
+            pass
+        return Path(out)
     offsets = sequences.offsets
     total = int(offsets[-1])
     bar = tqdm(

@@ -18,22 +18,29 @@ __all__ = ["Batch", "StoredRows", "decode_ids", "decode_rows", "decode_values", 
 
 
 class Batch(NamedTuple):
-    """Decoded rows for ``n`` consecutive positions; ``m`` stored candidates per position."""
+    """Decoded rows for ``n`` consecutive positions; ``m`` stored candidates per position
+    (``m = 0`` for a tokens-only store)."""
 
     input_ids: np.ndarray  # (n,) int64: the token the teacher read at each position
     ids: np.ndarray  # (n, m) int64 (or the dtype asked for): candidate ids, 0 in padding
     probs: np.ndarray  # (n, m) float32: teacher probabilities at the store's temperature
     residual: np.ndarray  # (n,) float32: mass outside the stored ids (0 unless topk)
+    # (n,) bool: whether each position's prediction counts for training (all true unless
+    # the store has a loss mask, FORMAT.md §4). None only in Batches built by hand.
+    loss_mask: np.ndarray | None = None
 
 
 class StoredRows(NamedTuple):
     """Rows exactly as stored (FORMAT.md §4–5): what a reader decodes, what the HTTP server
-    sends. ``gaps`` is None for ``full``; ``residual`` is None unless ``topk``."""
+    sends. ``gaps`` is None for ``full`` and ``none``; ``values`` has no columns for
+    ``none``; ``residual`` is None unless ``topk``; ``loss_mask`` is None unless the store
+    has one."""
 
     input_ids: np.ndarray  # (n,) id_dtype
     gaps: np.ndarray | None  # (n, m) id_dtype
     values: np.ndarray  # (n, m) value_dtype
     residual: np.ndarray | None  # (n,) float32
+    loss_mask: np.ndarray | None = None  # (n,) uint8
 
 
 def sqrt_table(bins: int) -> np.ndarray:
@@ -106,6 +113,11 @@ def decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) 
     enc = md.encoding
     n = len(rows.input_ids)
     residual = rows.residual if rows.residual is not None else np.zeros(n, dtype=np.float32)
+    mask = rows.loss_mask.astype(bool) if rows.loss_mask is not None else np.ones(n, dtype=bool)
+    input_ids = rows.input_ids.astype(np.int64)
+    if enc.kind == "none":  # tokens only: no candidates
+        empty: np.ndarray = np.zeros((n, 0), dtype=id_dtype)
+        return Batch(input_ids, empty, np.zeros((n, 0), dtype=np.float32), residual, mask)
     if enc.kind == "sampled":
         assert enc.samples is not None
         probs = rows.values.astype(np.float32) / np.float32(enc.samples)
@@ -121,4 +133,4 @@ def decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) 
         ids, _ = decode_ids(rows.gaps, id_dtype, md.vocab_size)
         if enc.lossy and enc.kind == "topk":
             probs = _rescale(probs, 1.0 - residual)
-    return Batch(rows.input_ids.astype(np.int64), ids, probs, residual)
+    return Batch(input_ids, ids, probs, residual, mask)

@@ -3,7 +3,8 @@
 Each sample is a window of at most ``seq_len`` consecutive positions of one sequence (a
 teacher context), so contexts never mix. At position ``t`` of a window the student's logits
 and the teacher's stored distribution both predict token ``t + 1``; ``labels[t]`` is that token
-(-100 where the sequence ends). Windows are read in large blocks: the epoch's order permutes
+(-100 where the sequence ends, and where the store's loss mask excludes the position: the
+prompt of a generated store). Windows are read in large blocks: the epoch's order permutes
 blocks, then shuffles windows within groups of ``buffer_blocks`` blocks, so each block is read
 and decoded once per epoch while the order stays well mixed.
 
@@ -235,12 +236,15 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         has_next = min(e + 1, seq_end) - a - 1  # positions whose next token is in the sequence
         labels = torch.full((n,), -100, dtype=torch.long)
         labels[:has_next] = torch.from_numpy(data.input_ids[lo + 1 : lo + 1 + has_next])
+        assert data.loss_mask is not None
+        loss_mask = torch.from_numpy(data.loss_mask[real]).clone()
+        labels[~loss_mask] = -100  # e.g. prompt tokens of a generated store: not learned
         # Copies, not views: a view would pin (and ship to the main process) the whole block.
         sample = {
             "input_ids": torch.from_numpy(data.input_ids[real]).clone(),  # (n,)
             "labels": labels,  # (n,) next token, -100 where there is none
             "attention_mask": torch.ones(n, dtype=torch.long),  # (n,)
-            "loss_mask": torch.ones(n, dtype=torch.bool),  # (n,) teacher rows that count
+            "loss_mask": loss_mask,  # (n,) bool: rows that count (the store's mask, FORMAT §4)
             "ids": torch.from_numpy(data.ids[real]).clone(),  # (n, m) int32: half the bytes
             "probs": torch.from_numpy(data.probs[real]).clone(),  # (n, m)
             "residual": torch.from_numpy(data.residual[real]).clone(),  # (n,)

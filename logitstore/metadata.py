@@ -16,6 +16,8 @@ from .errors import FormatError, LogitStoreError, UnsupportedVersionError
 __all__ = [
     "ATTRS_KEY",
     "FORMAT_VERSION",
+    "LOSS_MASK_EXTENSION",
+    "TOKENS_ONLY_EXTENSION",
     "Encoding",
     "EncodingKind",
     "Layout",
@@ -26,11 +28,14 @@ __all__ = [
 #: The group attribute that holds the metadata.
 ATTRS_KEY = "logitstore"
 #: ``major.minor``; readers reject another major, and minors only add optional keys.
-FORMAT_VERSION = "1.0"
-_EXTENSIONS_UNDERSTOOD: frozenset[str] = frozenset()
+FORMAT_VERSION = "1.1"
+#: Extensions of version 1.1 (FORMAT.md §3): a per-position ``loss_mask`` array, and stores
+#: of tokens without teacher distributions (encoding kind ``none``).
+LOSS_MASK_EXTENSION, TOKENS_ONLY_EXTENSION = "loss_mask", "tokens_only"
+_EXTENSIONS_UNDERSTOOD: frozenset[str] = frozenset({LOSS_MASK_EXTENSION, TOKENS_ONLY_EXTENSION})
 
-EncodingKind = Literal["topk", "sampled", "full"]
-ValueKind = Literal["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4", "count"]
+EncodingKind = Literal["topk", "sampled", "full", "none"]
+ValueKind = Literal["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4", "count", "none"]
 State = Literal["writing", "complete"]
 
 _KINDS: tuple[str, ...] = get_args(EncodingKind)
@@ -56,8 +61,9 @@ class Encoding:
 
     Args:
         kind: ``topk`` (the k most likely tokens plus the residual mass), ``sampled``
-            (``samples`` draws from the distribution, stored as unique ids and counts) or
-            ``full`` (the whole vocabulary).
+            (``samples`` draws from the distribution, stored as unique ids and counts),
+            ``full`` (the whole vocabulary) or ``none`` (tokens only, no distributions: the
+            hard-label stores of ``logitstore generate``).
         values: how probabilities are stored: ``fp32``, ``fp16``, ``bf16``, or ``u8`` (255
             bins of sqrt(p)) down to ``u4`` (15 bins), all in one byte;
             ``sampled`` always stores integer counts (``count``).
@@ -84,6 +90,9 @@ class Encoding:
         if self.kind == "sampled":
             if self.values != "count":
                 object.__setattr__(self, "values", "count")
+        elif self.kind == "none":
+            object.__setattr__(self, "values", "none")
+            object.__setattr__(self, "temperature", 1.0)
         elif self.values not in VALUE_DTYPES:
             raise LogitStoreError(
                 f"unknown value type {self.values!r}: expected one of {', '.join(VALUE_DTYPES)}"
@@ -111,6 +120,8 @@ class Encoding:
         if self.kind == "sampled":
             assert self.samples is not None
             return min(self.samples, vocab_size)
+        if self.kind == "none":
+            return 0
         return vocab_size
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -124,7 +135,7 @@ class Encoding:
     @property
     def lossy(self) -> bool:
         """Whether decoded probabilities are rescaled to their known row total."""
-        return self.values not in ("fp32", "count")
+        return self.values not in ("fp32", "count", "none")
 
     @property
     def value_dtype(self) -> str:
@@ -132,6 +143,8 @@ class Encoding:
         if self.kind == "sampled":
             assert self.samples is not None
             return "uint8" if self.samples <= 255 else "uint16"
+        if self.kind == "none":
+            return "uint8"  # no values array; width 0
         return VALUE_DTYPES[self.values]
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,6 +256,13 @@ class StoreMetadata:
     state: State = "writing"
     format_version: str = FORMAT_VERSION
     extensions: tuple[str, ...] = ()
+    #: how a generated store's text came about (``logitstore generate``); informative.
+    generation: dict[str, Any] | None = None
+
+    @property
+    def has_loss_mask(self) -> bool:
+        """Whether the store has a ``loss_mask`` array (extension ``loss_mask``)."""
+        return LOSS_MASK_EXTENSION in self.extensions
 
     @property
     def num_shards(self) -> int:
@@ -257,7 +277,7 @@ class StoreMetadata:
         return replace(self, state=state)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": "logitstore",
             "format_version": self.format_version,
             "extensions": list(self.extensions),
@@ -275,6 +295,9 @@ class StoreMetadata:
             "created_at": self.created_at,
             "identity": self.identity,
         }
+        if self.generation is not None:  # 1.1; absent (not null) keeps 1.0 stores' bytes
+            d["generation"] = dict(self.generation)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> StoreMetadata:
@@ -313,11 +336,17 @@ class StoreMetadata:
                 state=d["state"],
                 format_version=version,
                 extensions=tuple(d.get("extensions", [])),
+                generation=None if d.get("generation") is None else dict(d["generation"]),
             )
         except LogitStoreError as e:
             raise FormatError(f"invalid logitstore metadata: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"invalid logitstore metadata: missing or malformed {e}") from None
+        if (md.encoding.kind == "none") != (TOKENS_ONLY_EXTENSION in md.extensions):
+            raise FormatError(
+                f"encoding kind {md.encoding.kind!r} and extensions {list(md.extensions)} "
+                f"disagree: kind 'none' is exactly the stores listing {TOKENS_ONLY_EXTENSION!r}"
+            )
         if md.state not in ("writing", "complete"):
             raise FormatError(f"invalid state {md.state!r}: expected 'writing' or 'complete'")
         expected_ids = "uint16" if md.vocab_size <= 65536 else "uint32"

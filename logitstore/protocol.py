@@ -7,8 +7,8 @@ the client decodes them with the same code as a local reader, so both give the s
     block  = b"BLK0" | u64 start | u32 n | u32 payload_len | payload | u32 crc32c(payload)
     end    = b"END0" | u64 stop | u64 positions_sent
 
-All integers little-endian. ``payload`` is input_ids ‖ gaps ‖ values ‖ residual (the last
-three as present in the store) for ``n`` rows.
+All integers little-endian. ``payload`` is input_ids ‖ gaps ‖ values ‖ residual ‖ loss_mask
+(gaps, residual and loss_mask as present in the store) for ``n`` rows.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def encode_header(md: StoreMetadata, start: int, stop: int) -> bytes:
         "width": md.layout.width,
         "id_dtype": md.layout.id_dtype,
         "value_dtype": md.layout.value_dtype,
-        "has_gaps": md.encoding.kind != "full",
+        "has_gaps": md.encoding.kind not in ("full", "none"),
         "has_residual": md.encoding.kind == "topk",
+        "has_loss_mask": md.has_loss_mask,
     }
     body = json.dumps(info, separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(body)) + body
@@ -106,7 +107,10 @@ class StreamParser:
         if not isinstance(info, dict):
             raise ProtocolError("stream header is not a JSON object")
         lay, kind = self.md.layout, self.md.encoding.kind
-        self._gaps, self._residual = kind != "full", kind == "topk"
+        self._gaps, self._residual = kind not in ("full", "none"), kind == "topk"
+        self._mask = self.md.has_loss_mask
+        # A server older than format 1.1 sends no has_loss_mask: it serves no masked store.
+        info.setdefault("has_loss_mask", False)
         want = {
             "start": self.start,
             "stop": self.stop,
@@ -116,6 +120,7 @@ class StreamParser:
             "value_dtype": lay.value_dtype,
             "has_gaps": self._gaps,
             "has_residual": self._residual,
+            "has_loss_mask": self._mask,
         }
         wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
         if wrong:
@@ -143,6 +148,7 @@ class StreamParser:
                 idt.itemsize * (1 + (m if self._gaps else 0))
                 + vdt.itemsize * m
                 + (4 if self._residual else 0)
+                + (1 if self._mask else 0)
             )
             if n == 0 or start != self.position or size != expected or start + n > self.stop:
                 raise ProtocolError(
@@ -165,6 +171,7 @@ class StreamParser:
             (self._gaps, idt, (n, m)),
             (True, vdt, (n, m)),
             (self._residual, np.dtype("<f4"), (n,)),
+            (self._mask, np.dtype("u1"), (n,)),
         ):
             if not present:
                 out.append(None)

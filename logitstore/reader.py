@@ -15,6 +15,7 @@ from .storage import (
     COMMITS,
     IDS,
     INPUT_IDS,
+    LOSS_MASK,
     OFFSETS,
     RESIDUAL,
     TOKENIZER,
@@ -129,7 +130,9 @@ class LogitStore(StoreBase):
                     "open with allow_incomplete=True to read the committed shards"
                 )
             self._committed = commits
-        found = {n: maybe_array(self._group, n) for n in (INPUT_IDS, IDS, VALUES, RESIDUAL)}
+        found = {
+            n: maybe_array(self._group, n) for n in (INPUT_IDS, IDS, VALUES, RESIDUAL, LOSS_MASK)
+        }
         self._arrays = {name: arr for name, arr in found.items() if arr is not None}
         self._check_arrays()
         self.offsets: np.ndarray = read_all(self._group, OFFSETS).astype(np.int64)
@@ -150,14 +153,15 @@ class LogitStore(StoreBase):
     def _check_arrays(self) -> None:
         md, lay = self.metadata, self.metadata.layout
         n, kind = md.num_positions, md.encoding.kind
-        expected: dict[str, tuple[tuple[int, ...], str]] = {
-            INPUT_IDS: ((n,), lay.id_dtype),
-            VALUES: ((n, lay.width), lay.value_dtype),
-        }
-        if kind != "full":
+        expected: dict[str, tuple[tuple[int, ...], str]] = {INPUT_IDS: ((n,), lay.id_dtype)}
+        if kind != "none":
+            expected[VALUES] = ((n, lay.width), lay.value_dtype)
+        if kind not in ("full", "none"):
             expected[IDS] = ((n, lay.width), lay.id_dtype)
         if kind == "topk":
             expected[RESIDUAL] = ((n,), "float32")
+        if md.has_loss_mask:
+            expected[LOSS_MASK] = ((n,), "uint8")
         for name, (shape, dtype) in expected.items():
             arr = self._arrays.get(name)
             if arr is None:
@@ -187,12 +191,20 @@ class LogitStore(StoreBase):
         if stop > start:
             self._check_present(start, stop)
         arrays = self._arrays
+
+        def get(name: str) -> np.ndarray | None:
+            return np.asarray(arrays[name][start:stop]) if name in arrays else None
+
         try:
+            values = get(VALUES)
+            if values is None:  # tokens only (FORMAT.md §5.7)
+                values = np.zeros((stop - start, 0), dtype=self.metadata.layout.value_dtype)
             return StoredRows(
                 np.asarray(arrays[INPUT_IDS][start:stop]),
-                np.asarray(arrays[IDS][start:stop]) if IDS in arrays else None,
-                np.asarray(arrays[VALUES][start:stop]),
-                np.asarray(arrays[RESIDUAL][start:stop]) if RESIDUAL in arrays else None,
+                get(IDS),
+                values,
+                get(RESIDUAL),
+                get(LOSS_MASK) if self.metadata.has_loss_mask else None,
             )
         except Exception as e:  # zarr raises its own types on checksum or decode failures
             shard = start // self.metadata.layout.shard_positions

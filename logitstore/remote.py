@@ -235,13 +235,14 @@ class RemoteStore(StoreBase):
 
 def _concat(parts: list[StoredRows], md: StoreMetadata, n: int) -> StoredRows:
     if not parts:
-        lay = md.layout
+        lay, kind = md.layout, md.encoding.kind
         empty = np.zeros((0, lay.width), dtype=lay.value_dtype)
         return StoredRows(
             np.zeros(0, dtype=lay.id_dtype),
-            np.zeros((0, lay.width), dtype=lay.id_dtype) if md.encoding.kind != "full" else None,
+            np.zeros((0, lay.width), dtype=lay.id_dtype) if kind not in ("full", "none") else None,
             empty,
-            np.zeros(0, dtype=np.float32) if md.encoding.kind == "topk" else None,
+            np.zeros(0, dtype=np.float32) if kind == "topk" else None,
+            np.zeros(0, dtype=np.uint8) if md.has_loss_mask else None,
         )
     fields = []
     for column in zip(*parts, strict=True):

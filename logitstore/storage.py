@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # zarr's private module; only its type is used
 
 __all__ = [
     "INPUT_IDS",
+    "LOSS_MASK",
     "array",
     "create_arrays",
     "open_group",
@@ -32,6 +33,7 @@ __all__ = [
 
 INPUT_IDS, IDS, VALUES, RESIDUAL = "input_ids", "ids", "values", "residual"
 OFFSETS, COMMITS, TOKENIZER = "offsets", "commits", "tokenizer"
+LOSS_MASK = "loss_mask"
 # Every chunk is written, even all-zero ones, so a missing chunk is a fault, not a zero.
 _CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
@@ -56,10 +58,13 @@ def create_arrays(
     input_ids: np.ndarray,
     offsets: np.ndarray,
     tokenizer_json: bytes | None,
+    loss_mask: np.ndarray | None = None,
 ) -> zarr.Group:
-    """Create the group and every array at its final shape; write the inputs and offsets.
+    """Create the group and every array at its final shape; write the inputs, offsets and
+    loss mask.
 
-    Per-position teacher arrays stay empty until their shards are written and committed.
+    Per-position teacher arrays stay empty until their shards are written and committed; a
+    tokens-only store (encoding ``none``) has none, so all its shards are committed here.
     """
     group = zarr.open_group(
         str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: md.to_dict()}
@@ -84,9 +89,12 @@ def create_arrays(
         )
 
     per_position(INPUT_IDS, lay.id_dtype, None)[:] = input_ids.astype(lay.id_dtype)
-    if md.encoding.kind != "full":
+    if loss_mask is not None:
+        per_position(LOSS_MASK, "uint8", None)[:] = loss_mask.astype(np.uint8)
+    if md.encoding.kind not in ("full", "none"):
         per_position(IDS, lay.id_dtype, lay.width)
-    per_position(VALUES, lay.value_dtype, lay.width)
+    if md.encoding.kind != "none":
+        per_position(VALUES, lay.value_dtype, lay.width)
     if md.encoding.kind == "topk":
         per_position(RESIDUAL, "float32", None)
 
@@ -101,7 +109,7 @@ def create_arrays(
         dimension_names=("sequence_boundary",),
     )
     off[:] = offsets
-    group.create_array(
+    commits = group.create_array(
         COMMITS,
         shape=(md.num_shards,),
         dtype="uint8",
@@ -110,6 +118,8 @@ def create_arrays(
         fill_value=0,
         dimension_names=("shard",),
     )
+    if md.encoding.kind == "none":  # nothing per shard left to write
+        commits.with_config(_CONFIG)[:] = 1
     if tokenizer_json is not None:
         buf = np.frombuffer(tokenizer_json, dtype=np.uint8)
         tok = group.create_array(

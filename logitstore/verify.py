@@ -13,7 +13,17 @@ from .codec import decode_ids, decode_values
 from .errors import LogitStoreError
 from .metadata import SQRT_BINS, StoreMetadata
 from .reader import LogitStore
-from .storage import COMMITS, IDS, INPUT_IDS, OFFSETS, RESIDUAL, VALUES, read_all, shard_file
+from .storage import (
+    COMMITS,
+    IDS,
+    INPUT_IDS,
+    LOSS_MASK,
+    OFFSETS,
+    RESIDUAL,
+    VALUES,
+    read_all,
+    shard_file,
+)
 
 __all__ = ["VerifyReport", "sum_tolerance", "verify"]
 
@@ -124,6 +134,12 @@ def _check_shard(
     bad = np.flatnonzero(data[INPUT_IDS] >= vocab)
     if len(bad):
         fault(INPUT_IDS, bad, f"input id {int(data[INPUT_IDS][bad[0]])} >= vocab {vocab}")
+    if LOSS_MASK in data:
+        bad = np.flatnonzero(data[LOSS_MASK] > 1)
+        if len(bad):
+            fault(LOSS_MASK, bad, f"loss mask value {int(data[LOSS_MASK][bad[0]])} is not 0 or 1")
+    if enc.kind == "none":  # tokens only: nothing else to check
+        return
     values = data[VALUES]
     if enc.kind == "sampled":
         probs = values.astype(np.float32)

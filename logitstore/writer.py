@@ -36,7 +36,13 @@ from .errors import (
     StoreExistsError,
     TeacherError,
 )
-from .metadata import FORMAT_VERSION, Encoding, Layout, StoreMetadata
+from .metadata import (
+    LOSS_MASK_EXTENSION,
+    TOKENS_ONLY_EXTENSION,
+    Encoding,
+    Layout,
+    StoreMetadata,
+)
 from .storage import (
     COMMITS,
     IDS,
@@ -52,7 +58,7 @@ from .storage import (
     write_metadata,
 )
 
-__all__ = ["StoreWriter", "check_sequences", "check_target"]
+__all__ = ["StoreWriter", "check_loss_mask", "check_sequences", "check_target"]
 
 _STOP = object()
 
@@ -113,12 +119,31 @@ def check_target(path: str | os.PathLike[str], overwrite: bool) -> StoreMetadata
     return existing
 
 
-def _identity(settings: dict[str, Any], input_ids: np.ndarray, offsets: np.ndarray) -> str:
+def _identity(
+    settings: dict[str, Any],
+    input_ids: np.ndarray,
+    offsets: np.ndarray,
+    loss_mask: np.ndarray | None,
+) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
     h.update(np.ascontiguousarray(input_ids, dtype="<i8").tobytes())
     h.update(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    if loss_mask is not None:
+        h.update(np.ascontiguousarray(loss_mask, dtype=np.uint8).tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def check_loss_mask(loss_mask: np.ndarray, num_positions: int) -> np.ndarray:
+    """``loss_mask`` as uint8 0/1 of one entry per position, or :class:`InputError`."""
+    mask = np.asarray(loss_mask)
+    if mask.shape != (num_positions,):
+        raise InputError(
+            f"loss_mask has shape {mask.shape}; expected ({num_positions},), one entry per position"
+        )
+    if mask.dtype != np.bool_ and len(mask) and not np.isin(mask, (0, 1)).all():
+        raise InputError("loss_mask must hold only 0 and 1 (or booleans)")
+    return mask.astype(np.uint8)
 
 
 def _created_at() -> str:
@@ -158,6 +183,10 @@ class StoreWriter:
         seed: seeds ``sampled`` draws (with each row's position).
         teacher, tokenizer: provenance dictionaries (name, revision, vocab hash, ...).
         tokenizer_json: a Hugging Face ``tokenizer.json`` to keep in the store (for ``show``).
+        loss_mask: ``(N,)`` 0/1: which positions' predictions count for training (1 where
+            the next token is one a student should learn, e.g. a completion's). Stored as
+            the ``loss_mask`` array (format 1.1).
+        generation: how the text was generated (``logitstore generate``), kept as metadata.
         overwrite: replace an existing store instead of refusing or resuming.
 
     Raises:
@@ -187,16 +216,30 @@ class StoreWriter:
         shard_positions: int | None = None,
         overwrite: bool = False,
         queue_depth: int = 4,
+        loss_mask: np.ndarray | None = None,
+        generation: dict[str, Any] | None = None,
     ) -> None:
         encoding.check_vocab(vocab_size)
         input_ids = np.asarray(input_ids)
         offsets = np.asarray(offsets, dtype=np.int64)
         check_sequences(input_ids, offsets, vocab_size)
+        if loss_mask is not None:
+            loss_mask = check_loss_mask(loss_mask, len(input_ids))
+        extensions = tuple(
+            name
+            for name, used in (
+                (LOSS_MASK_EXTENSION, loss_mask is not None),
+                (TOKENS_ONLY_EXTENSION, encoding.kind == "none"),
+            )
+            if used
+        )
+        # The lowest version that describes the store, so older readers read what they can.
+        version = "1.1" if extensions or generation is not None else "1.0"
         self.path = Path(path)
         layout = Layout.choose(encoding, vocab_size, chunk_positions, shard_positions)
         teacher = dict(teacher or {})
         settings = {
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "encoding": encoding.to_dict(),
             "layout": layout.to_dict(),
             "vocab_size": vocab_size,
@@ -206,6 +249,8 @@ class StoreWriter:
             "tokenizer": None if tokenizer is None else tokenizer.get("vocab_hash"),
             "tool_version": __version__,
         }
+        if generation is not None:
+            settings["generation"] = generation
         md = StoreMetadata(
             encoding=encoding,
             layout=layout,
@@ -214,14 +259,17 @@ class StoreWriter:
             num_sequences=len(offsets) - 1,
             seq_len=seq_len,
             seed=seed,
-            identity=_identity(settings, input_ids, offsets),
+            identity=_identity(settings, input_ids, offsets, loss_mask),
             teacher=teacher,
             tokenizer=tokenizer,
             tool={"name": "logitstore", "version": __version__},
             created_at=_created_at(),
+            format_version=version,
+            extensions=extensions,
+            generation=None if generation is None else dict(generation),
         )
         self.group, self.metadata = self._create_or_resume(
-            md, input_ids, offsets, tokenizer_json, overwrite
+            md, input_ids, offsets, tokenizer_json, overwrite, loss_mask
         )
         commits = read_all(self.group, COMMITS)
         self._committed = commits.astype(bool)
@@ -248,6 +296,7 @@ class StoreWriter:
         offsets: np.ndarray,
         tokenizer_json: bytes | None,
         overwrite: bool,
+        loss_mask: np.ndarray | None,
     ) -> tuple[zarr.Group, StoreMetadata]:
         path = self.path
         existing = check_target(path, overwrite)
@@ -267,7 +316,7 @@ class StoreWriter:
         for stale in path.parent.glob(f".{path.name}.creating-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
-        create_arrays(tmp, md, input_ids, offsets, tokenizer_json)
+        create_arrays(tmp, md, input_ids, offsets, tokenizer_json, loss_mask)
         if path.exists():  # an empty directory, or a store the caller asked to overwrite
             shutil.rmtree(path)
         tmp.rename(path)

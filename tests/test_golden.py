@@ -12,7 +12,7 @@ import zarr
 
 import logitstore
 
-from .golden.make_golden import HERE, INPUT, STORES, TABLE, write
+from .golden.make_golden import HERE, INPUT, MASK, STORES, TABLE, write
 
 U8 = lambda c: ((c - 0.5) / 255) ** 2  # noqa: E731  FORMAT.md §5.2, written out independently
 
@@ -73,7 +73,7 @@ def test_sampled_counts_add_up_and_hit_only_possible_tokens() -> None:
 def test_the_writer_still_stores_the_same_integers(name: str, tmp_path: Path) -> None:
     fresh = write(name, tmp_path / name)
     golden = HERE / f"{name}.zarr"
-    for array in ("input_ids", "ids", "values", "residual", "offsets", "commits"):
+    for array in ("input_ids", "ids", "values", "residual", "loss_mask", "offsets", "commits"):
         if not (golden / array).exists():
             assert not (fresh / array).exists()
             continue
@@ -86,3 +86,48 @@ def test_the_writer_still_stores_the_same_integers(name: str, tmp_path: Path) ->
     for volatile in ("created_at", "tool", "identity"):
         old.pop(volatile), new.pop(volatile)
     assert old == new
+
+
+def test_stores_without_1_1_features_are_still_written_as_1_0() -> None:
+    for name in ("topk-u8", "topk-fp32", "sampled-8", "full-fp16"):
+        md = logitstore.open(HERE / f"{name}.zarr").metadata
+        assert (md.format_version, md.extensions) == ("1.0", ()), name
+
+
+def test_the_loss_mask_is_stored_and_read_as_written() -> None:
+    path = HERE / "topk-u8-masked.zarr"
+    store = logitstore.open(path)
+    assert store.metadata.format_version == "1.1"
+    assert store.metadata.extensions == ("loss_mask",)
+    assert np.asarray(zarr.open_array(str(path / "loss_mask"))[:]).tolist() == MASK.tolist()
+    batch = store.read(0, len(store))
+    assert batch.loss_mask is not None and batch.loss_mask.tolist() == MASK.astype(bool).tolist()
+    # the distributions are the unmasked store's, bit for bit
+    plain = logitstore.open(HERE / "topk-u8.zarr").read(0, len(store))
+    for a, b in zip(batch[:4], plain[:4], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert store.metadata.identity != logitstore.open(HERE / "topk-u8.zarr").metadata.identity
+
+
+def test_a_tokens_only_store_has_no_teacher_arrays() -> None:
+    path = HERE / "tokens-masked.zarr"
+    store = logitstore.open(path)
+    assert set(store.metadata.extensions) == {"loss_mask", "tokens_only"}
+    assert not any((path / a).exists() for a in ("ids", "values", "residual"))
+    batch = store.read(2, 9)
+    assert batch.input_ids.tolist() == [2, 3, 4, 5, 0, 11, 1]
+    assert batch.ids.shape == (7, 0) and batch.probs.shape == (7, 0)
+    assert (
+        batch.loss_mask is not None and batch.loss_mask.tolist() == MASK[2:].astype(bool).tolist()
+    )
+    assert logitstore.verify(path).ok
+
+
+@pytest.mark.parametrize("name", ["topk-u8-masked", "tokens-masked"])
+def test_a_1_0_reader_refuses_1_1_stores_by_their_extensions(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a reader of format 1.0 does: it implements no extension (FORMAT.md §3).
+    monkeypatch.setattr(logitstore.metadata, "_EXTENSIONS_UNDERSTOOD", frozenset())
+    with pytest.raises(logitstore.UnsupportedVersionError, match="requires extensions"):
+        logitstore.open(HERE / f"{name}.zarr")

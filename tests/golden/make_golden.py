@@ -35,7 +35,11 @@ STORES = {
     "topk-fp32": Encoding("topk", "fp32", k=4),
     "sampled-8": Encoding("sampled", "count", samples=8),
     "full-fp16": Encoding("full", "fp16"),
+    # format 1.1: a loss mask (the second sequence's prediction of token 1 only), and tokens only
+    "topk-u8-masked": Encoding("topk", "u8", k=4),
+    "tokens-masked": Encoding("none", "none"),
 }
+MASK = np.array([0, 0, 0, 0, 0, 0, 0, 1, 0], dtype=np.uint8)
 
 
 def teacher() -> logitstore.Teacher:
@@ -59,6 +63,7 @@ def write(name: str, out: Path) -> Path:
         STORES[name],
         seed=1234,
         progress=False,
+        loss_mask=MASK if name.endswith("-masked") else None,
         chunk_positions=4,
         shard_positions=8,
         overwrite=True,
