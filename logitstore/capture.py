@@ -47,6 +47,8 @@ class Teacher:
 
     Any causal model works: wrap a Hugging Face model with :func:`load_teacher`, or pass your
     own ``fn``. Rows are right-padded, so ``fn`` must be causal (position t sees only <= t).
+    ``model`` is the Hugging Face model itself, when there is one: ``logitstore generate``
+    needs its ``generate`` (with the KV cache).
     """
 
     fn: LogitsFn
@@ -58,6 +60,7 @@ class Teacher:
     max_length: int | None = None
     tokenizer: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "revision": self.revision, "dtype": self.dtype, **self.extra}
@@ -138,6 +141,7 @@ def load_teacher(
         dtype=dtype,
         max_length=int(max_length) if max_length else None,
         tokenizer=tokenizer,
+        model=model,
         extra={
             "architecture": type(model).__name__,
             **(

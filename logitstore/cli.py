@@ -1,4 +1,4 @@
-"""The ``logitstore`` command: write, info, verify, show."""
+"""The ``logitstore`` command: write, generate, export, info, verify, show, serve."""
 
 from __future__ import annotations
 
@@ -59,6 +59,76 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .capture import load_teacher, resolve_device
+    from .generate import GenerationSettings, generate, journal_path, read_prompts
+    from .metadata import Encoding, Layout
+    from .writer import check_target
+
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        stop=tuple(args.stop or ()),
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    soft = None
+    if args.soft is not None:
+        soft = Encoding(
+            args.soft,
+            args.values,
+            temperature=args.soft_temperature,
+            k=args.k,
+            samples=args.samples,
+        )
+        Layout.choose(soft, 65536, args.chunk_positions, args.shard_positions)
+    device = resolve_device(args.device)
+    check_target(args.out, args.overwrite)  # before the teacher is loaded
+    prompts = read_prompts(args.prompts)
+    teacher = load_teacher(args.teacher, device, args.dtype)
+    resuming = journal_path(args.out).exists() and not args.overwrite
+    print(
+        f"{len(prompts)} prompt(s) × {settings.num_samples} sample(s); teacher {teacher.name} "
+        f"on {device}{'; resuming the interrupted run' if resuming else ''}",
+        file=sys.stderr,
+    )
+    out = generate(
+        teacher,
+        prompts,
+        args.out,
+        settings,
+        soft=soft,
+        prompts_name=Path(args.prompts).name,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        chunk_positions=args.chunk_positions,
+        shard_positions=args.shard_positions,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_jsonl
+    from .reader import open as open_store
+
+    store = open_store(args.store)
+    if args.out in (None, "-"):
+        n = export_jsonl(store, sys.stdout, ids=args.ids)
+    else:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                n = export_jsonl(store, f, ids=args.ids)
+        except OSError as e:
+            raise LogitStoreError(f"cannot write --out {args.out}: {e}") from None
+        print(f"wrote {n} sequence(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .reader import open as open_store
 
@@ -67,7 +137,12 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     enc = info["encoding"]
-    what = {"topk": f"top-{enc['k']}", "sampled": f"sampled n={enc['samples']}", "full": "full"}
+    what = {
+        "topk": f"top-{enc['k']}",
+        "sampled": f"sampled n={enc['samples']}",
+        "full": "full",
+        "none": "tokens only (no teacher distributions)",
+    }
     rows = [
         ("store", info["path"]),
         (
@@ -77,7 +152,9 @@ def _info(args: argparse.Namespace) -> int:
         ("format", f"logitstore {info['format_version']}"),
         (
             "encoding",
-            f"{what[enc['kind']]}, values {enc['values']}, temperature {enc['temperature']}",
+            what["none"]
+            if enc["kind"] == "none"
+            else f"{what[enc['kind']]}, values {enc['values']}, temperature {enc['temperature']}",
         ),
         (
             "teacher",
@@ -106,12 +183,36 @@ def _info(args: argparse.Namespace) -> int:
             f"({info['full_vocab_bf16_bytes']:,} bytes)",
         ),
         ("created", f"{info['created_at']} by logitstore {info['tool'].get('version')}"),
+        *(
+            [("loss mask", f"{info['loss_mask_positions']:,} positions count for training")]
+            if info.get("loss_mask_positions") is not None
+            else []
+        ),
+        *(
+            [("generation", _generation_summary(info["generation"]))]
+            if info.get("generation")
+            else []
+        ),
         ("identity", info["identity"]),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:>{width}}  {v}")
     return 0
+
+
+def _generation_summary(gen: dict[str, Any]) -> str:
+    sampling = (
+        "greedy"
+        if gen["temperature"] == 0
+        else (f"temperature {gen['temperature']}, top-p {gen['top_p']}")
+    )
+    stop = f", stop {gen['stop']}" if gen.get("stop") else ""
+    return (
+        f"{gen['prompts']['count']} prompt(s) from {gen['prompts'].get('name')} × "
+        f"{gen['num_samples']}, ≤ {gen['max_new_tokens']} new tokens, {sampling}{stop}, "
+        f"seed {gen['seed']}"
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -305,6 +406,102 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=_write)
 
+    g = sub.add_parser(
+        "generate",
+        help="hard-label data: the teacher completes prompts; the store masks the prompts",
+        description="The teacher generates completions for prompts (batched, with the KV "
+        "cache). The store holds prompt + completion as sequences and a loss mask, so a "
+        "student learns only the completions; with --soft it also holds the teacher's "
+        "distributions. Interrupted? Run the same command again: finished batches are kept "
+        "in OUT.generating.jsonl and the result equals an uninterrupted run.",
+        epilog=_EPILOG,
+    )
+    g.add_argument("--teacher", required=True, help="Hugging Face model directory or hub id")
+    g.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE.jsonl",
+        help='one JSON object per line with a "prompt" field',
+    )
+    g.add_argument("--out", required=True, help="store directory to create (or resume)")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest completion (default 256)"
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature; 0 = greedy (default 1)",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: no cut)"
+    )
+    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
+    g.add_argument(
+        "--stop",
+        nargs="+",
+        metavar="STR",
+        help="strings that end a completion (kept in it, so students learn to stop); "
+        "in bash, write a newline as $'\\n'",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=16, help="prompts generated together (default 16)"
+    )
+    g.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="teacher weights dtype (default: float32 on cpu, bfloat16 on cuda)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument(
+        "--soft",
+        choices=["topk", "sampled", "full"],
+        default=None,
+        metavar="ENCODING",
+        help="also store the teacher's distributions (topk, sampled or full; with --k, "
+        "--samples, --values) at every position of prompt + completion",
+    )
+    g.add_argument("--k", type=int, default=64, help="candidates for --soft topk (default 64)")
+    g.add_argument("--samples", type=int, default=64, help="draws for --soft sampled (default 64)")
+    g.add_argument(
+        "--values",
+        choices=["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4"],
+        default="u8",
+        help="how --soft probabilities are stored (default u8)",
+    )
+    g.add_argument(
+        "--soft-temperature",
+        type=float,
+        default=1.0,
+        help="temperature of the stored distributions (default 1)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace a store (and unfinished run) at --out"
+    )
+    g.add_argument("--shard-positions", type=int, default=None, help="positions per shard")
+    g.add_argument("--chunk-positions", type=int, default=None, help="positions per chunk")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser(
+        "export",
+        help="write a store's text as JSON lines (prompt/completion for generated stores)",
+        description="Write one JSON object per sequence: prompt, completion, token counts "
+        "and finish reason for generated stores, the text for others.",
+        epilog=_EPILOG,
+    )
+    e.add_argument("store", help="store directory or URL")
+    e.add_argument(
+        "--jsonl", action="store_true", required=True, help="JSON lines (the only format)"
+    )
+    e.add_argument("--out", default=None, help="file to write (default: standard output)")
+    e.add_argument("--ids", action="store_true", help="include token ids")
+    e.set_defaults(func=_export)
+
     i = sub.add_parser("info", help="settings, sizes and provenance of a store", epilog=_EPILOG)
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -365,6 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LogitStoreError as e:
         print(f"logitstore {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `logitstore export ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(
             f"logitstore {args.command}: interrupted. Committed shards are kept; run the same "

@@ -17,6 +17,12 @@ def store_info(store: StoreBase) -> dict[str, Any]:
     """
     md = store.metadata
     nbytes = store.nbytes_stored()
+    counted = None
+    if md.has_loss_mask and md.state == "complete":
+        counted = sum(
+            int(store.read_tokens(a, min(a + (1 << 22), len(store)))[1].sum())
+            for a in range(0, len(store), 1 << 22)
+        )
     full_bf16 = md.num_positions * md.vocab_size * 2
     return {
         "path": str(store.path),
@@ -35,6 +41,9 @@ def store_info(store: StoreBase) -> dict[str, Any]:
         "created_at": md.created_at,
         "identity": md.identity,
         "seed": md.seed,
+        "extensions": list(md.extensions),
+        "loss_mask_positions": counted,
+        "generation": md.generation,
         "bytes_on_disk": nbytes,
         "bytes_per_position": nbytes / max(md.num_positions, 1),
         "full_vocab_bf16_bytes": full_bf16,

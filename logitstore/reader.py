@@ -91,6 +91,13 @@ class StoreBase:
         """
         return decode_rows(self.metadata, self.read_stored(start, stop), id_dtype)
 
+    def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens ``(n,)`` int64 and loss mask ``(n,)`` bool of positions ``[start, stop)``,
+        without the teacher's rows. Raises: as :meth:`read`."""
+        b = self.read(start, stop)
+        assert b.loss_mask is not None
+        return b.input_ids, b.loss_mask
+
     def sequence(self, index: int) -> Batch:
         """Decode all positions of sequence ``index`` (one teacher context)."""
         if not 0 <= index < self.num_sequences:
@@ -212,6 +219,25 @@ class LogitStore(StoreBase):
                 f"reading positions [{start}, {stop}) of {str(self.path)!r} failed (shard "
                 f"{shard} or later): {e}; run `logitstore verify` to locate the damage"
             ) from None
+
+    def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        start, stop = _check_range(start, stop, len(self))
+        if self._committed is not None:
+            self._check_committed(start, stop)
+        if stop > start:
+            self._check_present(start, stop)
+        try:
+            input_ids = np.asarray(self._arrays[INPUT_IDS][start:stop]).astype(np.int64)
+            if self.metadata.has_loss_mask:
+                mask = np.asarray(self._arrays[LOSS_MASK][start:stop]).astype(bool)
+            else:
+                mask = np.ones(stop - start, dtype=bool)
+        except Exception as e:  # zarr raises its own types on checksum or decode failures
+            raise CorruptStoreError(
+                f"reading the tokens of positions [{start}, {stop}) of {str(self.path)!r} "
+                f"failed: {e}; run `logitstore verify`"
+            ) from None
+        return input_ids, mask
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""

@@ -1,0 +1,442 @@
+"""Hard-label distillation data: a teacher writes completions for prompts, and the store keeps
+prompt + completion as sequences with a loss mask over the completion (FORMAT.md §4).
+
+Generation is batched and uses the model's KV cache (Hugging Face ``generate``). It runs in
+two phases, each resumable:
+
+1. **Generate.** Prompt rows (each prompt ``num_samples`` times) are taken longest first in
+   batches; each finished batch's completions are appended to a journal,
+   ``<out>.generating.jsonl``, so a killed run loses at most the batch in flight. Batch ``b``
+   samples with its own seed, derived from ``(seed, b)``: a resumed run produces the
+   completions an uninterrupted one does.
+2. **Store.** The sequences are written as a tokens-only store, or with ``soft`` an encoding,
+   as a store of the teacher's distributions over prompt + completion (one forward pass over
+   each whole sequence; :func:`logitstore.capture`, resumable by shards). The journal is
+   removed once the store is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .capture import Teacher, capture, tokenizer_identity
+from .data import Sequences
+from .errors import InputError, ResumeMismatchError, TeacherError
+from .metadata import Encoding
+from .writer import check_target
+
+__all__ = ["GenerationSettings", "Prompt", "generate", "journal_path", "read_prompts"]
+
+_JOURNAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How completions are sampled.
+
+    Args:
+        max_new_tokens: the longest completion, in tokens.
+        temperature: sampling temperature; 0 means greedy decoding.
+        top_p: nucleus sampling: keep the smallest set of tokens whose mass reaches ``top_p``
+            (1 keeps every token). No top-k cut is applied.
+        num_samples: completions per prompt.
+        stop: strings that end a completion; the completion keeps the tokens up to and
+            including the one that completes the string (so a student learns to stop).
+        batch_size: prompt rows generated together.
+        seed: seeds the sampling of every batch.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    stop: tuple[str, ...] = ()
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_samples < 1:
+            raise InputError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if any(not s for s in self.stop):
+            raise InputError("--stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    source: str  # "file:line", for error messages
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
+    """Read prompts: one JSON object per line with a string ``prompt`` field (other fields
+    are ignored; blank lines are skipped).
+
+    Raises:
+        InputError: a missing, empty or undecodable file, or a line that is not an object
+            with a non-empty string ``prompt`` (file and line named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts file {str(path)!r} does not exist or is not a file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 text (byte {e.start}); re-encode it") from None
+    prompts = []
+    # "\n" only: str.splitlines() also splits on U+2028, which JSON strings may hold raw.
+    for lineno, line in enumerate(raw.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj: Any = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(
+                f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object "
+                'per line like {"prompt": "..."}'
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            found = (
+                "an object without a string 'prompt'"
+                if isinstance(obj, dict)
+                else (type(obj).__name__)
+            )
+            raise InputError(
+                f'{where}: expected a JSON object with a string "prompt" field, found {found}'
+            )
+        if not obj["prompt"]:
+            raise InputError(f"{where}: the prompt is empty; give the teacher some text")
+        prompts.append(Prompt(obj["prompt"], where))
+    if not prompts:
+        raise InputError(f"{path}: no prompts found (expected JSON lines with a 'prompt' field)")
+    return prompts
+
+
+def journal_path(out: str | os.PathLike[str]) -> Path:
+    """Where :func:`generate` keeps the completions of an unfinished run."""
+    out = Path(out)
+    return out.parent / f"{out.name}.generating.jsonl"
+
+
+def generate(
+    teacher: Teacher,
+    prompts: Sequence[str | Prompt],
+    out: str | os.PathLike[str],
+    settings: GenerationSettings | None = None,
+    *,
+    soft: Encoding | None = None,
+    prompts_name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_positions: int | None = None,
+    shard_positions: int | None = None,
+) -> Path:
+    """Generate completions of ``prompts`` with ``teacher`` and write (or resume) the store at
+    ``out``: prompt + completion per sequence, a loss mask over the completion, and with
+    ``soft`` the teacher's distributions at every position.
+
+    Sequence ``s`` is sample ``s % num_samples`` of prompt ``s // num_samples``.
+
+    Raises:
+        TeacherError: the teacher has no Hugging Face model or tokenizer, or a prompt plus
+            ``max_new_tokens`` exceeds its context.
+        InputError, StoreExistsError, ResumeMismatchError: checked before generating.
+
+    Example:
+        >>> t = load_teacher("teacher-dir")
+        >>> generate(t, read_prompts("prompts.jsonl"), "gen.zarr",
+        ...          GenerationSettings(max_new_tokens=128, temperature=0.7))
+    """
+    settings = settings or GenerationSettings()
+    if teacher.model is None or teacher.tokenizer is None:
+        raise TeacherError(
+            "generation needs a Hugging Face model and tokenizer: load the teacher with "
+            "load_teacher()"
+        )
+    if soft is not None:
+        soft.check_vocab(teacher.vocab_size)
+        if soft.kind == "none":
+            soft = None
+    check_target(out, overwrite)
+    items = [
+        p if isinstance(p, Prompt) else Prompt(p, f"prompt {i}") for i, p in enumerate(prompts)
+    ]
+    if not items:
+        raise InputError("no prompts to generate from")
+    tokenizer = teacher.tokenizer
+    prompt_ids = _tokenize_prompts(items, tokenizer, teacher, settings)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    tok_ident, _ = tokenizer_identity(tokenizer)
+    digest = hashlib.sha256(
+        json.dumps([p.text for p in items], ensure_ascii=False).encode()
+    ).hexdigest()
+    generation = {
+        **asdict(settings),
+        "stop": list(settings.stop),
+        "prompts": {
+            "name": prompts_name,
+            "sha256": digest,
+            "count": len(items),
+        },
+        "eos_token_id": eos,
+        "prompt_order": "prompt-major",
+    }
+    key = _journal_key(generation, teacher, tok_ident["vocab_hash"], prompt_ids)
+    rows = [(i, j) for i in range(len(items)) for j in range(settings.num_samples)]
+    # Longest prompts first: little padding per batch, and the largest batch comes first.
+    order = sorted(range(len(rows)), key=lambda r: -len(prompt_ids[rows[r][0]]))
+    batches = [
+        order[b : b + settings.batch_size] for b in range(0, len(order), settings.batch_size)
+    ]
+    journal = journal_path(out)
+    if overwrite:
+        journal.unlink(missing_ok=True)
+    done = _read_journal(journal, key)
+    completions: dict[int, list[int]] = {}
+    for b, got in done.items():
+        completions.update(zip(batches[b], got, strict=True))
+    bar = tqdm(
+        total=len(rows),
+        initial=len(completions),
+        unit="completion",
+        desc=f"generate {Path(out).name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    stopper = _StopStrings(tokenizer, settings.stop) if settings.stop else None
+    with bar, journal.open("a", encoding="utf-8") as log:
+        if journal.stat().st_size == 0:
+            log.write(json.dumps({"logitstore_generate": _JOURNAL_VERSION, "key": key}) + "\n")
+            log.flush()
+        generated = 0
+        for b, batch in enumerate(batches):
+            if b in done:
+                continue
+            got = _generate_batch(
+                teacher, [prompt_ids[rows[r][0]] for r in batch], settings, b, pad, eos, stopper
+            )
+            log.write(json.dumps({"batch": b, "completions": got}) + "\n")
+            log.flush()
+            completions.update(zip(batch, got, strict=True))
+            generated += sum(map(len, got))
+            bar.update(len(batch))
+            bar.set_postfix(tokens=generated, refresh=False)
+    pieces, mask_pieces = [], []
+    for r, (i, _) in enumerate(rows):
+        p, c = prompt_ids[i], completions[r]
+        pieces.append(np.asarray(p + c, dtype=np.int64))
+        mask = np.zeros(len(p) + len(c), dtype=np.uint8)
+        mask[len(p) - 1 : len(p) + len(c) - 1] = 1  # positions that predict a completion token
+        mask_pieces.append(mask)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in pieces], out=offsets[1:])
+    sequences = Sequences(np.concatenate(pieces), offsets)
+    path = capture(
+        teacher,
+        sequences,
+        out,
+        soft or Encoding("none", "none"),
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        overwrite=overwrite,
+        progress=progress,
+        chunk_positions=chunk_positions,
+        shard_positions=shard_positions,
+        loss_mask=np.concatenate(mask_pieces),
+        generation=generation,
+    )
+    journal.unlink(missing_ok=True)
+    return path
+
+
+def _tokenize_prompts(
+    items: Sequence[Prompt], tokenizer: Any, teacher: Teacher, settings: GenerationSettings
+) -> list[list[int]]:
+    ids: list[list[int]] = tokenizer([p.text for p in items], add_special_tokens=True)["input_ids"]
+    for p, x in zip(items, ids, strict=True):
+        if not x:
+            raise InputError(f"{p.source}: the prompt has no tokens; give the teacher some text")
+        if teacher.max_length is not None and len(x) + settings.max_new_tokens > teacher.max_length:
+            raise TeacherError(
+                f"{p.source}: the prompt has {len(x)} tokens; with --max-new-tokens "
+                f"{settings.max_new_tokens} that is more than the {teacher.max_length} the "
+                f"teacher reads. Shorten the prompt or lower --max-new-tokens to "
+                f"{max(teacher.max_length - len(x), 0)}"
+            )
+    return [list(map(int, x)) for x in ids]
+
+
+def _journal_key(
+    generation: dict[str, Any], teacher: Teacher, vocab_hash: str, prompt_ids: list[list[int]]
+) -> str:
+    h = hashlib.sha256()
+    settings = {**generation, "teacher": teacher.provenance(), "tokenizer": vocab_hash}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(json.dumps(prompt_ids).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _read_journal(path: Path, key: str) -> dict[int, list[list[int]]]:
+    """The batches an earlier, interrupted run finished. A torn last line (the run was killed
+    while writing it) is cut off."""
+    if not path.exists():
+        return {}
+    done: dict[int, list[list[int]]] = {}
+    good = 0  # bytes of whole, valid lines
+    with path.open("rb") as f:
+        for n, line in enumerate(f):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                break
+            if n == 0:
+                if obj.get("key") != key:
+                    raise ResumeMismatchError(
+                        f"{str(path)!r} holds completions of an interrupted run with other "
+                        "prompts, teacher or settings; rerun that command to finish it, or "
+                        "pass --overwrite to start again"
+                    )
+            else:
+                done[int(obj["batch"])] = obj["completions"]
+            good += len(line)
+    if good == 0:
+        path.unlink()
+        return {}
+    with path.open("r+b") as f:
+        f.truncate(good)
+    return done
+
+
+class _StopStrings:
+    """Finds where a completion first contains a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        # A stop string spans at most len(utf-8 bytes) tokens, plus one for a token that
+        # starts mid-character: decoding that many last tokens is enough to see it appear.
+        self.window = max(len(s.encode()) for s in stop) + 2
+
+    def found(self, tokens: Sequence[int]) -> bool:
+        text = self.tokenizer.decode(list(tokens), skip_special_tokens=False)
+        return any(s in text for s in self.stop)
+
+    def end(self, tokens: list[int]) -> int | None:
+        """The smallest ``j`` such that ``tokens[:j]`` contains a stop string, or None."""
+        if not self.found(tokens):
+            return None
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.found(tokens[:mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def criteria(self, prompt_width: int) -> Any:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stopper = self
+
+        class _Criterion(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> Any:
+                tails = input_ids[:, prompt_width:][:, -stopper.window :].tolist()
+                done = [stopper.found(t) for t in tails]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([_Criterion()])
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    digest = hashlib.sha256(f"logitstore-generate:{seed}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generate_batch(
+    teacher: Teacher,
+    prompts: list[list[int]],
+    settings: GenerationSettings,
+    batch: int,
+    pad: int,
+    eos: int | None,
+    stopper: _StopStrings | None,
+) -> list[list[int]]:
+    """Completions (trimmed token lists) of one batch of prompts, left-padded together."""
+    from transformers import GenerationConfig
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    options: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": not settings.greedy,
+        "pad_token_id": pad,
+        "eos_token_id": eos,
+        "use_cache": True,
+    }
+    if not settings.greedy:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    config = GenerationConfig(**options)  # type: ignore[no-untyped-call]
+    device = teacher.device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(_batch_seed(settings.seed, batch))
+        out = teacher.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            stopping_criteria=stopper.criteria(width) if stopper else None,
+        )
+    completions = []
+    for row in out[:, width:].tolist():
+        end = len(row)
+        if eos is not None and eos in row:
+            end = row.index(eos) + 1  # the end-of-text token is kept: students learn to stop
+        if stopper is not None:
+            at = stopper.end(row[:end])
+            end = at if at is not None else end
+        completions.append(row[:end])
+    return completions
+
+
+def finish_reason(completion: Sequence[int], generation: dict[str, Any], tokenizer: Any) -> str:
+    """Why a stored completion ended: ``eos``, ``stop`` (a stop string) or ``length``."""
+    eos = generation.get("eos_token_id")
+    if completion and eos is not None and completion[-1] == eos:
+        return "eos"
+    stop = generation.get("stop") or []
+    if stop and tokenizer is not None:
+        text = tokenizer.decode(list(completion))
+        if any(s in text for s in stop):
+            return "stop"
+    return "length"
