@@ -11,6 +11,14 @@ __version__ = "0.1.0"
 
 from . import losses, protocol
 from .capture import Teacher, capture, load_teacher
+from .codistillation import (
+    CodistillStep,
+    Recording,
+    codistill,
+    codistillation_step,
+    record_teacher,
+    window_batches,
+)
 from .data import Sequences, read_documents, sequences_from_token_ids, tokenize
 from .dataset import LogitDataset, collate
 from .encode import EncodedRows, encode_rows
@@ -27,6 +35,8 @@ from .errors import (
     TeacherError,
     UnsupportedVersionError,
 )
+from .export import export_jsonl, sequence_records
+from .generation import GenerationSettings, Prompt, generate, read_prompts
 from .info import store_info
 from .metadata import FORMAT_VERSION, Encoding, Layout, StoreMetadata
 from .reader import Batch, LogitStore, StoreBase, open
@@ -37,10 +47,12 @@ from .writer import StoreWriter
 __all__ = [
     "FORMAT_VERSION",
     "Batch",
+    "CodistillStep",
     "CorruptStoreError",
     "EncodedRows",
     "Encoding",
     "FormatError",
+    "GenerationSettings",
     "IncompleteStoreError",
     "InputError",
     "Layout",
@@ -48,6 +60,8 @@ __all__ = [
     "LogitStore",
     "LogitStoreError",
     "PositionError",
+    "Prompt",
+    "Recording",
     "RemoteStore",
     "ResumeMismatchError",
     "Sequences",
@@ -62,15 +76,23 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "capture",
+    "codistill",
+    "codistillation_step",
     "collate",
     "encode_rows",
+    "export_jsonl",
+    "generate",
     "load_teacher",
     "losses",
     "open",
     "protocol",
     "read_documents",
+    "read_prompts",
+    "record_teacher",
+    "sequence_records",
     "sequences_from_token_ids",
     "store_info",
     "tokenize",
     "verify",
+    "window_batches",
 ]

@@ -63,7 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .capture import load_teacher, resolve_device
-    from .generate import GenerationSettings, generate, journal_path, read_prompts
+    from .generation import GenerationSettings, generate, journal_path, read_prompts
     from .metadata import Encoding, Layout
     from .writer import check_target
 

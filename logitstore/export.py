@@ -13,7 +13,7 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import LogitStoreError
-from .generate import finish_reason
+from .generation import finish_reason
 from .reader import StoreBase
 
 __all__ = ["export_jsonl", "sequence_records"]

@@ -36,6 +36,7 @@ __all__ = [
     "codistillation_loss",
     "cross_entropy",
     "forward_kl",
+    "logit_kl",
     "reverse_kl",
     "teacher_argmax",
 ]
@@ -194,6 +195,29 @@ def reverse_kl(
     rows = _chunked(
         _reverse_kl_rows, student_logits, (ids, probs, residual), temperature, chunk_size
     )
+    return _reduce(rows, mask, reduction) * temperature**2
+
+
+def logit_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    reduction: Reduction = "token_mean",
+) -> torch.Tensor:
+    """KL(teacher ‖ student) over the whole vocabulary, from both models' logits ``(B, T, V)``:
+    online distillation, where the teacher runs beside the student (co-distillation).
+
+    ``teacher_logits`` is detached here: no gradient of this loss reaches the teacher. Both
+    sides are divided by ``temperature``; the result is multiplied by T².
+    """
+    z_s = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    z_t = teacher_logits.detach().to(torch.float32)
+    log_q = torch.log_softmax(z_s / temperature, dim=-1)
+    log_p = torch.log_softmax(z_t / temperature, dim=-1)
+    p = log_p.exp()
+    rows = torch.where(p > 0, p * (log_p - log_q), 0).sum(-1)  # (B, T); 0·log 0 = 0
     return _reduce(rows, mask, reduction) * temperature**2
 
 
