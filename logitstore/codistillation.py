@@ -116,7 +116,7 @@ def codistillation_step(
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
     student_optimizer.step()
-    return CodistillStep(step, alpha, float(t_ce), float(ce), float(kd), float(loss))
+    return CodistillStep(step, alpha, t_ce.item(), ce.item(), kd.item(), loss.item())
 
 
 def window_batches(

@@ -107,11 +107,14 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     seqs = logitstore.sequences_from_token_ids(
         [rng.integers(0, VOCAB, rng.integers(2, 400)) for _ in range(150)], 128
     )
+    mask = rng.integers(0, 2, len(seqs.input_ids)).astype(np.uint8)
     out = {}
     for name, enc in (
         ("topk", Encoding("topk", "u8", k=16)),
         ("full", Encoding("full", "fp16")),
         ("sampled", Encoding("sampled", "count", samples=32)),
+        ("masked", Encoding("topk", "u8", k=16)),  # format 1.1: with a loss mask
+        ("tokens", Encoding("none", "none")),  # format 1.1: tokens only, with a loss mask
     ):
         out[name] = logitstore.capture(
             _table_teacher(),
@@ -121,6 +124,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             progress=False,
             chunk_positions=256,
             shard_positions=4096,
+            loss_mask=mask if name in ("masked", "tokens") else None,
         )
     return out
 
@@ -171,11 +175,15 @@ def test_remote_reads_are_bit_identical_to_local(server: Server, stores) -> None
     assert {name: _files(p) for name, p in stores.items()} == before  # read-only
 
 
-def test_dataset_over_http_yields_the_local_samples(server: Server, stores) -> None:
-    remote = logitstore.LogitDataset(server.url("topk"), 64, seed=3, block_positions=4096)
-    local = logitstore.LogitDataset(stores["topk"], 64, seed=3, block_positions=4096)
+@pytest.mark.parametrize("name", ["topk", "masked", "tokens"])
+def test_dataset_over_http_yields_the_local_samples(server: Server, stores, name: str) -> None:
+    remote = logitstore.LogitDataset(server.url(name), 64, seed=3, block_positions=4096)
+    local = logitstore.LogitDataset(stores[name], 64, seed=3, block_positions=4096)
+    masked = 0
     for got, want in zip(remote, local, strict=True):
         assert all(torch.equal(got[k], want[k]) for k in got)
+        masked += int((~got["loss_mask"] & (got["attention_mask"] > 0)).sum())
+    assert (masked > 0) == (name != "topk")
 
 
 def test_endpoints(server: Server, stores) -> None:
