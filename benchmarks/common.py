@@ -15,7 +15,7 @@ import zarr
 
 import logitstore
 
-__all__ = ["md_table", "pyplot", "run_meta", "write_results"]
+__all__ = ["compose_results_md", "md_table", "pyplot", "run_meta", "write_results"]
 
 
 def run_meta(script: str, argv: list[str]) -> dict[str, Any]:
@@ -69,3 +69,18 @@ def pyplot() -> Any:
         print("matplotlib is not installed: no plot (pip install -e '.[dev]')", file=sys.stderr)
         return None
     return plt
+
+
+def compose_results_md(bench_dir: Path) -> None:
+    """benchmarks/RESULTS.md: the trade-off study (tradeoff.py) with its plots, then the
+    distillation-methods comparison (methods.py), each as its script last wrote it."""
+    results = bench_dir / "results"
+    parts = []
+    if (results / "tradeoff.md").exists():
+        parts.append(
+            (results / "tradeoff.md").read_text() + "\n![KL frontier](results/tradeoff_kl.png)\n"
+            "![students](results/tradeoff_student.png)\n"
+        )
+    if (results / "methods.md").exists():
+        parts.append((results / "methods.md").read_text().replace("# ", "## ", 1))
+    (bench_dir / "RESULTS.md").write_text("\n".join(parts))

@@ -39,7 +39,13 @@ from logitstore import Encoding, LogitDataset, collate, losses
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import md_table, pyplot, run_meta, write_results  # noqa: E402  (sibling module)
+from common import (  # noqa: E402  (sibling module)
+    compose_results_md,
+    md_table,
+    pyplot,
+    run_meta,
+    write_results,
+)
 from teacher import ensure_teacher, held_out_documents  # noqa: E402
 
 SWEEP: list[tuple[str, Encoding]] = (
@@ -214,21 +220,11 @@ def sweep(
     return rows
 
 
-def train_student(
-    args: argparse.Namespace,
-    mode: str,
-    store: Path | None,
-    base: Path,
-    eval_store: Path,
-    teacher: logitstore.Teacher,
-    seed: int,
-) -> float:
-    """Train the student for ``args.student_steps`` on the windows of ``base`` (the same
-    batches for every mode) and return its held-out CE on ground truth."""
+def make_student(args: argparse.Namespace, vocab: int, seed: int) -> Any:
+    """The study's student (GPT-2, ``--student-layers`` × ``--student-embd``, no dropout)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    vocab = teacher.vocab_size
     cfg = GPT2Config(
         vocab_size=vocab,
         n_positions=args.seq_len,
@@ -241,7 +237,44 @@ def train_student(
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(cfg)
+    return GPT2LMHeadModel(cfg)
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """20 steps of linear warm-up, then cosine decay to 0 (a factor of the base lr)."""
+    return min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def held_out_ce(model: Any, eval_store: Path, args: argparse.Namespace) -> float:
+    """Cross-entropy on the ground truth of ``eval_store``'s text."""
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for b in torch.utils.data.DataLoader(
+            LogitDataset(eval_store, args.seq_len, shuffle=False),
+            batch_size=args.batch,
+            collate_fn=collate,
+        ):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total += float(losses.cross_entropy(logits, b["labels"], reduction="sum"))
+            count += float((b["labels"] >= 0).sum())
+    model.train()
+    return total / count
+
+
+def train_student(
+    args: argparse.Namespace,
+    mode: str,
+    store: Path | None,
+    base: Path,
+    eval_store: Path,
+    teacher: logitstore.Teacher,
+    seed: int,
+) -> float:
+    """Train the student for ``args.student_steps`` on the windows of ``base`` (the same
+    batches for every mode; or of ``store`` where it holds other text) and return its
+    held-out CE on ground truth."""
+    model = make_student(args, teacher.vocab_size, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     data = LogitDataset(store or base, args.seq_len, seed=seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch, collate_fn=collate)
@@ -249,12 +282,7 @@ def train_student(
     while step < args.student_steps:
         data.set_epoch(epoch)
         for b in loader:
-            lr = (
-                args.lr
-                * min(1.0, (step + 1) / 20)
-                * 0.5
-                * (1 + math.cos(math.pi * step / args.student_steps))
-            )
+            lr = args.lr * lr_factor(step, args.student_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -280,18 +308,7 @@ def train_student(
             if step >= args.student_steps:
                 break
         epoch += 1
-    model.eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for b in torch.utils.data.DataLoader(
-            LogitDataset(eval_store, args.seq_len, shuffle=False),
-            batch_size=args.batch,
-            collate_fn=collate,
-        ):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(losses.cross_entropy(logits, b["labels"], reduction="sum"))
-            count += float((b["labels"] >= 0).sum())
-    return total / count
+    return held_out_ce(model, eval_store, args)
 
 
 def students(
@@ -478,10 +495,7 @@ def report(
         body,
     )
     # The issue's named outputs: RESULTS.md and results.json beside the scripts.
-    (args.out_dir / "RESULTS.md").write_text(
-        (args.out_dir / "results" / "tradeoff.md").read_text()
-        + "\n![KL frontier](results/tradeoff_kl.png)\n![students](results/tradeoff_student.png)\n"
-    )
+    compose_results_md(args.out_dir)
     import json
 
     flat = [

@@ -101,6 +101,7 @@ def codistillation_step(
     student.train()
     t_logits = teacher(**inputs).logits  # (B, T, V)
     t_ce = cross_entropy(t_logits, labels, mask)
+    _check_finite(t_ce, "teacher", step)
     teacher_optimizer.zero_grad(set_to_none=True)
     t_ce.backward()  # type: ignore[no-untyped-call]
     if max_grad_norm is not None:
@@ -111,12 +112,32 @@ def codistillation_step(
     kd = logit_kl(s_logits, t_logits.detach(), kd_mask, temperature=temperature)
     ce = cross_entropy(s_logits, labels, mask)
     loss = alpha * kd + (1 - alpha) * ce
+    _check_finite(loss, "student", step)
     student_optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
     student_optimizer.step()
     return CodistillStep(step, alpha, t_ce.item(), ce.item(), kd.item(), loss.item())
+
+
+def _check_finite(loss: torch.Tensor, who: str, step: int) -> None:
+    # Raised before the update, so the weights (and the last checkpoint) stay usable.
+    if not torch.isfinite(loss):
+        raise LogitStoreError(
+            f"the {who}'s loss is {loss.item()} at step {step}: training diverged. Lower its "
+            "learning rate, or clip gradients (max_grad_norm), and resume from the checkpoint"
+        )
+
+
+def _check_trainable(model: torch.nn.Module, who: str) -> None:
+    half = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
+    if half:
+        raise LogitStoreError(
+            f"the {who} has float16 weights ({half[0]}, ...): optimizer updates underflow and "
+            "overflow in float16. Load it in float32 (from_pretrained(..., dtype=torch.float32))"
+            " and use autocast for speed"
+        )
 
 
 def window_batches(
@@ -196,6 +217,8 @@ def codistill(
     """
     if steps < 1 or checkpoint_every < 1:
         raise LogitStoreError(f"need steps >= 1 and checkpoint_every >= 1, got {steps}")
+    _check_trainable(teacher, "teacher")
+    _check_trainable(student, "student")
     ckpt = None if checkpoint is None else Path(checkpoint)
     done = 0
     if ckpt is not None and ckpt.exists():

@@ -32,7 +32,7 @@ def _student(vocab: int) -> GPT2LMHeadModel:
 
 
 def _models(teacher_dir: Path) -> tuple[Any, GPT2LMHeadModel]:
-    t = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    t = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     for m in t.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -119,6 +119,19 @@ def _files(root: Path) -> dict[str, bytes]:
     }
 
 
+def test_a_diverged_loss_stops_before_the_update(teacher_dir: Path, corpus) -> None:
+    teacher, student = _models(teacher_dir)
+    t_opt, s_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (teacher, student))
+    with torch.no_grad():
+        teacher.lm_head.weight[0, 0] = float("nan")
+    before = copy.deepcopy(teacher.state_dict())
+    batch = logitstore.window_batches(corpus, 2, 16)(0)
+    with pytest.raises(logitstore.LogitStoreError, match="teacher's loss is nan at step 0"):
+        logitstore.codistillation_step(teacher, student, batch, 0.5, t_opt, s_opt)
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+
+
 def test_a_resumed_run_equals_an_uninterrupted_one(
     teacher_dir: Path, corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,6 +173,12 @@ def test_a_checkpoint_of_another_run_is_refused(teacher_dir: Path, corpus, tmp_p
             teacher, student, *opts, logitstore.window_batches(corpus, 2, 16), 9,
             checkpoint=tmp_path / "a" / "ckpt.pt", progress=False,
         )  # fmt: skip
+    with pytest.raises(logitstore.LogitStoreError, match="float16 weights"):
+        logitstore.codistill(
+            teacher.half(), student, *opts, logitstore.window_batches(corpus, 2, 16), 9,
+            progress=False,
+        )  # fmt: skip
+    teacher.float()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(logitstore.LogitStoreError, match="remove it to start again"):
         logitstore.codistill(
