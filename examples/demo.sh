@@ -7,7 +7,11 @@
 #   4. print what the store holds, verify it, and show what the teacher thought at a position,
 #   5. serve both stores over HTTP (logitstore serve, on 127.0.0.1) and train a small student
 #      from them over the network (examples/train_student.py), reporting held-out perplexity
-#      and KL to the teacher on the second store, of other held-out files.
+#      and KL to the teacher on the second store, of other held-out files,
+#   6. hard labels: the teacher completes prompts (the start of each training file) into a
+#      store with a loss mask over the completions, exported as JSON lines,
+#   7. co-distillation: the teacher keeps training beside a new student for a few steps,
+#      recording its distributions over the evaluation text into a store.
 # Output goes to out/demo (override with OUT=...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,3 +48,28 @@ rm -rf "$out/student"
 $py examples/train_student.py --store "http://127.0.0.1:$port/v1/stores/teacher.zarr" \
   --eval-store "http://127.0.0.1:$port/v1/stores/eval.zarr" \
   --out "$out/student" --steps 300 --eval-every 100
+echo
+# 6. Hard labels: the prompts are the first 160 characters of each training document.
+$py -c '
+import json, sys
+with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
+    for line in f:
+        out.write(json.dumps({"prompt": json.loads(line)["text"][:160]}) + "\n")
+' "$out/train.jsonl" "$out/prompts.jsonl"
+$cli generate --teacher examples/teacher --prompts "$out/prompts.jsonl" --out "$out/generated.zarr" \
+  --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --num-samples 2 --stop $'\n\n\n' \
+  --batch-size 16 --device cpu --overwrite
+echo
+$cli info "$out/generated.zarr"
+$cli export "$out/generated.zarr" --jsonl --out "$out/generated.jsonl"
+$py -c '
+import json, sys
+r = json.loads(open(sys.argv[1]).readline())
+print("first completion:", repr(r["completion"][:160]), "| finish:", r["finish_reason"])
+' "$out/generated.jsonl"
+echo
+# 7. Co-distillation: 40 steps, recording the teacher's distributions at the end.
+rm -rf "$out/codistill"
+$py examples/codistill.py --data "$out/train.jsonl" --eval-data "$out/eval.jsonl" \
+  --out "$out/codistill" --steps 40 --record-every 40 --no-progress
+$cli info "$out/codistill/records/teacher-step000040.zarr" | head -n 4

@@ -259,6 +259,12 @@ def _show(args: argparse.Namespace) -> int:
         print(f"next token in the data: {_token(tok, actual)} (id {actual})")
     else:
         print("next token in the data: (end of sequence)")
+    if row.loss_mask is not None and store.metadata.has_loss_mask:
+        counts = "yes" if row.loss_mask[0] else "no (masked: e.g. a prompt of a generated store)"
+        print(f"this prediction counts for training: {counts}")
+    if enc.kind == "none":
+        print("the store holds tokens only (hard labels): no teacher distribution to show")
+        return 0
     probs, ids = row.probs[0], row.ids[0]
     order = np.argsort(-probs, kind="stable")[: args.top]
     print(f"teacher's top candidates ({enc.kind}, values {enc.values}, T={enc.temperature}):")

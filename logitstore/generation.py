@@ -408,7 +408,11 @@ def _generate_batch(
         options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     config = GenerationConfig(**options)  # type: ignore[no-untyped-call]
     device = teacher.device
-    devices = [device] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(_batch_seed(settings.seed, batch))
         out = teacher.model.generate(

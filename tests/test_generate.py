@@ -239,3 +239,5 @@ def test_cli_generate_then_export(teacher_dir: Path, tmp_path: Path) -> None:
     info = _cli("info", str(out))
     assert "loss mask" in info.stdout and "generation" in info.stdout
     assert _cli("verify", str(out), "--no-progress").returncode == 0
+    shown = _cli("show", str(out), "--position", "1")
+    assert shown.returncode == 0 and "counts for training: no" in shown.stdout
