@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="checkpoint and exit after this step; rerun the command to continue",
     )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -110,7 +113,7 @@ def held_out_ce(model: torch.nn.Module, seqs: logitstore.Sequences, seq_len: int
     for a, b in zip(seqs.offsets[:-1], seqs.offsets[1:], strict=True):
         for s in range(int(a), int(b) - 1, seq_len - 1):
             e = min(s + seq_len, int(b))
-            ids = torch.from_numpy(seqs.input_ids[s:e])[None]
+            ids = torch.from_numpy(seqs.input_ids[s:e])[None].to(next(model.parameters()).device)
             logits = model(input_ids=ids).logits[:, :-1]
             total += float(losses.cross_entropy(logits, ids[:, 1:], reduction="sum"))
             count += e - s - 1
@@ -123,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    teacher_info = logitstore.load_teacher(args.teacher, "cpu")
+    # float32 weights: both models train (optimizer updates vanish in 16-bit weights)
+    teacher_info = logitstore.load_teacher(args.teacher, args.device, "float32")
+    device = teacher_info.device
     tokenizer, teacher = teacher_info.tokenizer, teacher_info.model
     for module in teacher.modules():  # dropout off: exact resume
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     vocab = teacher_info.vocab_size
-    student = make_student(vocab, args)
+    student = make_student(vocab, args).to(device)
     seq_len = min(args.seq_len, teacher_info.max_length or args.seq_len)
     train = logitstore.tokenize(logitstore.read_documents(args.data), tokenizer, None)
     held = (

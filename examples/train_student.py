@@ -126,12 +126,14 @@ def evaluate(model: GPT2LMHeadModel, store: str, args: argparse.Namespace) -> di
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ce_sum += losses.cross_entropy(logits, batch["labels"], reduction="sum").item()
         ce_tokens += (batch["labels"] >= 0).sum().item()
-        targets = (batch["ids"], batch["probs"], batch["residual"], batch["loss_mask"])
-        kl_sum += losses.forward_kl(logits, *targets, reduction="sum").item()  # at T = 1
-        kl_tokens += batch["loss_mask"].sum().item()
+        if batch["ids"].shape[-1] > 0:  # a store with distributions
+            targets = (batch["ids"], batch["probs"], batch["residual"], batch["loss_mask"])
+            kl_sum += losses.forward_kl(logits, *targets, reduction="sum").item()  # at T = 1
+            kl_tokens += batch["loss_mask"].sum().item()
     model.train()
     ce = ce_sum / max(ce_tokens, 1)
-    return {"eval_ce": ce, "eval_ppl": math.exp(ce), "eval_kl": kl_sum / max(kl_tokens, 1)}
+    kl = kl_sum / kl_tokens if kl_tokens else float("nan")
+    return {"eval_ce": ce, "eval_ppl": math.exp(ce), "eval_kl": kl}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(
             "--kd reverse needs a topk or full store: a sampled store's zero residual "
             "would penalise every token that was not drawn"
+        )
+    if store.encoding.kind == "none" and args.alpha > 0:
+        sys.exit(
+            f"{args.store} holds tokens only (hard labels, e.g. from `logitstore generate`), "
+            "no teacher distributions to distil from: train on it with --alpha 0"
         )
     model = make_student(store.vocab_size, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)

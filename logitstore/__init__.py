@@ -4,10 +4,10 @@ Write a store once from a teacher, read it from any number of student runs::
 
     import logitstore
     store = logitstore.open("teacher.zarr")
-    batch = store.read(0, 4096)        # input_ids (n,), ids (n, k), probs (n, k), residual (n,)
+    batch = store.read(0, 4096)   # input_ids (n,), ids, probs (n, k), residual, loss_mask (n,)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import losses, protocol
 from .capture import Teacher, capture, load_teacher

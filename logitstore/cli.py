@@ -60,8 +60,6 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .capture import load_teacher, resolve_device
     from .generation import GenerationSettings, generate, journal_path, read_prompts
     from .metadata import Encoding, Layout
@@ -85,15 +83,17 @@ def _generate(args: argparse.Namespace) -> int:
             k=args.k,
             samples=args.samples,
         )
-        Layout.choose(soft, 65536, args.chunk_positions, args.shard_positions)
+    Layout.choose(  # sizes valid? (checked before hours of generation, not after)
+        soft or Encoding("none", "none"), 65536, args.chunk_positions, args.shard_positions
+    )
     device = resolve_device(args.device)
     check_target(args.out, args.overwrite)  # before the teacher is loaded
     prompts = read_prompts(args.prompts)
     teacher = load_teacher(args.teacher, device, args.dtype)
-    resuming = journal_path(args.out).exists() and not args.overwrite
+    resuming = journal_path(args.out).exists()
     print(
         f"{len(prompts)} prompt(s) × {settings.num_samples} sample(s); teacher {teacher.name} "
-        f"on {device}{'; resuming the interrupted run' if resuming else ''}",
+        f"on {device}{'; found the journal of an unfinished run' if resuming else ''}",
         file=sys.stderr,
     )
     out = generate(
@@ -102,7 +102,6 @@ def _generate(args: argparse.Namespace) -> int:
         args.out,
         settings,
         soft=soft,
-        prompts_name=Path(args.prompts).name,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         chunk_positions=args.chunk_positions,
@@ -209,7 +208,7 @@ def _generation_summary(gen: dict[str, Any]) -> str:
     )
     stop = f", stop {gen['stop']}" if gen.get("stop") else ""
     return (
-        f"{gen['prompts']['count']} prompt(s) from {gen['prompts'].get('name')} × "
+        f"{gen['prompts']['count']} prompt(s) × "
         f"{gen['num_samples']}, ≤ {gen['max_new_tokens']} new tokens, {sampling}{stop}, "
         f"seed {gen['seed']}"
     )

@@ -95,21 +95,25 @@ def codistillation_step(
     """
     if not 0.0 <= alpha <= 1.0:
         raise LogitStoreError(f"alpha must be in [0, 1], got {alpha}")
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    labels, mask = batch["labels"], batch.get("loss_mask")
+    t_dev, s_dev = _device(teacher), _device(student)
+    keys = ("input_ids", "attention_mask", "labels", "loss_mask")
+    on_t = {k: batch[k].to(t_dev) for k in keys if k in batch}
+    on_s = {k: v.to(s_dev) for k, v in on_t.items()}
     teacher.train()
     student.train()
-    t_logits = teacher(**inputs).logits  # (B, T, V)
-    t_ce = cross_entropy(t_logits, labels, mask)
+    t_logits = teacher(input_ids=on_t["input_ids"], attention_mask=on_t["attention_mask"]).logits
+    t_ce = cross_entropy(t_logits, on_t["labels"], on_t.get("loss_mask"))
     _check_finite(t_ce, "teacher", step)
     teacher_optimizer.zero_grad(set_to_none=True)
     t_ce.backward()  # type: ignore[no-untyped-call]
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(teacher.parameters(), max_grad_norm)
     teacher_optimizer.step()
-    s_logits = student(**inputs).logits  # (B, T, V)
+    s_logits = student(input_ids=on_s["input_ids"], attention_mask=on_s["attention_mask"]).logits
+    labels, mask = on_s["labels"], on_s.get("loss_mask")
     kd_mask = labels >= 0 if mask is None else (labels >= 0) & (mask > 0)
-    kd = logit_kl(s_logits, t_logits.detach(), kd_mask, temperature=temperature)
+    target = t_logits.detach().to(s_dev)  # (B, T, V)
+    kd = logit_kl(s_logits, target, kd_mask, temperature=temperature)
     ce = cross_entropy(s_logits, labels, mask)
     loss = alpha * kd + (1 - alpha) * ce
     _check_finite(loss, "student", step)
@@ -130,14 +134,22 @@ def _check_finite(loss: torch.Tensor, who: str, step: int) -> None:
         )
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    params = list(model.parameters())
+    return params[0].device if params else torch.device("cpu")
+
+
 def _check_trainable(model: torch.nn.Module, who: str) -> None:
-    half = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
+    half = [(n, p.dtype) for n, p in model.named_parameters() if p.dtype in _HALF_DTYPES]
     if half:
         raise LogitStoreError(
-            f"the {who} has float16 weights ({half[0]}, ...): optimizer updates underflow and "
-            "overflow in float16. Load it in float32 (from_pretrained(..., dtype=torch.float32))"
-            " and use autocast for speed"
+            f"the {who} has {str(half[0][1]).removeprefix('torch.')} weights ({half[0][0]}, "
+            "...): most optimizer updates vanish (or overflow) at 16 bits. Load it in float32 "
+            "(from_pretrained(..., dtype=torch.float32)) and use autocast for speed"
         )
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def window_batches(
@@ -274,10 +286,7 @@ def codistill(
 def record_teacher(teacher: torch.nn.Module, record: Recording, step: int) -> Path:
     """Write the teacher's distributions over ``record.sequences`` at ``step`` into
     ``record.out_dir/teacher-step{step:06d}.zarr`` (resuming an interrupted one)."""
-    params = list(teacher.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    was_training = teacher.training
-    teacher.eval()
+    device = _device(teacher)
 
     def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -296,6 +305,8 @@ def record_teacher(teacher: torch.nn.Module, record: Recording, step: int) -> Pa
     existing = _complete_digest(out)
     if existing == wrapped.extra["weights_digest"]:
         return out  # recorded before a crash, by the same weights: a resumed run replays them
+    was_training = teacher.training
+    teacher.eval()
     try:
         return capture(
             wrapped,
@@ -328,7 +339,7 @@ def _state_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
 

@@ -54,7 +54,7 @@ def sequence_records(store: StoreBase, *, ids: bool = False) -> Iterator[dict[st
             record["prompt"], record["completion"] = text(prompt), text(completion)
             record["prompt_tokens"], record["completion_tokens"] = len(prompt), len(completion)
             if gen:
-                record["finish_reason"] = finish_reason(completion.tolist(), gen, tok)
+                record["finish_reason"] = finish_reason(completion.tolist(), gen)
             if ids:
                 record["prompt_ids"] = prompt.tolist()
                 record["completion_ids"] = completion.tolist()

@@ -66,7 +66,8 @@ class GenerationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -75,6 +76,11 @@ class GenerationSettings:
             raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
             raise InputError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise InputError(
+                f"--num-samples {self.num_samples} with --temperature 0 (greedy) would store "
+                "identical copies; sample with a temperature > 0, or use one sample"
+            )
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if any(not s for s in self.stop):
@@ -149,7 +155,6 @@ def generate(
     settings: GenerationSettings | None = None,
     *,
     soft: Encoding | None = None,
-    prompts_name: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     chunk_positions: int | None = None,
@@ -159,7 +164,12 @@ def generate(
     ``out``: prompt + completion per sequence, a loss mask over the completion, and with
     ``soft`` the teacher's distributions at every position.
 
-    Sequence ``s`` is sample ``s % num_samples`` of prompt ``s // num_samples``.
+    Sequence ``s`` is sample ``s % num_samples`` of prompt ``s // num_samples``. Only the
+    settings here shape the text: the model's own generation defaults (repetition penalty,
+    top-k, ...) are not applied; its end-of-text tokens are (with the tokenizer's).
+    ``overwrite`` replaces a complete store at ``out``; completions an interrupted run of
+    these same settings left in the journal are kept either way (they are what this run
+    would generate).
 
     Raises:
         TeacherError: the teacher has no Hugging Face model or tokenizer, or a prompt plus
@@ -181,7 +191,7 @@ def generate(
         soft.check_vocab(teacher.vocab_size)
         if soft.kind == "none":
             soft = None
-    check_target(out, overwrite)
+    interrupted = check_target(out, overwrite)
     items = [
         p if isinstance(p, Prompt) else Prompt(p, f"prompt {i}") for i, p in enumerate(prompts)
     ]
@@ -189,8 +199,8 @@ def generate(
         raise InputError("no prompts to generate from")
     tokenizer = teacher.tokenizer
     prompt_ids = _tokenize_prompts(items, tokenizer, teacher, settings)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    eos = _eos_ids(teacher.model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     tok_ident, _ = tokenizer_identity(tokenizer)
     digest = hashlib.sha256(
         json.dumps([p.text for p in items], ensure_ascii=False).encode()
@@ -198,14 +208,17 @@ def generate(
     generation = {
         **asdict(settings),
         "stop": list(settings.stop),
-        "prompts": {
-            "name": prompts_name,
-            "sha256": digest,
-            "count": len(items),
-        },
-        "eos_token_id": eos,
+        "prompts": {"sha256": digest, "count": len(items)},
+        "eos_token_ids": eos,
         "prompt_order": "prompt-major",
     }
+    if interrupted is not None and (
+        interrupted.generation != generation or interrupted.teacher != teacher.provenance()
+    ):
+        raise ResumeMismatchError(
+            f"{str(out)!r} holds an interrupted store generated from other prompts, teacher or "
+            "settings; rerun that command to finish it, or pass --overwrite to replace it"
+        )
     key = _journal_key(generation, teacher, tok_ident["vocab_hash"], prompt_ids)
     rows = [(i, j) for i in range(len(items)) for j in range(settings.num_samples)]
     # Longest prompts first: little padding per batch, and the largest batch comes first.
@@ -214,9 +227,7 @@ def generate(
         order[b : b + settings.batch_size] for b in range(0, len(order), settings.batch_size)
     ]
     journal = journal_path(out)
-    if overwrite:
-        journal.unlink(missing_ok=True)
-    done = _read_journal(journal, key)
+    done = _read_journal(journal, key, [len(b) for b in batches], discard_other=overwrite)
     completions: dict[int, list[int]] = {}
     for b, got in done.items():
         completions.update(zip(batches[b], got, strict=True))
@@ -301,9 +312,12 @@ def _journal_key(
     return "sha256:" + h.hexdigest()
 
 
-def _read_journal(path: Path, key: str) -> dict[int, list[list[int]]]:
+def _read_journal(
+    path: Path, key: str, batch_rows: list[int], *, discard_other: bool
+) -> dict[int, list[list[int]]]:
     """The batches an earlier, interrupted run finished. A torn last line (the run was killed
-    while writing it) is cut off."""
+    while writing it) is cut off. A journal of another run is an error, or with
+    ``discard_other`` (``--overwrite``) deleted."""
     if not path.exists():
         return {}
     done: dict[int, list[list[int]]] = {}
@@ -317,14 +331,25 @@ def _read_journal(path: Path, key: str) -> dict[int, list[list[int]]]:
             except ValueError:
                 break
             if n == 0:
-                if obj.get("key") != key:
+                if not isinstance(obj, dict) or obj.get("key") != key:
+                    if discard_other:
+                        path.unlink()
+                        return {}
                     raise ResumeMismatchError(
                         f"{str(path)!r} holds completions of an interrupted run with other "
-                        "prompts, teacher or settings; rerun that command to finish it, or "
-                        "pass --overwrite to start again"
+                        "prompts, teacher or settings (or is not a journal of logitstore "
+                        "generate); rerun that command to finish it, or pass --overwrite to "
+                        "start again"
                     )
             else:
-                done[int(obj["batch"])] = obj["completions"]
+                b, got = _journal_entry(obj, batch_rows)
+                if b is None:
+                    raise ResumeMismatchError(
+                        f"{str(path)!r} line {n + 1} is not a batch of this run's completions "
+                        "(the journal was edited or damaged); delete it, or pass --overwrite, "
+                        "to generate again"
+                    )
+                done[b] = got
             good += len(line)
     if good == 0:
         path.unlink()
@@ -332,6 +357,31 @@ def _read_journal(path: Path, key: str) -> dict[int, list[list[int]]]:
     with path.open("r+b") as f:
         f.truncate(good)
     return done
+
+
+def _journal_entry(obj: Any, batch_rows: list[int]) -> tuple[int | None, list[list[int]]]:
+    """``(batch, completions)`` of a journal line, or ``(None, [])`` if it is malformed."""
+    if not isinstance(obj, dict):
+        return None, []
+    b, got = obj.get("batch"), obj.get("completions")
+    if not isinstance(b, int) or not 0 <= b < len(batch_rows) or not isinstance(got, list):
+        return None, []
+    if len(got) != batch_rows[b] or not all(
+        isinstance(c, list) and all(isinstance(t, int) for t in c) for c in got
+    ):
+        return None, []
+    return b, got
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-text ids: the model's (a chat model may have several) and the tokenizer's."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for x in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in x if isinstance(x, list | tuple) else [x]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
 
 
 class _StopStrings:
@@ -385,7 +435,7 @@ def _generate_batch(
     settings: GenerationSettings,
     batch: int,
     pad: int,
-    eos: int | None,
+    eos: list[int],
     stopper: _StopStrings | None,
 ) -> list[list[int]]:
     """Completions (trimmed token lists) of one batch of prompts, left-padded together."""
@@ -401,7 +451,7 @@ def _generate_batch(
         "max_new_tokens": settings.max_new_tokens,
         "do_sample": not settings.greedy,
         "pad_token_id": pad,
-        "eos_token_id": eos,
+        "eos_token_id": eos or None,
         "use_cache": True,
     }
     if not settings.greedy:
@@ -413,19 +463,30 @@ def _generate_batch(
         if device.type == "cuda"
         else []
     )
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(_batch_seed(settings.seed, batch))
-        out = teacher.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            generation_config=config,
-            stopping_criteria=stopper.criteria(width) if stopper else None,
-        )
+    model = teacher.model
+    # Only the settings above shape the text (they are what the store records): generate()
+    # fills every unset field from the model's generation_config, so hide it meanwhile.
+    saved = getattr(model, "generation_config", None)
+    try:
+        if saved is not None:
+            model.generation_config = GenerationConfig()  # type: ignore[no-untyped-call]
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(_batch_seed(settings.seed, batch))
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                stopping_criteria=stopper.criteria(width) if stopper else None,
+            )
+    finally:
+        if saved is not None:
+            model.generation_config = saved
     completions = []
     for row in out[:, width:].tolist():
         end = len(row)
-        if eos is not None and eos in row:
-            end = row.index(eos) + 1  # the end-of-text token is kept: students learn to stop
+        ends = [i for i, t in enumerate(row) if t in eos]
+        if ends:
+            end = ends[0] + 1  # the end-of-text token is kept: students learn to stop
         if stopper is not None:
             at = stopper.end(row[:end])
             end = at if at is not None else end
@@ -433,14 +494,12 @@ def _generate_batch(
     return completions
 
 
-def finish_reason(completion: Sequence[int], generation: dict[str, Any], tokenizer: Any) -> str:
-    """Why a stored completion ended: ``eos``, ``stop`` (a stop string) or ``length``."""
-    eos = generation.get("eos_token_id")
-    if completion and eos is not None and completion[-1] == eos:
+def finish_reason(completion: Sequence[int], generation: dict[str, Any]) -> str:
+    """Why a stored completion ended: ``eos`` (an end-of-text token, kept as its last
+    token), ``stop`` (a stop string: the only other way to end before ``max_new_tokens``)
+    or ``length``."""
+    if completion and completion[-1] in (generation.get("eos_token_ids") or []):
         return "eos"
-    stop = generation.get("stop") or []
-    if stop and tokenizer is not None:
-        text = tokenizer.decode(list(completion))
-        if any(s in text for s in stop):
-            return "stop"
+    if len(completion) < int(generation["max_new_tokens"]):
+        return "stop"
     return "length"

@@ -17,12 +17,7 @@ def store_info(store: StoreBase) -> dict[str, Any]:
     """
     md = store.metadata
     nbytes = store.nbytes_stored()
-    counted = None
-    if md.has_loss_mask and md.state == "complete":
-        counted = sum(
-            int(store.read_tokens(a, min(a + (1 << 22), len(store)))[1].sum())
-            for a in range(0, len(store), 1 << 22)
-        )
+    counted = store.loss_mask_positions() if md.state == "complete" else None
     full_bf16 = md.num_positions * md.vocab_size * 2
     return {
         "path": str(store.path),

@@ -110,6 +110,12 @@ def _chunked(
     chunk_size: int | None,
 ) -> torch.Tensor:
     """Per-position losses ``(B, T)``, computed ``chunk_size`` positions at a time."""
+    if tensors[0].shape[-1] == 0:
+        raise ValueError(
+            "the teacher targets have no candidates (m = 0): a tokens-only store (hard labels "
+            "from `logitstore generate`) has no distributions to distil from; train on it with "
+            "cross_entropy(logits, batch['labels'])"
+        )
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])  # (n, V)
     parts = [t.reshape(flat.shape[0], *t.shape[len(shape) :]) for t in tensors]

@@ -98,6 +98,16 @@ class StoreBase:
         assert b.loss_mask is not None
         return b.input_ids, b.loss_mask
 
+    def loss_mask_positions(self) -> int | None:
+        """How many positions count for training (``None`` for stores without a mask)."""
+        if not self.metadata.has_loss_mask:
+            return None
+        step = 1 << 22
+        return sum(
+            int(self.read_tokens(a, min(a + step, len(self)))[1].sum())
+            for a in range(0, len(self), step)
+        )
+
     def sequence(self, index: int) -> Batch:
         """Decode all positions of sequence ``index`` (one teacher context)."""
         if not 0 <= index < self.num_sequences:

@@ -226,6 +226,10 @@ class RemoteStore(StoreBase):
             return None
         return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
 
+    def loss_mask_positions(self) -> int | None:
+        count = self.info.get("loss_mask_positions")  # the server counted it once, at start
+        return None if count is None else int(count)
+
     def committed(self) -> np.ndarray:
         return np.ones(self.metadata.num_shards, dtype=bool)  # the server serves complete stores
 

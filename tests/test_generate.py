@@ -181,6 +181,65 @@ def test_an_interrupted_run_resumes_to_the_same_store(
         _gen(teacher, tmp_path / "x", seed=4)
 
 
+def test_overwrite_keeps_a_journal_of_the_same_settings(
+    teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    _gen(teacher, tmp_path / "whole", seed=3)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        generate(
+            dataclasses.replace(teacher, model=_DiesAt(teacher.model, 3)), PROMPTS, out,
+            _settings(seed=3), overwrite=True, progress=False,
+        )  # fmt: skip
+    again = dataclasses.replace(teacher, model=_DiesAt(teacher.model, 0))
+    generate(again, PROMPTS, out, _settings(seed=3), overwrite=True, progress=False)
+    assert again.model.calls == 2 and _files(out) == _files(tmp_path / "whole")
+
+
+def test_a_crash_while_storing_soft_labels_resumes(
+    teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .conftest import dies_at_call
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
+    enc = Encoding("topk", "u8", k=8)
+    kw = {"soft": enc, "progress": False, "shard_positions": 32, "chunk_positions": 16}
+    generate(teacher, PROMPTS, tmp_path / "whole", _settings(seed=2), **kw)  # type: ignore[arg-type]
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="teacher died"):
+        generate(dies_at_call(teacher, 3), PROMPTS, out, _settings(seed=2), **kw)  # type: ignore[arg-type]
+    assert logitstore.open(out, allow_incomplete=True).metadata.state == "writing"
+    assert journal_path(out).exists()  # the completions are kept until the store is complete
+    # another run's settings are refused before any generation
+    with pytest.raises(logitstore.ResumeMismatchError, match="interrupted store generated"):
+        generate(teacher, PROMPTS, out, _settings(seed=9), **kw)  # type: ignore[arg-type]
+    generate(teacher, PROMPTS, out, _settings(seed=2), **kw)  # type: ignore[arg-type]
+    assert _files(out) == _files(tmp_path / "whole") and not journal_path(out).exists()
+
+
+def test_the_models_own_generation_defaults_do_not_apply(teacher, tmp_path: Path) -> None:
+    plain = _gen(teacher, tmp_path / "a", seed=1)
+    config = teacher.model.generation_config
+    old = (config.repetition_penalty, config.top_k)
+    config.repetition_penalty, config.top_k = 5.0, 1  # would change every completion
+    try:
+        other = _gen(teacher, tmp_path / "b", seed=1)
+    finally:
+        config.repetition_penalty, config.top_k = old
+    assert np.array_equal(plain.read_tokens(0, len(plain))[0], other.read_tokens(0, len(other))[0])
+    assert teacher.model.generation_config.top_k == old[1]  # and it is put back
+
+
+def test_settings_are_checked() -> None:
+    assert GenerationSettings(stop="</answer>").stop == ("</answer>",)  # type: ignore[arg-type]
+    with pytest.raises(logitstore.InputError, match="identical copies"):
+        GenerationSettings(temperature=0, num_samples=2)
+    for bad in ({"max_new_tokens": 0}, {"top_p": 0}, {"temperature": -1}, {"stop": ("",)}):
+        with pytest.raises(logitstore.InputError):
+            GenerationSettings(**bad)  # type: ignore[arg-type]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "logitstore.cli", *args], capture_output=True, text=True

@@ -182,3 +182,11 @@ def test_codistillation_mix_and_schedules() -> None:
     cos = losses.CosineSchedule(0.0, 1.0, steps=10)
     assert cos(0) == pytest.approx(0.0) and cos(5) == pytest.approx(0.5) and cos(99) == 1.0
     assert losses.ConstantSchedule(0.3)(12345) == 0.3
+
+
+def test_distilling_from_a_tokens_only_store_is_refused() -> None:
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    empty = (torch.zeros(2, 3, 0, dtype=torch.long), torch.zeros(2, 3, 0), torch.zeros(2, 3))
+    for loss in (losses.forward_kl, losses.reverse_kl):
+        with pytest.raises(ValueError, match="tokens-only store"):
+            loss(logits, *empty)

@@ -3,6 +3,7 @@ and a cut stream says how far it got."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -13,6 +14,7 @@ import torch
 import logitstore
 from logitstore import Encoding
 from logitstore.protocol import (
+    MAGIC,
     ProtocolError,
     StreamMismatchError,
     StreamParser,
@@ -130,3 +132,21 @@ def test_damage_and_lies_are_refused(store: logitstore.LogitStore) -> None:
     empty = struct.pack("<4sQII", b"BLK0", 0, 0, 0) + struct.pack("<I", 0)
     with pytest.raises(ProtocolError, match="does not follow"):
         _parse(store, good[:header] + empty * 3 + good[header:], 0, 100)
+
+
+def test_a_header_without_has_loss_mask_is_a_server_before_format_1_1(
+    store: logitstore.LogitStore,
+) -> None:
+    # What a 0.1 server sends: no has_loss_mask key. Fine for a store without a mask ...
+    data = _stream(store, 0, 50, 64)
+    size = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + size])
+    assert header.pop("has_loss_mask") is False
+    body = json.dumps(header, separators=(",", ":")).encode()
+    old = MAGIC + len(body).to_bytes(4, "little") + body + data[12 + size :]
+    parser, blocks = _parse(store, old, 0, 50)
+    assert parser.position == 50 and sum(len(b[1].input_ids) for b in blocks) == 50
+    # ... and a mismatch for one with a mask, which such a server cannot send.
+    masked = dataclasses.replace(store.metadata, extensions=("loss_mask",))
+    with pytest.raises(StreamMismatchError, match="has_loss_mask"):
+        StreamParser(_reader(old), masked, 0, 50)
