@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_student(vocab: int, args: argparse.Namespace) -> GPT2LMHeadModel:
+def make_student(vocab: int, eos: int, args: argparse.Namespace) -> GPT2LMHeadModel:
     torch.manual_seed(args.seed)
     cfg = GPT2Config(  # no dropout: a resumed run then matches an uninterrupted one exactly
         vocab_size=vocab,
@@ -94,6 +94,8 @@ def make_student(vocab: int, args: argparse.Namespace) -> GPT2LMHeadModel:
         n_layer=args.layers,
         n_embd=args.embd,
         n_head=max(1, args.embd // 32),
+        bos_token_id=eos,
+        eos_token_id=eos,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     vocab = teacher_info.vocab_size
-    student = make_student(vocab, args).to(device)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    student = make_student(vocab, eos, args).to(device)
     seq_len = min(args.seq_len, teacher_info.max_length or args.seq_len)
     train = logitstore.tokenize(logitstore.read_documents(args.data), tokenizer, None)
     held = (
