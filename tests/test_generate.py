@@ -300,3 +300,47 @@ def test_cli_generate_then_export(teacher_dir: Path, tmp_path: Path) -> None:
     assert _cli("verify", str(out), "--no-progress").returncode == 0
     shown = _cli("show", str(out), "--position", "1")
     assert shown.returncode == 0 and "counts for training: no" in shown.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_generate_process_resumes_to_the_same_store(
+    teacher_dir: Path, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p, "n": i}) + "\n" for i, p in enumerate(PROMPTS * 6))
+    )
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1767225600"}
+
+    def cmd(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "logitstore.cli", "generate", "--teacher", str(teacher_dir),
+            "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "24",
+            "--num-samples", "2", "--batch-size", "1", "--no-progress",
+        ]  # fmt: skip
+
+    ref = tmp_path / "ref"
+    subprocess.run(cmd(ref), env=env, check=True, capture_output=True)
+    out = tmp_path / "out"
+    journal = journal_path(out)
+    kills = 0
+    for lines in (3, 12):  # SIGKILL twice, at different points
+        proc = subprocess.Popen(
+            cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if journal.exists() and journal.read_bytes().count(b"\n") >= lines:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.002)
+        proc.wait()
+    assert kills == 2, "generation finished before it could be killed; give it more prompts"
+    assert not out.exists()
+    subprocess.run(cmd(out), env=env, check=True, capture_output=True)
+    assert _files(out) == _files(ref) and not journal.exists()
