@@ -47,7 +47,7 @@ def corpus(teacher) -> logitstore.Sequences:  # type: ignore[no-untyped-def]
 
 def test_the_students_gradient_does_not_reach_the_teacher(teacher_dir: Path, corpus) -> None:
     teacher, student = _models(teacher_dir)
-    reference = copy.deepcopy(teacher)
+    reference = copy.deepcopy(teacher).train()  # the mode codistillation_step trains in
     batch = logitstore.window_batches(corpus, 4, 24, seed=0)(0)
     # lr 0: the teacher's weights stay, so its gradient can be compared afterwards
     t_opt = torch.optim.SGD(teacher.parameters(), lr=0.0)
