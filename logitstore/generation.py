@@ -227,6 +227,7 @@ def generate(
         order[b : b + settings.batch_size] for b in range(0, len(order), settings.batch_size)
     ]
     journal = journal_path(out)
+    journal.parent.mkdir(parents=True, exist_ok=True)
     done = _read_journal(journal, key, [len(b) for b in batches], discard_other=overwrite)
     completions: dict[int, list[int]] = {}
     for b, got in done.items():

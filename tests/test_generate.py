@@ -67,7 +67,7 @@ def test_generation_is_deterministic_with_a_seed(
 
 
 def test_the_mask_excludes_prompts_and_the_dataset_applies_it(teacher, tmp_path: Path) -> None:
-    store = _gen(teacher, tmp_path / "g")
+    store = _gen(teacher, tmp_path / "new" / "dir" / "g")  # parents are created
     md = store.metadata
     assert md.encoding.kind == "none" and md.has_loss_mask and md.format_version == "1.1"
     assert md.generation is not None and md.generation["num_samples"] == 2
@@ -85,7 +85,7 @@ def test_the_mask_excludes_prompts_and_the_dataset_applies_it(teacher, tmp_path:
         assert mask.tolist() == expected.tolist()
         completions.append(ids[p:].tolist())
     assert completions[0] != completions[1]  # two samples of one prompt differ
-    ds = logitstore.LogitDataset(tmp_path / "g", seq_len=64, shuffle=False)
+    ds = logitstore.LogitDataset(store.path, seq_len=64, shuffle=False)
     samples = list(ds)
     for s, sample in enumerate(samples):
         learned = sample["labels"][sample["labels"] >= 0].tolist()
