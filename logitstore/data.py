@@ -18,7 +18,15 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["Document", "Sequences", "read_documents", "sequences_from_token_ids", "tokenize"]
+__all__ = [
+    "Document",
+    "Sequences",
+    "jsonl_strings",
+    "read_documents",
+    "read_text",
+    "sequences_from_token_ids",
+    "tokenize",
+]
 
 
 @dataclass(frozen=True)
@@ -51,20 +59,13 @@ def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[Document]:
     if not paths:
         raise InputError("no input files given: pass --data FILE.txt or FILE.jsonl")
     for path in map(Path, paths):
-        if not path.is_file():
-            raise InputError(f"input file {str(path)!r} does not exist or is not a file")
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(
-                f"{path}: not valid UTF-8 text (byte {e.start}); re-encode it"
-            ) from None
+        raw = read_text(path, "input file")
         if not raw.strip():
             raise InputError(f"{path}: the file is empty; remove it from --data or add text")
         if path.suffix == ".txt":
             docs.append(Document(raw, str(path)))
         elif path.suffix == ".jsonl":
-            docs.extend(_jsonl_documents(path, raw))
+            docs.extend(Document(text, where) for text, where in jsonl_strings(path, raw, "text"))
         else:
             raise InputError(
                 f"{path}: unsupported file type {path.suffix!r}; expected .txt (one document) "
@@ -73,8 +74,25 @@ def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[Document]:
     return docs
 
 
-def _jsonl_documents(path: Path, raw: str) -> list[Document]:
-    docs = []
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``, or :class:`InputError` naming ``what`` it was to be."""
+    if not path.is_file():
+        raise InputError(f"{what} {str(path)!r} does not exist or is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 text (byte {e.start}); re-encode it") from None
+
+
+def jsonl_strings(path: Path, raw: str, field: str) -> list[tuple[str, str]]:
+    """``(value, "file:line")`` of the string ``field`` of each JSON line of ``raw`` (blank
+    lines skipped, other fields ignored).
+
+    Raises:
+        InputError: a line that is not JSON, or not an object with a string ``field``, or no
+            lines at all (file and line named).
+    """
+    out = []
     # Split on "\n" only: str.splitlines() also splits on U+2028 and friends, which JSON
     # strings may hold unescaped.
     for lineno, line in enumerate(raw.split("\n"), start=1):
@@ -84,16 +102,19 @@ def _jsonl_documents(path: Path, raw: str) -> list[Document]:
         try:
             obj: Any = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(
-                f"{where}: expected a JSON object with a string 'text' field, found "
-                f"{type(obj).__name__}{' without text' if isinstance(obj, dict) else ''}"
+                f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object "
+                f"per line, like {json.dumps({field: '...'})}"
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise InputError(
+                f"{where}: expected a JSON object with a string {field!r} field, found "
+                f"{type(obj).__name__}{f' without {field}' if isinstance(obj, dict) else ''}"
             )
-        docs.append(Document(obj["text"], where))
-    if not docs:
-        raise InputError(f"{path}: no JSON lines found")
-    return docs
+        out.append((obj[field], where))
+    if not out:
+        raise InputError(f"{path}: no JSON lines found (one object with a {field!r} per line)")
+    return out
 
 
 def sequences_from_token_ids(

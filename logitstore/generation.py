@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import Teacher, capture, tokenizer_identity
-from .data import Sequences
+from .data import Sequences, jsonl_strings, read_text
 from .errors import InputError, ResumeMismatchError, TeacherError
 from .metadata import Encoding
 from .writer import check_target
@@ -106,39 +106,11 @@ def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
             with a non-empty string ``prompt`` (file and line named).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompts file {str(path)!r} does not exist or is not a file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not valid UTF-8 text (byte {e.start}); re-encode it") from None
     prompts = []
-    # "\n" only: str.splitlines() also splits on U+2028, which JSON strings may hold raw.
-    for lineno, line in enumerate(raw.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj: Any = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object "
-                'per line like {"prompt": "..."}'
-            ) from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            found = (
-                "an object without a string 'prompt'"
-                if isinstance(obj, dict)
-                else (type(obj).__name__)
-            )
-            raise InputError(
-                f'{where}: expected a JSON object with a string "prompt" field, found {found}'
-            )
-        if not obj["prompt"]:
+    for text, where in jsonl_strings(path, read_text(path, "prompts file"), "prompt"):
+        if not text:
             raise InputError(f"{where}: the prompt is empty; give the teacher some text")
-        prompts.append(Prompt(obj["prompt"], where))
-    if not prompts:
-        raise InputError(f"{path}: no prompts found (expected JSON lines with a 'prompt' field)")
+        prompts.append(Prompt(text, where))
     return prompts
 
 
