@@ -147,9 +147,8 @@ class LogitStore(StoreBase):
                     "open with allow_incomplete=True to read the committed shards"
                 )
             self._committed = commits
-        found = {
-            n: maybe_array(self._group, n) for n in (INPUT_IDS, IDS, VALUES, RESIDUAL, LOSS_MASK)
-        }
+        names = (INPUT_IDS, IDS, VALUES, RESIDUAL) + ((LOSS_MASK,) if md.has_loss_mask else ())
+        found = {n: maybe_array(self._group, n) for n in names}
         self._arrays = {name: arr for name, arr in found.items() if arr is not None}
         self._check_arrays()
         self.offsets: np.ndarray = read_all(self._group, OFFSETS).astype(np.int64)
@@ -202,52 +201,41 @@ class LogitStore(StoreBase):
 
         Raises: as :meth:`read`.
         """
+        start, stop, got = self._read_arrays(start, stop, tuple(self._arrays))
+        values = got.get(VALUES)
+        if values is None:  # tokens only (FORMAT.md §5.7)
+            values = np.zeros((stop - start, 0), dtype=self.metadata.layout.value_dtype)
+        return StoredRows(
+            got[INPUT_IDS], got.get(IDS), values, got.get(RESIDUAL), got.get(LOSS_MASK)
+        )
+
+    def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        # Only the two small arrays: export and info need no teacher rows.
+        names = (INPUT_IDS, LOSS_MASK) if LOSS_MASK in self._arrays else (INPUT_IDS,)
+        start, stop, got = self._read_arrays(start, stop, names)
+        mask = got.get(LOSS_MASK)
+        return (
+            got[INPUT_IDS].astype(np.int64),
+            np.ones(stop - start, dtype=bool) if mask is None else mask.astype(bool),
+        )
+
+    def _read_arrays(
+        self, start: int, stop: int, names: tuple[str, ...]
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        """Checked range, and arrays ``names`` at positions ``[start, stop)`` as stored."""
         start, stop = _check_range(start, stop, len(self))
         if self._committed is not None:
             self._check_committed(start, stop)
         if stop > start:
             self._check_present(start, stop)
-        arrays = self._arrays
-
-        def get(name: str) -> np.ndarray | None:
-            return np.asarray(arrays[name][start:stop]) if name in arrays else None
-
         try:
-            values = get(VALUES)
-            if values is None:  # tokens only (FORMAT.md §5.7)
-                values = np.zeros((stop - start, 0), dtype=self.metadata.layout.value_dtype)
-            return StoredRows(
-                np.asarray(arrays[INPUT_IDS][start:stop]),
-                get(IDS),
-                values,
-                get(RESIDUAL),
-                get(LOSS_MASK) if self.metadata.has_loss_mask else None,
-            )
+            return start, stop, {n: np.asarray(self._arrays[n][start:stop]) for n in names}
         except Exception as e:  # zarr raises its own types on checksum or decode failures
             shard = start // self.metadata.layout.shard_positions
             raise CorruptStoreError(
                 f"reading positions [{start}, {stop}) of {str(self.path)!r} failed (shard "
                 f"{shard} or later): {e}; run `logitstore verify` to locate the damage"
             ) from None
-
-    def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        start, stop = _check_range(start, stop, len(self))
-        if self._committed is not None:
-            self._check_committed(start, stop)
-        if stop > start:
-            self._check_present(start, stop)
-        try:
-            input_ids = np.asarray(self._arrays[INPUT_IDS][start:stop]).astype(np.int64)
-            if self.metadata.has_loss_mask:
-                mask = np.asarray(self._arrays[LOSS_MASK][start:stop]).astype(bool)
-            else:
-                mask = np.ones(stop - start, dtype=bool)
-        except Exception as e:  # zarr raises its own types on checksum or decode failures
-            raise CorruptStoreError(
-                f"reading the tokens of positions [{start}, {stop}) of {str(self.path)!r} "
-                f"failed: {e}; run `logitstore verify`"
-            ) from None
-        return input_ids, mask
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""
