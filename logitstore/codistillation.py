@@ -103,12 +103,7 @@ def codistillation_step(
     student.train()
     t_logits = teacher(input_ids=on_t["input_ids"], attention_mask=on_t["attention_mask"]).logits
     t_ce = cross_entropy(t_logits, on_t["labels"], on_t.get("loss_mask"))
-    _check_finite(t_ce, "teacher", step)
-    teacher_optimizer.zero_grad(set_to_none=True)
-    t_ce.backward()  # type: ignore[no-untyped-call]
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(teacher.parameters(), max_grad_norm)
-    teacher_optimizer.step()
+    _update(t_ce, "teacher", teacher, teacher_optimizer, max_grad_norm, step)
     s_logits = student(input_ids=on_s["input_ids"], attention_mask=on_s["attention_mask"]).logits
     labels, mask = on_s["labels"], on_s.get("loss_mask")
     kd_mask = labels >= 0 if mask is None else (labels >= 0) & (mask > 0)
@@ -116,22 +111,30 @@ def codistillation_step(
     kd = logit_kl(s_logits, target, kd_mask, temperature=temperature)
     ce = cross_entropy(s_logits, labels, mask)
     loss = alpha * kd + (1 - alpha) * ce
-    _check_finite(loss, "student", step)
-    student_optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
-    student_optimizer.step()
+    _update(loss, "student", student, student_optimizer, max_grad_norm, step)
     return CodistillStep(step, alpha, t_ce.item(), ce.item(), kd.item(), loss.item())
 
 
-def _check_finite(loss: torch.Tensor, who: str, step: int) -> None:
-    # Raised before the update, so the weights (and the last checkpoint) stay usable.
+def _update(
+    loss: torch.Tensor,
+    who: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float | None,
+    step: int,
+) -> None:
+    """One optimizer step of ``model`` on ``loss``; a non-finite loss is refused before the
+    update, so the weights (and the last checkpoint) stay usable."""
     if not torch.isfinite(loss):
         raise LogitStoreError(
             f"the {who}'s loss is {loss.item()} at step {step}: training diverged. Lower its "
             "learning rate, or clip gradients (max_grad_norm), and resume from the checkpoint"
         )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
 
 
 def _device(model: torch.nn.Module) -> torch.device:
