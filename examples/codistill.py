@@ -28,12 +28,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import logitstore
 from logitstore import Encoding, losses
 
-SCHEDULES = {
-    "constant": lambda a, steps: losses.ConstantSchedule(a),
-    "linear": lambda a, steps: losses.LinearWarmup(0.0, a, steps),
-    "cosine": lambda a, steps: losses.CosineSchedule(0.0, a, steps),
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -56,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5, help="final weight of KD against CE")
     p.add_argument(
         "--schedule",
-        choices=sorted(SCHEDULES),
+        choices=losses.SCHEDULES,
         default="linear",
         help="how alpha reaches --alpha (default linear: trust the teacher gradually)",
     )
@@ -194,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             s_opt,
             logitstore.window_batches(train, args.batch_size, seq_len, args.seed),
             args.steps,
-            alpha=SCHEDULES[args.schedule](args.alpha, args.steps),
+            alpha=losses.alpha_schedule(args.schedule, args.alpha, args.steps),
             temperature=args.temperature,
             schedulers=schedulers,
             checkpoint=checkpoint,

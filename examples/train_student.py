@@ -29,12 +29,6 @@ from logitstore import losses
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates; harmless.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-SCHEDULES = {
-    "constant": lambda a, steps: losses.ConstantSchedule(a),
-    "linear": lambda a, steps: losses.LinearWarmup(0.0, a, steps),
-    "cosine": lambda a, steps: losses.CosineSchedule(0.0, a, steps),
-}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -56,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1.0, help="weight of KD against CE (default 1)")
     p.add_argument(
         "--schedule",
-        choices=sorted(SCHEDULES),
+        choices=losses.SCHEDULES,
         default="constant",
         help="how alpha reaches --alpha: constant, or linear/cosine ramps over --steps",
     )
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     model = make_student(store.vocab_size, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    alpha = SCHEDULES[args.schedule](args.alpha, args.steps)
+    alpha = losses.alpha_schedule(args.schedule, args.alpha, args.steps)
     loader = loader_for(args.store, args, shuffle=True)
     step = epoch = 0
     ckpt = out / "checkpoint.pt"

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "SCHEDULES",
     "ConstantSchedule",
     "CosineSchedule",
     "LinearWarmup",
     "Reduction",
+    "alpha_schedule",
     "codistillation_loss",
     "cross_entropy",
     "forward_kl",
@@ -304,3 +306,23 @@ class CosineSchedule:
     def __call__(self, step: int) -> float:
         frac = min(max(step, 0) / max(self.steps, 1), 1.0)
         return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+#: The α schedules by name: how α reaches its final value over a run.
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def alpha_schedule(kind: str, alpha: float, steps: int) -> Callable[[int], float]:
+    """α(step) by name: ``constant`` (α throughout), or ``linear``/``cosine`` ramps from 0 to
+    α over ``steps`` (what a command line's ``--schedule`` takes).
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    if kind == "constant":
+        return ConstantSchedule(alpha)
+    if kind == "linear":
+        return LinearWarmup(0.0, alpha, steps)
+    if kind == "cosine":
+        return CosineSchedule(0.0, alpha, steps)
+    raise ValueError(f"unknown schedule {kind!r}: expected one of {', '.join(SCHEDULES)}")

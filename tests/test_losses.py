@@ -190,3 +190,13 @@ def test_distilling_from_a_tokens_only_store_is_refused() -> None:
     for loss in (losses.forward_kl, losses.reverse_kl):
         with pytest.raises(ValueError, match="tokens-only store"):
             loss(logits, *empty)
+
+
+def test_schedules_by_name() -> None:
+    ramps = {k: losses.alpha_schedule(k, 0.8, 10) for k in losses.SCHEDULES}
+    assert [ramps["constant"](s) for s in (0, 10)] == [0.8, 0.8]
+    for kind in ("linear", "cosine"):
+        assert ramps[kind](0) == 0.0 and ramps[kind](10) == pytest.approx(0.8)
+        assert 0.0 < ramps[kind](5) < 0.8
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        losses.alpha_schedule("step", 0.5, 10)
