@@ -6,31 +6,41 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import LogitStoreError
 from .info import store_info
 
+if TYPE_CHECKING:  # imported lazily at run time: `logitstore --help` stays fast
+    from .metadata import Encoding
+
 __all__ = ["main"]
 
 _EPILOG = "Format: docs/FORMAT.md. Every command exits 0 on success, 1 on a fault, 2 on bad input."
 
 
+def _checked_encoding(args: argparse.Namespace, kind: str, temperature: float) -> Encoding:
+    """The Encoding that --k/--samples/--values describe for ``kind``, with the chunk and
+    shard sizes checked against it: bad settings fail before any model is loaded."""
+    from .metadata import Encoding, Layout
+
+    values = "none" if kind == "none" else args.values
+    encoding = Encoding(kind, values, temperature=temperature, k=args.k, samples=args.samples)  # type: ignore[arg-type]
+    Layout.choose(encoding, 65536, args.chunk_positions, args.shard_positions)
+    return encoding
+
+
 def _write(args: argparse.Namespace) -> int:
     from .capture import capture, load_teacher, resolve_device
     from .data import read_documents, tokenize
-    from .metadata import Encoding, Layout
     from .writer import check_target
 
-    encoding = Encoding(
-        args.encoding, args.values, temperature=args.temperature, k=args.k, samples=args.samples
-    )
+    encoding = _checked_encoding(args, args.encoding, args.temperature)
     device = resolve_device(args.device)
     if args.seq_len is not None and args.seq_len < 2:
         raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
-    Layout.choose(encoding, 65536, args.chunk_positions, args.shard_positions)  # sizes valid?
     check_target(args.out, args.overwrite)  # before the teacher is loaded
     documents = read_documents(args.data)
     teacher = load_teacher(args.teacher, device, args.dtype)
@@ -62,7 +72,6 @@ def _write(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from .capture import load_teacher, resolve_device
     from .generation import GenerationSettings, generate, journal_path, read_prompts
-    from .metadata import Encoding, Layout
     from .writer import check_target
 
     settings = GenerationSettings(
@@ -74,18 +83,8 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    soft = None
-    if args.soft is not None:
-        soft = Encoding(
-            args.soft,
-            args.values,
-            temperature=args.soft_temperature,
-            k=args.k,
-            samples=args.samples,
-        )
-    Layout.choose(  # sizes valid? (checked before hours of generation, not after)
-        soft or Encoding("none", "none"), 65536, args.chunk_positions, args.shard_positions
-    )
+    # Checked before hours of generation, not after.
+    soft = _checked_encoding(args, args.soft or "none", args.soft_temperature)
     device = resolve_device(args.device)
     check_target(args.out, args.overwrite)  # before the teacher is loaded
     prompts = read_prompts(args.prompts)
@@ -101,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts,
         args.out,
         settings,
-        soft=soft,
+        soft=None if soft.kind == "none" else soft,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         chunk_positions=args.chunk_positions,
@@ -329,6 +328,49 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="teacher weights dtype (default: float32 on cpu, bfloat16 on cuda)",
+    )
+
+
+def _add_value_args(p: argparse.ArgumentParser, flag: str) -> None:
+    """--k, --samples and --values of the encoding chosen by ``flag`` (--encoding/--soft)."""
+    p.add_argument("--k", type=int, default=64, help=f"candidates for {flag}topk (default 64)")
+    p.add_argument("--samples", type=int, default=64, help=f"draws for {flag}sampled (default 64)")
+    p.add_argument(
+        "--values",
+        choices=["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4"],
+        default="u8",
+        help="how probabilities are stored (default u8: 255 bins of sqrt(p); u7..u4: 127..15 "
+        "bins, smaller and coarser)",
+    )
+
+
+def _add_store_args(p: argparse.ArgumentParser, overwrite: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument(
+        "--shard-positions",
+        type=int,
+        default=None,
+        help="positions per shard (unit of commit; default ~64 chunks)",
+    )
+    p.add_argument(
+        "--chunk-positions",
+        type=int,
+        default=None,
+        help="positions per compressed chunk (default ~1 MiB of ids)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="logitstore",
@@ -345,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and the result is byte-identical to an uninterrupted run.",
         epilog=_EPILOG,
     )
-    w.add_argument("--teacher", required=True, help="Hugging Face model directory or hub id")
+    _add_teacher_args(w)
     w.add_argument(
         "--data",
         required=True,
@@ -361,19 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="topk: k most likely + residual mass (default); sampled: unique ids and "
         "counts of N draws (unbiased); full: whole vocabulary",
     )
-    w.add_argument(
-        "--k", type=int, default=64, help="candidates per position for topk (default 64)"
-    )
-    w.add_argument(
-        "--samples", type=int, default=64, help="draws per position for sampled (default 64)"
-    )
-    w.add_argument(
-        "--values",
-        choices=["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4"],
-        default="u8",
-        help="how probabilities are stored (default u8: 255 bins of sqrt(p); u7..u4: 127..15 "
-        "bins, smaller and coarser)",
-    )
+    _add_value_args(w, "")
     w.add_argument("--temperature", type=float, default=1.0, help="divide logits by T (default 1)")
     w.add_argument(
         "--seq-len",
@@ -385,30 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--batch-size", type=int, default=8, help="sequences per forward pass (default 8)"
     )
-    w.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
-    )
-    w.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="teacher weights dtype (default: float32 on cpu, bfloat16 on cuda)",
-    )
     w.add_argument("--seed", type=int, default=0, help="seed for sampled draws (default 0)")
-    w.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    w.add_argument(
-        "--shard-positions",
-        type=int,
-        default=None,
-        help="positions per shard (unit of commit; default ~64 chunks)",
-    )
-    w.add_argument(
-        "--chunk-positions",
-        type=int,
-        default=None,
-        help="positions per compressed chunk (default ~1 MiB of ids)",
-    )
-    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_store_args(w, "replace an existing store at --out")
     w.set_defaults(func=_write)
 
     g = sub.add_parser(
@@ -421,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in OUT.generating.jsonl and the result equals an uninterrupted run.",
         epilog=_EPILOG,
     )
-    g.add_argument("--teacher", required=True, help="Hugging Face model directory or hub id")
+    _add_teacher_args(g)
     g.add_argument(
         "--prompts",
         required=True,
@@ -452,15 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch-size", type=int, default=16, help="prompts generated together (default 16)"
     )
-    g.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
-    )
-    g.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="teacher weights dtype (default: float32 on cpu, bfloat16 on cuda)",
-    )
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument(
         "--soft",
@@ -470,26 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also store the teacher's distributions (topk, sampled or full; with --k, "
         "--samples, --values) at every position of prompt + completion",
     )
-    g.add_argument("--k", type=int, default=64, help="candidates for --soft topk (default 64)")
-    g.add_argument("--samples", type=int, default=64, help="draws for --soft sampled (default 64)")
-    g.add_argument(
-        "--values",
-        choices=["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4"],
-        default="u8",
-        help="how --soft probabilities are stored (default u8)",
-    )
+    _add_value_args(g, "--soft ")
     g.add_argument(
         "--soft-temperature",
         type=float,
         default=1.0,
         help="temperature of the stored distributions (default 1)",
     )
-    g.add_argument(
-        "--overwrite", action="store_true", help="replace a store (and unfinished run) at --out"
-    )
-    g.add_argument("--shard-positions", type=int, default=None, help="positions per shard")
-    g.add_argument("--chunk-positions", type=int, default=None, help="positions per chunk")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_store_args(g, "replace a complete store at --out (an unfinished run is resumed)")
     g.set_defaults(func=_generate)
 
     e = sub.add_parser(
