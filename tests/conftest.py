@@ -73,6 +73,26 @@ def dies_at_call(teacher: Any, call: int) -> Any:
     return dataclasses.replace(teacher, fn=fn)
 
 
+def kill_when(cmd: list[str], env: dict[str, str], ready: Any, timeout: float = 60) -> bool:
+    """Run ``cmd`` and SIGKILL it as soon as ``ready()`` is true (a real crash at a chosen
+    point); returns whether it was killed (False: it finished first)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    return killed
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_teacher(tmp_path_factory.mktemp("teacher"))

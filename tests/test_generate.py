@@ -17,6 +17,8 @@ import logitstore
 from logitstore import Encoding, GenerationSettings, generate
 from logitstore.generation import journal_path
 
+from .conftest import kill_when
+
 PROMPTS = [
     "def add(a, b):\n",
     "import os\n",
@@ -154,47 +156,40 @@ class _DiesAt:
         return self.model.generate(**kw)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
 def test_an_interrupted_run_resumes_to_the_same_store(
-    teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overwrite: bool
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
     _gen(teacher, tmp_path / "whole", seed=3)
     out = tmp_path / "resumed"
-    dying = dataclasses.replace(teacher, model=_DiesAt(teacher.model, 3))
+
+    def run(model: Any, seed: int = 3, where: Path = out) -> None:
+        generate(
+            dataclasses.replace(teacher, model=model), PROMPTS, where, _settings(seed=seed),
+            overwrite=overwrite, progress=False,
+        )  # fmt: skip
+
     with pytest.raises(RuntimeError, match="teacher died"):
-        _gen(dying, out, seed=3)
+        run(_DiesAt(teacher.model, 3))
     journal = journal_path(out)
     assert not out.exists() and len(journal.read_text().splitlines()) == 3  # header + 2 batches
     with journal.open("a") as f:
         f.write('{"batch": 2, "compl')  # killed while writing a line: it is cut off
-    again = dataclasses.replace(teacher, model=_DiesAt(teacher.model, 0))
-    _gen(again, out, seed=3)
-    assert again.model.calls == 2  # 4 batches of 3 rows: only the last two were generated
+    again = _DiesAt(teacher.model, 0)
+    run(again)  # --overwrite too keeps a journal of the same settings
+    assert again.calls == 2  # 4 batches of 3 rows: only the last two were generated
     assert _files(out) == _files(tmp_path / "whole") and not journal.exists()
-    with pytest.raises(logitstore.StoreExistsError):  # complete now: not touched again
-        _gen(teacher, out, seed=3)
-    # an interrupted run with other settings is not continued by mistake
-    dying = dataclasses.replace(teacher, model=_DiesAt(teacher.model, 2))
     with pytest.raises(RuntimeError):
-        _gen(dying, tmp_path / "x", seed=3)
-    with pytest.raises(logitstore.ResumeMismatchError, match="--overwrite"):
-        _gen(teacher, tmp_path / "x", seed=4)
-
-
-def test_overwrite_keeps_a_journal_of_the_same_settings(
-    teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
-    _gen(teacher, tmp_path / "whole", seed=3)
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        generate(
-            dataclasses.replace(teacher, model=_DiesAt(teacher.model, 3)), PROMPTS, out,
-            _settings(seed=3), overwrite=True, progress=False,
-        )  # fmt: skip
-    again = dataclasses.replace(teacher, model=_DiesAt(teacher.model, 0))
-    generate(again, PROMPTS, out, _settings(seed=3), overwrite=True, progress=False)
-    assert again.model.calls == 2 and _files(out) == _files(tmp_path / "whole")
+        run(_DiesAt(teacher.model, 2), where=tmp_path / "x")
+    if overwrite:  # another run's journal is discarded
+        run(teacher.model, seed=4, where=tmp_path / "x")
+        assert logitstore.open(tmp_path / "x").metadata.generation["seed"] == 4  # type: ignore[index]
+    else:  # ... or refused, and a complete store is not touched again
+        with pytest.raises(logitstore.ResumeMismatchError, match="--overwrite"):
+            run(teacher.model, seed=4, where=tmp_path / "x")
+        with pytest.raises(logitstore.StoreExistsError):
+            run(teacher.model)
 
 
 def test_a_crash_while_storing_soft_labels_resumes(
@@ -307,8 +302,6 @@ def test_a_killed_generate_process_resumes_to_the_same_store(
     teacher_dir: Path, tmp_path: Path
 ) -> None:
     import os
-    import signal
-    import time
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
@@ -327,20 +320,13 @@ def test_a_killed_generate_process_resumes_to_the_same_store(
     subprocess.run(cmd(ref), env=env, check=True, capture_output=True)
     out = tmp_path / "out"
     journal = journal_path(out)
-    kills = 0
-    for lines in (3, 12):  # SIGKILL twice, at different points
-        proc = subprocess.Popen(
-            cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    kills = [
+        kill_when(
+            cmd(out), env, lambda n=n: journal.exists() and journal.read_bytes().count(b"\n") >= n
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if journal.exists() and journal.read_bytes().count(b"\n") >= lines:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.002)
-        proc.wait()
-    assert kills == 2, "generation finished before it could be killed; give it more prompts"
+        for n in (3, 12)  # SIGKILL twice, at different points
+    ]
+    assert kills == [True, True], "generation finished before it could be killed; add prompts"
     assert not out.exists()
     subprocess.run(cmd(out), env=env, check=True, capture_output=True)
     assert _files(out) == _files(ref) and not journal.exists()

@@ -88,10 +88,11 @@ def test_the_writer_still_stores_the_same_integers(name: str, tmp_path: Path) ->
     assert old == new
 
 
-def test_stores_without_1_1_features_are_still_written_as_1_0() -> None:
-    for name in ("topk-u8", "topk-fp32", "sampled-8", "full-fp16"):
-        md = logitstore.open(HERE / f"{name}.zarr").metadata
-        assert (md.format_version, md.extensions) == ("1.0", ()), name
+def test_stores_without_1_1_features_are_still_written_as_1_0(tmp_path: Path) -> None:
+    for name in ("topk-u8", "sampled-8", "full-fp16"):  # today's writer, not the golden files
+        md = logitstore.open(write(name, tmp_path / name)).metadata
+        assert (md.format_version, md.extensions, md.generation) == ("1.0", (), None), name
+        assert "generation" not in md.to_dict()
 
 
 def test_the_loss_mask_is_stored_and_read_as_written() -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 import logitstore
 from logitstore import Encoding
 
-from .conftest import CORPUS, dies_at_call
+from .conftest import CORPUS, dies_at_call, kill_when
 
 SMALL = {"progress": False, "shard_positions": 64, "chunk_positions": 16}  # many shards
 
@@ -75,24 +73,16 @@ def test_killed_writer_resumes_byte_identical(teacher_dir, big_data, tmp_path, e
         _write_cmd(teacher_dir, big_data, ref, *extra), env=_env(), check=True, capture_output=True
     )
     out = tmp_path / "out"
-    kills = 0
-    for wait_for_commits in (2, 5):  # kill twice, at different points
-        proc = subprocess.Popen(
+    commits = out / "commits" / "c"
+    kills = [
+        kill_when(
             _write_cmd(teacher_dir, big_data, out, *extra),
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            _env(),
+            lambda n=n: commits.is_dir() and len(list(commits.iterdir())) >= n,  # type: ignore[misc]
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            commits = out / "commits" / "c"
-            if commits.is_dir() and len(list(commits.iterdir())) >= wait_for_commits:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.002)
-        proc.wait()
-    assert kills == 2, "the writer finished before it could be killed; use more data"
+        for n in (2, 5)  # kill twice, at different points
+    ]
+    assert kills == [True, True], "the writer finished before it could be killed; use more data"
     with pytest.raises(logitstore.IncompleteStoreError, match="rerun the same"):
         logitstore.open(out)
     partial = logitstore.open(out, allow_incomplete=True)
