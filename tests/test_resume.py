@@ -78,7 +78,7 @@ def test_killed_writer_resumes_byte_identical(teacher_dir, big_data, tmp_path, e
         kill_when(
             _write_cmd(teacher_dir, big_data, out, *extra),
             _env(),
-            lambda n=n: commits.is_dir() and len(list(commits.iterdir())) >= n,  # type: ignore[misc]
+            lambda n=n: commits.is_dir() and len(list(commits.iterdir())) >= n,
         )
         for n in (2, 5)  # kill twice, at different points
     ]
