@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,10 @@ def test_the_students_gradient_does_not_reach_the_teacher(teacher_dir: Path, cor
     )
     ce.backward()  # type: ignore[no-untyped-call]
     for (name, p), q in zip(teacher.named_parameters(), reference.parameters(), strict=True):
-        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+        assert p.grad is not None and q.grad is not None
+        # equal up to float rounding (two model copies may take differently aligned kernels);
+        # the student's KD gradient, had it leaked, would be of the order of the CE's own
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
     # and the student did learn from it
     after = student.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -132,6 +136,17 @@ def test_a_diverged_loss_stops_before_the_update(teacher_dir: Path, corpus) -> N
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
 
 
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Bit-for-bit comparisons need a bit-reproducible forward: with two intra-op threads,
+    torch's CPU kernels are not always (see conftest.deterministic_env)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_a_resumed_run_equals_an_uninterrupted_one(
     teacher_dir: Path, corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -188,6 +203,7 @@ def test_a_checkpoint_of_another_run_is_refused(teacher_dir: Path, corpus, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_the_example_stops_and_resumes_to_the_same_log(teacher_dir: Path, tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("codistill", ROOT / "examples/codistill.py")
     assert spec is not None and spec.loader is not None

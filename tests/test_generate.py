@@ -17,7 +17,7 @@ import logitstore
 from logitstore import Encoding, GenerationSettings, generate
 from logitstore.generation import journal_path
 
-from .conftest import kill_when
+from .conftest import deterministic_env, kill_when
 
 PROMPTS = [
     "def add(a, b):\n",
@@ -301,13 +301,12 @@ def test_cli_generate_then_export(teacher_dir: Path, tmp_path: Path) -> None:
 def test_a_killed_generate_process_resumes_to_the_same_store(
     teacher_dir: Path, tmp_path: Path
 ) -> None:
-    import os
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": p, "n": i}) + "\n" for i, p in enumerate(PROMPTS * 6))
     )
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "1767225600"}
+    env = deterministic_env(SOURCE_DATE_EPOCH="1767225600")
 
     def cmd(out: Path) -> list[str]:
         return [

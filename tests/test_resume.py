@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import logitstore
 from logitstore import Encoding
 
-from .conftest import CORPUS, dies_at_call, kill_when
+from .conftest import CORPUS, deterministic_env, dies_at_call, kill_when
 
 SMALL = {"progress": False, "shard_positions": 64, "chunk_positions": 16}  # many shards
 
@@ -61,7 +60,7 @@ def _write_cmd(teacher_dir: Path, data: Path, out: Path, *extra: str) -> list[st
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    return deterministic_env(SOURCE_DATE_EPOCH="1700000000")
 
 
 @pytest.mark.slow
