@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import logitstore
+from logitstore.format.schema import StoredRows
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -65,7 +66,7 @@ def raw_loopback(nbytes: int) -> float:
 
 def serve(store: Path, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "logitstore.cli", "serve", str(store), "--port", str(port)],
+        [sys.executable, "-m", "logitstore", "serve", str(store), "--port", str(port)],
         stdout=subprocess.DEVNULL,
     )
     for _ in range(300):
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = remote.read(0, n) if decode else remote.read_stored(0, n)
                     times.append(time.perf_counter() - t0)
                 if not decode:
-                    assert isinstance(got, logitstore.codec.StoredRows)
+                    assert isinstance(got, StoredRows)
                     stream_bytes = sum(a.nbytes for a in got if a is not None)
                 t = statistics.median(times)
                 rows.append(

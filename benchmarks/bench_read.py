@@ -29,9 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import logitstore
-from logitstore import Encoding, LogitDataset, collate, losses
-from logitstore.encode import encode_rows
-from logitstore.reader import Batch
+from logitstore import Batch, Encoding, LogitDataset, collate, losses
+from logitstore.write.encode import encode_rows
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

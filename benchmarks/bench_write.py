@@ -32,7 +32,8 @@ import torch
 
 import logitstore
 from logitstore import Encoding
-from logitstore.encode import EncodedRows, encode_rows
+from logitstore.write.encode import EncodedRows, encode_rows
+from logitstore.write.inputs import Document
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -72,7 +73,7 @@ def median_time(
 def teacher_logits(teacher_dir: Path, positions: int, seq_len: int = 256) -> torch.Tensor:
     """``(positions, V)`` float32 logits of the real teacher on held-out text."""
     teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
-    docs = [logitstore.data.Document(t, "stdlib") for t in held_out_documents()]
+    docs = [Document(t, "stdlib") for t in held_out_documents()]
     seqs = logitstore.tokenize(docs, teacher.tokenizer, seq_len)
     out, have = [], 0
     with torch.inference_mode():

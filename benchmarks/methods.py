@@ -35,6 +35,7 @@ import torch
 
 import logitstore
 from logitstore import Encoding, GenerationSettings, LogitDataset, collate, losses
+from logitstore.write.inputs import Document
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
     tok = teacher.tokenizer
-    docs = [logitstore.data.Document(t, "stdlib") for t in held_out_documents()]
+    docs = [Document(t, "stdlib") for t in held_out_documents()]
     cut = max(1, len(docs) // 8)  # the split of tradeoff.py's student runs
     train_docs, eval_docs = docs[cut:], docs[:cut]
     if args.quick:

@@ -36,6 +36,7 @@ import torch
 
 import logitstore
 from logitstore import Encoding, LogitDataset, collate, losses
+from logitstore.write.inputs import Document
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -314,7 +315,7 @@ def train_student(
 def students(
     args: argparse.Namespace, teacher: logitstore.Teacher, root: Path
 ) -> list[dict[str, Any]]:
-    docs = [logitstore.data.Document(t, "stdlib") for t in held_out_documents()]
+    docs = [Document(t, "stdlib") for t in held_out_documents()]
     cut = max(1, len(docs) // 8)
     train_docs, eval_docs = docs[cut:], docs[:cut]
     if args.quick:
@@ -581,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_report = f"held-out loss {m['held_out_loss']:.2f} nats, entropy " + ", ".join(
             f"{v:.2f} at T={t}" for t, v in m["entropy"].items()
         )
-    docs = [logitstore.data.Document(t, "stdlib") for t in held_out_documents()]
+    docs = [Document(t, "stdlib") for t in held_out_documents()]
     seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
     keep = int(np.searchsorted(seqs.offsets, args.positions, side="right"))
     seqs = logitstore.Sequences(seqs.input_ids[: seqs.offsets[keep - 1]], seqs.offsets[:keep])

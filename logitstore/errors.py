@@ -8,14 +8,17 @@ subclass the builtin a caller would expect::
      └── LogitStoreError
           ├── FormatError              bytes or metadata do not follow docs/FORMAT.md
           │    ├── UnsupportedVersionError  a format version this reader does not know
-          │    └── CorruptStoreError        a checksum, range or sum check failed
+          │    ├── CorruptStoreError        a checksum, range or sum check failed
+          │    ├── ProtocolError            a stream broke off or was damaged in transit
+          │    └── StreamMismatchError      a stream is for another store or request
           ├── IncompleteStoreError     the writer is still running or was killed
           ├── StoreExistsError         (+ FileExistsError) refusing to overwrite a store
           ├── ResumeMismatchError      resuming with other data or settings than the store's
           ├── StoreNotFoundError       (+ FileNotFoundError) no store at that path
           ├── InputError               bad input (empty file, bad JSONL line, short document)
           ├── TeacherError             unusable teacher (vocab mismatch, NaN logits, ...)
-          └── PositionError            (+ IndexError) a position or range outside the store
+          ├── PositionError            (+ IndexError) a position or range outside the store
+          └── RemoteError              a server refused a request, or stayed unreachable
 
 Messages say what was expected, what was found and what to do. All errors pickle, so
 they cross DataLoader worker and process boundaries intact.
@@ -30,9 +33,12 @@ __all__ = [
     "InputError",
     "LogitStoreError",
     "PositionError",
+    "ProtocolError",
+    "RemoteError",
     "ResumeMismatchError",
     "StoreExistsError",
     "StoreNotFoundError",
+    "StreamMismatchError",
     "TeacherError",
     "UnsupportedVersionError",
 ]
@@ -80,3 +86,16 @@ class TeacherError(LogitStoreError):
 
 class PositionError(LogitStoreError, IndexError):
     """A position, sequence index or range lies outside the store."""
+
+
+class ProtocolError(FormatError):
+    """A stream broke off or was damaged in transit (truncated, corrupt): worth retrying."""
+
+
+class StreamMismatchError(FormatError):
+    """A stream is for another store or request than the one asked for: retrying will not
+    help (was the store replaced on the server?)."""
+
+
+class RemoteError(LogitStoreError):
+    """A server refused a request, or could not be reached after every retry."""

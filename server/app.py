@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import logitstore
-from logitstore.protocol import encode_block, encode_end, encode_header
+from logitstore.format.protocol import encode_block, encode_end, encode_header
 
 from .metrics import Metrics
 

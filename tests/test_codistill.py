@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import logitstore
 from logitstore import Encoding, losses
+from logitstore.write.inputs import Document
 
 from .conftest import CORPUS
 
@@ -42,7 +43,7 @@ def _models(teacher_dir: Path) -> tuple[Any, GPT2LMHeadModel]:
 
 @pytest.fixture(scope="module")
 def corpus(teacher) -> logitstore.Sequences:  # type: ignore[no-untyped-def]
-    docs = [logitstore.data.Document(t * 3, "corpus") for t in CORPUS]
+    docs = [Document(t * 3, "corpus") for t in CORPUS]
     return logitstore.tokenize(docs, teacher.tokenizer, None)
 
 

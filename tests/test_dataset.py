@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import logitstore
 from logitstore import Encoding
-from logitstore.dataset import LogitDataset, collate
+from logitstore.read.dataset import LogitDataset, collate
 
 VOCAB = 50
 TABLE = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(3)) * 3

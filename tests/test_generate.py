@@ -15,7 +15,7 @@ import torch
 
 import logitstore
 from logitstore import Encoding, GenerationSettings, generate
-from logitstore.generation import journal_path
+from logitstore.write.generate import journal_path
 
 from .conftest import deterministic_env, kill_when
 
@@ -237,7 +237,7 @@ def test_settings_are_checked() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "logitstore.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "logitstore", *args], capture_output=True, text=True
     )
 
 
@@ -310,7 +310,7 @@ def test_a_killed_generate_process_resumes_to_the_same_store(
 
     def cmd(out: Path) -> list[str]:
         return [
-            sys.executable, "-m", "logitstore.cli", "generate", "--teacher", str(teacher_dir),
+            sys.executable, "-m", "logitstore", "generate", "--teacher", str(teacher_dir),
             "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "24",
             "--num-samples", "2", "--batch-size", "1", "--no-progress",
         ]  # fmt: skip

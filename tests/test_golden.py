@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 import logitstore
+import logitstore.format.metadata
 
 from .golden.make_golden import HERE, INPUT, MASK, STORES, TABLE, write
 
@@ -129,6 +130,6 @@ def test_a_1_0_reader_refuses_1_1_stores_by_their_extensions(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a reader of format 1.0 does: it implements no extension (FORMAT.md §3).
-    monkeypatch.setattr(logitstore.metadata, "_EXTENSIONS_UNDERSTOOD", frozenset())
+    monkeypatch.setattr(logitstore.format.metadata, "_EXTENSIONS_UNDERSTOOD", frozenset())
     with pytest.raises(logitstore.UnsupportedVersionError, match="requires extensions"):
         logitstore.open(HERE / f"{name}.zarr")

@@ -13,7 +13,7 @@ import torch
 
 import logitstore
 from logitstore import Encoding
-from logitstore.protocol import (
+from logitstore.format.protocol import (
     MAGIC,
     ProtocolError,
     StreamMismatchError,

@@ -34,7 +34,7 @@ def _write_cmd(teacher_dir: Path, data: Path, out: Path, *extra: str) -> list[st
     return [
         sys.executable,
         "-m",
-        "logitstore.cli",
+        "logitstore",
         "write",
         "--teacher",
         str(teacher_dir),

@@ -15,7 +15,7 @@ import zarr
 import logitstore
 from logitstore import Encoding
 from logitstore.cli import main
-from logitstore.encode import encode_rows
+from logitstore.write.encode import encode_rows
 
 from .conftest import dies_at_call
 

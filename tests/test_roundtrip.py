@@ -12,9 +12,9 @@ from hypothesis.extra.numpy import arrays
 
 import logitstore
 from logitstore import Encoding
-from logitstore.codec import decode_ids, decode_values
-from logitstore.encode import encode_rows, quantize
-from logitstore.metadata import SQRT_BINS
+from logitstore.format.codec import decode_ids, decode_values
+from logitstore.format.metadata import SQRT_BINS
+from logitstore.write.encode import encode_rows, quantize
 
 VALUES = ["fp32", "fp16", "bf16", "u8", "u6", "u4"]
 

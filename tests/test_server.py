@@ -45,7 +45,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "logitstore.cli",
+            "logitstore",
             "serve",
             *map(str, self.stores),
             "--port",

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import LogitStoreError
-from .reader import Batch, StoreBase
-from .reader import open as open_store
+from ..errors import LogitStoreError
+from ..format.codec import Batch
+from ..format.metadata import tokenizer_identity
+from . import open as open_store
+from .store import StoreBase
 
 __all__ = ["LogitDataset", "collate"]
 
@@ -93,8 +95,6 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         if len(store) == 0:
             raise LogitStoreError(f"store {str(self.path)!r} has no positions")
         if tokenizer is not None:  # the student's tokenizer: compare its vocabulary hash
-            from .capture import tokenizer_identity
-
             tokenizer_hash = tokenizer_identity(tokenizer)[0]["vocab_hash"]
         stored_hash = (store.metadata.tokenizer or {}).get("vocab_hash")
         mismatch = tokenizer_hash is not None and stored_hash != tokenizer_hash

@@ -21,9 +21,9 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from .codec import StoredRows
-from .errors import FormatError
+from ..errors import ProtocolError, StreamMismatchError
 from .metadata import StoreMetadata
+from .schema import IDS, LOSS_MASK, RESIDUAL, Column, StoredRows, columns, rows_from_columns
 
 __all__ = [
     "MAGIC",
@@ -41,28 +41,24 @@ _END = struct.Struct("<4sQQ")  # tag, stop, positions_sent
 _CRC = struct.Struct("<I")
 
 
-class ProtocolError(FormatError):
-    """The stream broke off or was damaged in transit (truncated, corrupt): worth retrying."""
-
-
-class StreamMismatchError(FormatError):
-    """The stream is for another store or request than the one asked for: retrying will not
-    help (was the store replaced on the server?)."""
-
-
-def encode_header(md: StoreMetadata, start: int, stop: int) -> bytes:
-    info = {
+def _header_fields(md: StoreMetadata, start: int, stop: int) -> dict[str, Any]:
+    """What a stream's header says: the request, and the store's columns (PROTOCOL.md §2)."""
+    names = {c.name for c in columns(md)}
+    return {
         "start": start,
         "stop": stop,
         "identity": md.identity,
         "width": md.layout.width,
         "id_dtype": md.layout.id_dtype,
         "value_dtype": md.layout.value_dtype,
-        "has_gaps": md.encoding.kind not in ("full", "none"),
-        "has_residual": md.encoding.kind == "topk",
-        "has_loss_mask": md.has_loss_mask,
+        "has_gaps": IDS in names,
+        "has_residual": RESIDUAL in names,
+        "has_loss_mask": LOSS_MASK in names,
     }
-    body = json.dumps(info, separators=(",", ":")).encode()
+
+
+def encode_header(md: StoreMetadata, start: int, stop: int) -> bytes:
+    body = json.dumps(_header_fields(md, start, stop), separators=(",", ":")).encode()
     return MAGIC + struct.pack("<I", len(body)) + body
 
 
@@ -106,22 +102,11 @@ class StreamParser:
             raise ProtocolError(f"stream header is not JSON: {e}") from None
         if not isinstance(info, dict):
             raise ProtocolError("stream header is not a JSON object")
-        lay, kind = self.md.layout, self.md.encoding.kind
-        self._gaps, self._residual = kind not in ("full", "none"), kind == "topk"
-        self._mask = self.md.has_loss_mask
+        self._columns: tuple[Column, ...] = columns(self.md)
+        self._row_nbytes = sum(c.row_nbytes for c in self._columns)
         # A server older than format 1.1 sends no has_loss_mask: it serves no masked store.
         info.setdefault("has_loss_mask", False)
-        want = {
-            "start": self.start,
-            "stop": self.stop,
-            "identity": self.md.identity,
-            "width": lay.width,
-            "id_dtype": lay.id_dtype,
-            "value_dtype": lay.value_dtype,
-            "has_gaps": self._gaps,
-            "has_residual": self._residual,
-            "has_loss_mask": self._mask,
-        }
+        want = _header_fields(self.md, self.start, self.stop)
         wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
         if wrong:
             raise StreamMismatchError(
@@ -129,8 +114,6 @@ class StreamParser:
             )
 
     def blocks(self) -> Any:
-        lay = self.md.layout
-        idt, vdt, m = np.dtype(lay.id_dtype), np.dtype(lay.value_dtype), lay.width
         while True:
             head = self._read(4)
             if head == b"END0":
@@ -144,12 +127,7 @@ class StreamParser:
             if head != b"BLK0":
                 raise ProtocolError(f"expected a block or the end record, found {head!r}")
             start, n, size = struct.unpack("<QII", self._read(16))
-            expected = n * (
-                idt.itemsize * (1 + (m if self._gaps else 0))
-                + vdt.itemsize * m
-                + (4 if self._residual else 0)
-                + (1 if self._mask else 0)
-            )
+            expected = n * self._row_nbytes
             if n == 0 or start != self.position or size != expected or start + n > self.stop:
                 raise ProtocolError(
                     f"block at {start} of {n} rows ({size} bytes) does not follow position "
@@ -159,26 +137,16 @@ class StreamParser:
             (crc,) = _CRC.unpack(self._read(4))
             if crc32c.crc32c(payload) != crc:
                 raise ProtocolError(f"block at {start}: CRC-32C mismatch (corrupted in transit)")
-            yield start, self._rows(payload, n, idt, vdt, m)
+            yield start, self._rows(payload, n)
             self.position = start + n
 
-    def _rows(self, payload: bytes, n: int, idt: np.dtype, vdt: np.dtype, m: int) -> StoredRows:
+    def _rows(self, payload: bytes, n: int) -> StoredRows:
         buf = memoryview(payload)
-        out: list[np.ndarray | None] = []
+        arrays: dict[str, np.ndarray] = {}
         at = 0
-        for present, dtype, shape in (
-            (True, idt, (n,)),
-            (self._gaps, idt, (n, m)),
-            (True, vdt, (n, m)),
-            (self._residual, np.dtype("<f4"), (n,)),
-            (self._mask, np.dtype("u1"), (n,)),
-        ):
-            if not present:
-                out.append(None)
-                continue
-            size = int(np.prod(shape)) * dtype.itemsize
-            out.append(
-                np.frombuffer(buf[at : at + size], dtype=dtype.newbyteorder("<")).reshape(shape)
-            )
+        for col in self._columns:  # the columns, in order, as the header promised
+            size = n * col.row_nbytes
+            dtype = np.dtype(col.dtype).newbyteorder("<")
+            arrays[col.name] = np.frombuffer(buf[at : at + size], dtype=dtype).reshape(col.shape(n))
             at += size
-        return StoredRows(*out)  # type: ignore[arg-type]
+        return rows_from_columns(self.md, arrays, n)

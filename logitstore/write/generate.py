@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .capture import Teacher, capture, tokenizer_identity
-from .data import Sequences, jsonl_strings, read_text
-from .errors import InputError, ResumeMismatchError, TeacherError
-from .metadata import Encoding
+from ..errors import InputError, ResumeMismatchError, TeacherError
+from ..format.metadata import Encoding, tokenizer_identity
+from .capture import capture
+from .inputs import Sequences, jsonl_strings, read_text
+from .teacher import Teacher
 from .writer import check_target
 
 __all__ = ["GenerationSettings", "Prompt", "generate", "journal_path", "read_prompts"]
@@ -465,14 +466,3 @@ def _generate_batch(
             end = at if at is not None else end
         completions.append(row[:end])
     return completions
-
-
-def finish_reason(completion: Sequence[int], generation: dict[str, Any]) -> str:
-    """Why a stored completion ended: ``eos`` (an end-of-text token, kept as its last
-    token), ``stop`` (a stop string: the only other way to end before ``max_new_tokens``)
-    or ``length``."""
-    if completion and completion[-1] in (generation.get("eos_token_ids") or []):
-        return "eos"
-    if len(completion) < int(generation["max_new_tokens"]):
-        return "stop"
-    return "length"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .reader import StoreBase
+from ..read.store import StoreBase
 
 __all__ = ["store_info"]
 

@@ -1,5 +1,5 @@
 """Reading a store served over HTTP by ``logitstore serve``: the same interface as a local
-store (:class:`logitstore.reader.StoreBase`), only slower by the network.
+store (:class:`logitstore.read.store.StoreBase`), only slower by the network.
 
 Rows arrive as stored and are decoded by the same code as local reads, so results are
 bit-identical. Streams are verified block by block (PROTOCOL.md); a dropped connection or a
@@ -19,22 +19,18 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .codec import StoredRows
-from .errors import LogitStoreError, PositionError, StoreNotFoundError
-from .metadata import StoreMetadata
-from .protocol import ProtocolError, StreamParser
-from .reader import StoreBase, _check_range
+from ..errors import LogitStoreError, PositionError, ProtocolError, RemoteError, StoreNotFoundError
+from ..format.metadata import StoreMetadata
+from ..format.protocol import StreamParser
+from ..format.schema import StoredRows, empty_rows
+from .store import StoreBase, check_range
 
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["RemoteError", "RemoteStore"]
+__all__ = ["RemoteStore"]
 
 _RETRYABLE = (OSError, http.client.HTTPException, ProtocolError)
-
-
-class RemoteError(LogitStoreError):
-    """The server refused a request or could not be reached after every retry."""
 
 
 class RemoteStore(StoreBase):
@@ -182,7 +178,7 @@ class RemoteStore(StoreBase):
 
     def read_stored(self, start: int, stop: int) -> StoredRows:
         """Positions ``[start, stop)`` as stored, streamed and verified (PROTOCOL.md)."""
-        start, stop = _check_range(start, stop, len(self))
+        start, stop = check_range(start, stop, len(self))
         parts: list[StoredRows] = []
         position = start
 
@@ -239,18 +235,9 @@ class RemoteStore(StoreBase):
 
 def _concat(parts: list[StoredRows], md: StoreMetadata, n: int) -> StoredRows:
     if not parts:
-        lay, kind = md.layout, md.encoding.kind
-        empty = np.zeros((0, lay.width), dtype=lay.value_dtype)
-        return StoredRows(
-            np.zeros(0, dtype=lay.id_dtype),
-            np.zeros((0, lay.width), dtype=lay.id_dtype) if kind not in ("full", "none") else None,
-            empty,
-            np.zeros(0, dtype=np.float32) if kind == "topk" else None,
-            np.zeros(0, dtype=np.uint8) if md.has_loss_mask else None,
-        )
-    fields = []
-    for column in zip(*parts, strict=True):
-        fields.append(None if column[0] is None else np.concatenate(column))
-    rows = StoredRows(*fields)  # type: ignore[arg-type]
-    assert len(rows.input_ids) == n
+        return empty_rows(md)
+    joined = [None if c[0] is None else np.concatenate(c) for c in zip(*parts, strict=True)]
+    rows = StoredRows(*joined)  # type: ignore[arg-type]  # input_ids and values are never None
+    if len(rows.input_ids) != n:  # the parser checked every block's range; this cannot differ
+        raise ProtocolError(f"received {len(rows.input_ids)} positions, expected {n}")
     return rows

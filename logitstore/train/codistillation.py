@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .capture import Teacher, capture
-from .data import Sequences
-from .errors import LogitStoreError
+from ..errors import LogitStoreError
+from ..format.metadata import Encoding
+from ..write.capture import capture
+from ..write.inputs import Sequences
+from ..write.teacher import Teacher
 from .losses import ConstantSchedule, cross_entropy, logit_kl
-from .metadata import Encoding
 
 __all__ = [
     "CodistillStep",
@@ -327,7 +328,7 @@ def record_teacher(teacher: torch.nn.Module, record: Recording, step: int) -> Pa
 
 def _complete_digest(out: Path) -> str | None:
     """The teacher weights digest of a complete store at ``out``, else None."""
-    from .storage import open_group, read_metadata
+    from ..format.storage import open_group, read_metadata
 
     if not (out / "zarr.json").exists():
         return None

@@ -2,7 +2,7 @@
 
 The stored row layout is docs/FORMAT.md §5: candidate ids sorted ascending and kept as gaps
 (first id, then differences; a gap of 0 after the first column marks padding), values in the
-same order. Encoding, on the teacher's device, is :mod:`logitstore.encode`.
+same order. Encoding, on the teacher's device, is :mod:`logitstore.write.encode`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import CorruptStoreError
+from ..errors import CorruptStoreError
 from .metadata import SQRT_BINS, StoreMetadata
+from .schema import StoredRows
 
 __all__ = ["Batch", "StoredRows", "decode_ids", "decode_rows", "decode_values", "sqrt_table"]
 
@@ -28,19 +29,6 @@ class Batch(NamedTuple):
     # (n,) bool: whether each position's prediction counts for training (all true unless
     # the store has a loss mask, FORMAT.md §4). None only in Batches built by hand.
     loss_mask: np.ndarray | None = None
-
-
-class StoredRows(NamedTuple):
-    """Rows exactly as stored (FORMAT.md §4–5): what a reader decodes, what the HTTP server
-    sends. ``gaps`` is None for ``full`` and ``none``; ``values`` has no columns for
-    ``none``; ``residual`` is None unless ``topk``; ``loss_mask`` is None unless the store
-    has one."""
-
-    input_ids: np.ndarray  # (n,) id_dtype
-    gaps: np.ndarray | None  # (n, m) id_dtype
-    values: np.ndarray  # (n, m) value_dtype
-    residual: np.ndarray | None  # (n,) float32
-    loss_mask: np.ndarray | None = None  # (n,) uint8
 
 
 def sqrt_table(bins: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .metadata import SQRT_BINS, Encoding
+from ..format.metadata import SQRT_BINS, Encoding
 
 __all__ = ["EncodedRows", "encode_rows", "quantize", "uniforms"]
 

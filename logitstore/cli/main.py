@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import LogitStoreError
-from .info import store_info
+from ..errors import LogitStoreError
+from ..tools.info import store_info
 
 if TYPE_CHECKING:  # imported lazily at run time: `logitstore --help` stays fast
-    from .metadata import Encoding
+    from ..format.metadata import Encoding
 
 __all__ = ["main"]
 
@@ -24,7 +24,7 @@ _EPILOG = "Format: docs/FORMAT.md. Every command exits 0 on success, 1 on a faul
 def _checked_encoding(args: argparse.Namespace, kind: str, temperature: float) -> Encoding:
     """The Encoding that --k/--samples/--values describe for ``kind``, with the chunk and
     shard sizes checked against it: bad settings fail before any model is loaded."""
-    from .metadata import Encoding, Layout
+    from ..format.metadata import Encoding, Layout
 
     values = "none" if kind == "none" else args.values
     encoding = Encoding(kind, values, temperature=temperature, k=args.k, samples=args.samples)  # type: ignore[arg-type]
@@ -33,9 +33,10 @@ def _checked_encoding(args: argparse.Namespace, kind: str, temperature: float) -
 
 
 def _write(args: argparse.Namespace) -> int:
-    from .capture import capture, load_teacher, resolve_device
-    from .data import read_documents, tokenize
-    from .writer import check_target
+    from ..write.capture import capture
+    from ..write.inputs import read_documents, tokenize
+    from ..write.teacher import load_teacher, resolve_device
+    from ..write.writer import check_target
 
     encoding = _checked_encoding(args, args.encoding, args.temperature)
     device = resolve_device(args.device)
@@ -70,9 +71,9 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .capture import load_teacher, resolve_device
-    from .generation import GenerationSettings, generate, journal_path, read_prompts
-    from .writer import check_target
+    from ..write.generate import GenerationSettings, generate, journal_path, read_prompts
+    from ..write.teacher import load_teacher, resolve_device
+    from ..write.writer import check_target
 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -111,8 +112,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_jsonl
-    from .reader import open as open_store
+    from ..read import open as open_store
+    from ..tools.export import export_jsonl
 
     store = open_store(args.store)
     if args.out in (None, "-"):
@@ -128,7 +129,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .reader import open as open_store
+    from ..read import open as open_store
 
     info = store_info(open_store(args.store, allow_incomplete=True))
     if args.json:
@@ -214,7 +215,7 @@ def _generation_summary(gen: dict[str, Any]) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from ..tools.verify import verify
 
     report = verify(args.store, progress=not args.no_progress)
     for f in report.faults:
@@ -230,7 +231,7 @@ def _token(tok: Any, i: int) -> str:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .reader import open as open_store
+    from ..read import open as open_store
 
     store = open_store(args.store, allow_incomplete=True)
     pos = args.position
@@ -283,7 +284,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .reader import LogitStore
+    from ..read.local import LogitStore
 
     stores: dict[str, str] = {}
     for path in args.stores:
@@ -316,7 +317,7 @@ def _serve(args: argparse.Namespace) -> int:
     for name in stores:
         print(f"serving {stores[name]} at http://{host}:{args.port}/v1/stores/{name}", flush=True)
     uvicorn.run(
-        "server.app:app_from_env",
+        "logitstore_server.app:app_from_env",
         factory=True,
         host=args.host,
         port=args.port,

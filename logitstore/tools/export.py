@@ -12,9 +12,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import LogitStoreError
-from .generation import finish_reason
-from .reader import StoreBase
+from ..errors import LogitStoreError
+from ..format.metadata import finish_reason
+from ..read.store import StoreBase
 
 __all__ = ["export_jsonl", "sequence_records"]
 

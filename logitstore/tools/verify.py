@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .codec import decode_ids, decode_values
-from .errors import LogitStoreError
-from .metadata import SQRT_BINS, StoreMetadata
-from .reader import LogitStore
-from .storage import (
-    COMMITS,
-    IDS,
-    INPUT_IDS,
-    LOSS_MASK,
-    OFFSETS,
-    RESIDUAL,
-    VALUES,
-    read_all,
-    shard_file,
-)
+from ..errors import LogitStoreError
+from ..format.codec import decode_ids, decode_values
+from ..format.metadata import SQRT_BINS, StoreMetadata
+from ..format.schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
+from ..read.local import LogitStore
 
 __all__ = ["VerifyReport", "sum_tolerance", "verify"]
 
@@ -59,19 +48,15 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
         report.faults.append(str(e))
         return report
     md = store.metadata
-    group = store._group
     if md.state != "complete":
         report.faults.append(f"the store is not complete (state {md.state!r}); resume its writer")
+    _check_offsets(store.offsets, md, report)
     try:
-        _check_offsets(read_all(group, OFFSETS), md, report)
-    except LogitStoreError as e:
-        report.faults.append(f"offsets: {e}")
-    try:
-        commits = read_all(group, COMMITS)
+        commits = store.commit_records()
     except LogitStoreError as e:
         report.faults.append(f"commit records: {e}")
         commits = np.zeros(md.num_shards, dtype=np.uint8)
-    leftovers = sorted(str(p.relative_to(store.path)) for p in Path(store.path).rglob("*.partial"))
+    leftovers = sorted(str(p.relative_to(store.path)) for p in store.path.rglob("*.partial"))
     if leftovers:
         report.faults.append(f"temporary files of an interrupted write remain: {leftovers[:3]}")
     for s in tqdm(range(md.num_shards), desc="verify", unit="shard", disable=not progress):
@@ -116,17 +101,18 @@ def _check_shard(
 ) -> None:
     md = store.metadata
     enc, vocab = md.encoding, md.vocab_size
-    data: dict[str, np.ndarray] = {}
-    for name, arr in store._arrays.items():
-        key = shard_file(store.path, name, arr.ndim, s)
+    for col in columns(md):
+        key = store.shard_file(col.name, s)
         if not key.is_file():
-            report.faults.append(f"{where}: array {name!r} has no shard file ({key.name} missing)")
+            report.faults.append(
+                f"{where}: array {col.name!r} has no shard file ({key.name} missing)"
+            )
             return
-        try:
-            data[name] = np.asarray(arr[s0:s1])
-        except Exception as e:
-            report.faults.append(f"{where}: array {name!r} fails its checksum or decoding: {e}")
-            return
+    try:
+        data = store.read_columns(s0, s1)
+    except LogitStoreError as e:
+        report.faults.append(f"{where}: {e}")
+        return
 
     def fault(name: str, rows: np.ndarray, what: str) -> None:
         report.faults.append(f"{where}: array {name!r} at position {s0 + int(rows[0])}: {what}")

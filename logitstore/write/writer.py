@@ -27,36 +27,32 @@ import numpy as np
 import torch
 import zarr
 
-from . import __version__
-from .encode import EncodedRows
-from .errors import (
+from .. import __version__
+from ..errors import (
     InputError,
     LogitStoreError,
     ResumeMismatchError,
     StoreExistsError,
     TeacherError,
 )
-from .metadata import (
+from ..format.metadata import (
     LOSS_MASK_EXTENSION,
     TOKENS_ONLY_EXTENSION,
     Encoding,
     Layout,
     StoreMetadata,
 )
-from .storage import (
-    COMMITS,
-    IDS,
-    RESIDUAL,
-    VALUES,
+from ..format.schema import COMMITS, IDS, RESIDUAL, TEACHER_COLUMNS, VALUES
+from ..format.storage import (
     array,
     create_arrays,
-    maybe_array,
     open_group,
     read_all,
     read_metadata,
     shard_file,
     write_metadata,
 )
+from .encode import EncodedRows
 
 __all__ = ["StoreWriter", "check_loss_mask", "check_sequences", "check_target"]
 
@@ -278,8 +274,10 @@ class StoreWriter:
         self.resume_position = (
             self.metadata.shard_range(int(pending[0]))[0] if len(pending) else md.num_positions
         )
-        found = {n: maybe_array(self.group, n, writable=True) for n in (IDS, VALUES, RESIDUAL)}
-        self._arrays = {name: arr for name, arr in found.items() if arr is not None}
+        teacher_columns = TEACHER_COLUMNS[self.metadata.encoding.kind]
+        self._arrays: dict[str, zarr.Array[Any]] = {
+            name: array(self.group, name, writable=True) for name in teacher_columns
+        }
         self._cursor = self.resume_position
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
         self._commit_queue: queue.Queue[Any] = queue.Queue(maxsize=1)
@@ -410,7 +408,7 @@ class StoreWriter:
                 "check the model's dtype (try float32) and its inputs"
             )
         given = {IDS: rows.gaps, VALUES: rows.values, RESIDUAL: rows.residual}
-        host = {}
+        host: dict[str, np.ndarray] = {}
         for name, arr in self._arrays.items():
             a = _to_numpy(given[name])
             if a is None or a.dtype != arr.dtype or a.shape[1:] != arr.shape[1:]:

@@ -14,15 +14,24 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from .errors import CorruptStoreError, FormatError, StoreNotFoundError
+from ..errors import CorruptStoreError, FormatError, StoreNotFoundError
 from .metadata import ATTRS_KEY, StoreMetadata
+from .schema import (
+    COMMITS,
+    INPUT_IDS,
+    LOSS_MASK,
+    OFFSETS,
+    TEACHER_COLUMNS,
+    TOKENIZER,
+    VALUES,
+    Column,
+    columns,
+)
 
 if TYPE_CHECKING:  # zarr's private module; only its type is used
     from zarr.core.array_spec import ArrayConfigParams
 
 __all__ = [
-    "INPUT_IDS",
-    "LOSS_MASK",
     "array",
     "create_arrays",
     "open_group",
@@ -31,9 +40,6 @@ __all__ = [
     "write_metadata",
 ]
 
-INPUT_IDS, IDS, VALUES, RESIDUAL = "input_ids", "ids", "values", "residual"
-OFFSETS, COMMITS, TOKENIZER = "offsets", "commits", "tokenizer"
-LOSS_MASK = "loss_mask"
 # Every chunk is written, even all-zero ones, so a missing chunk is a fault, not a zero.
 _CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
@@ -42,12 +48,11 @@ def _crc() -> zc.Crc32cCodec:
     return zc.Crc32cCodec()
 
 
-def _per_position_codecs(name: str, itemsize: int) -> list[Any]:
+def _per_position_codecs(col: Column) -> list[Any]:
     # Measured on real top-64 output (docs/FORMAT.md §8): byte-shuffled blosc-zstd is the
     # best fast codec for id gaps; plain zstd level 1 for values already near their entropy.
-    if name == IDS:
-        return [zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), _crc()]
-    if name == VALUES and itemsize == 1:
+    itemsize = np.dtype(col.dtype).itemsize
+    if col.name == VALUES and itemsize == 1:
         return [zc.ZstdCodec(level=1), _crc()]
     return [zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), _crc()]
 
@@ -69,34 +74,23 @@ def create_arrays(
     group = zarr.open_group(
         str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: md.to_dict()}
     )
-    lay, n = md.layout, md.num_positions
-    cp, vp, sp = lay.chunk_positions, lay.vector_chunk_positions, lay.shard_positions
-
-    def per_position(name: str, dtype: str, width: int | None) -> zarr.Array[Any]:
-        shape = (n,) if width is None else (n, width)
-        chunks = (vp,) if width is None else (cp, width)
-        shards = (sp,) if width is None else (sp, width)
-        return group.create_array(
-            name,
-            shape=shape,
-            dtype=dtype,
-            chunks=chunks,
-            shards=shards,
-            compressors=_per_position_codecs(name, np.dtype(dtype).itemsize),
+    n, sp = md.num_positions, md.layout.shard_positions
+    arrays: dict[str, zarr.Array[Any]] = {}
+    for col in columns(md):
+        arrays[col.name] = group.create_array(
+            col.name,
+            shape=col.shape(n),
+            dtype=col.dtype,
+            chunks=col.shape(col.chunk_positions),
+            shards=col.shape(sp),
+            compressors=_per_position_codecs(col),
             fill_value=0,
             config=_CONFIG,
-            dimension_names=("position",) if width is None else ("position", "candidate"),
+            dimension_names=("position",) if col.ndim == 1 else ("position", "candidate"),
         )
-
-    per_position(INPUT_IDS, lay.id_dtype, None)[:] = input_ids.astype(lay.id_dtype)
+    arrays[INPUT_IDS][:] = input_ids.astype(md.layout.id_dtype)
     if loss_mask is not None:
-        per_position(LOSS_MASK, "uint8", None)[:] = loss_mask.astype(np.uint8)
-    if md.encoding.kind not in ("full", "none"):
-        per_position(IDS, lay.id_dtype, lay.width)
-    if md.encoding.kind != "none":
-        per_position(VALUES, lay.value_dtype, lay.width)
-    if md.encoding.kind == "topk":
-        per_position(RESIDUAL, "float32", None)
+        arrays[LOSS_MASK][:] = loss_mask.astype(np.uint8)
 
     off = group.create_array(
         OFFSETS,
@@ -118,7 +112,7 @@ def create_arrays(
         fill_value=0,
         dimension_names=("shard",),
     )
-    if md.encoding.kind == "none":  # nothing per shard left to write
+    if not TEACHER_COLUMNS[md.encoding.kind]:  # tokens only: nothing per shard left to write
         commits.with_config(_CONFIG)[:] = 1
     if tokenizer_json is not None:
         buf = np.frombuffer(tokenizer_json, dtype=np.uint8)

@@ -1,0 +1,191 @@
+"""A store in a local directory: random access by position range, checked against its metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CorruptStoreError, FormatError, IncompleteStoreError
+from ..format.metadata import StoreMetadata
+from ..format.schema import (
+    COMMITS,
+    INPUT_IDS,
+    LOSS_MASK,
+    OFFSETS,
+    TOKENIZER,
+    Column,
+    StoredRows,
+    columns,
+    rows_from_columns,
+)
+from ..format.storage import maybe_array, open_group, read_all, read_metadata, shard_file
+from .store import StoreBase, check_range
+
+if TYPE_CHECKING:
+    import tokenizers
+
+__all__ = ["LogitStore"]
+
+
+class LogitStore(StoreBase):
+    """A store opened for reading. Use :func:`open`.
+
+    Attributes:
+        metadata: the store's :class:`StoreMetadata`.
+        offsets: ``(num_sequences + 1,)`` int64 sequence boundaries.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self._group = open_group(self.path)
+        self.metadata: StoreMetadata = read_metadata(self._group)
+        md = self.metadata
+        self._committed: np.ndarray | None = None
+        if md.state != "complete":
+            commits = self.committed()
+            if not allow_incomplete:
+                raise IncompleteStoreError(
+                    f"{str(self.path)!r} is not complete: {int(commits.sum())} of "
+                    f"{md.num_shards} shards are committed. Its writer is still running or was "
+                    "interrupted: rerun the same `logitstore write` command to resume it, or "
+                    "open with allow_incomplete=True to read the committed shards"
+                )
+            self._committed = commits
+        self._arrays: dict[str, Any] = {c.name: self._checked_array(c) for c in columns(md)}
+        self.offsets: np.ndarray = read_all(self._group, OFFSETS).astype(np.int64)
+        if len(self.offsets) != md.num_sequences + 1 or self.offsets[-1] != md.num_positions:
+            raise CorruptStoreError(
+                f"offsets array has {len(self.offsets)} entries ending at "
+                f"{int(self.offsets[-1]) if len(self.offsets) else None}; expected "
+                f"{md.num_sequences + 1} ending at {md.num_positions}"
+            )
+        self._present: set[int] = set()  # shards whose files were seen
+
+    def committed(self) -> np.ndarray:
+        """``(num_shards,)`` bool: which shards are committed (all, once complete)."""
+        if self.metadata.state == "complete":
+            return np.ones(self.metadata.num_shards, dtype=bool)
+        return self.commit_records().astype(bool)
+
+    def commit_records(self) -> np.ndarray:
+        """``(num_shards,)`` uint8: the commit records as stored (1 = committed), whatever
+        the store's state says (``verify`` checks that they agree).
+
+        Raises:
+            CorruptStoreError: the commits array is damaged.
+        """
+        return read_all(self._group, COMMITS)
+
+    def shard_file(self, name: str, shard: int) -> Path:
+        """The file that holds ``shard`` of per-position array ``name``."""
+        return shard_file(self.path, name, self._arrays[name].ndim, shard)
+
+    def read_columns(
+        self, start: int, stop: int, names: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per-position arrays ``names`` (default: all of the store's) at ``[start, stop)``,
+        as stored. Raises: as :meth:`read`."""
+        return self._read_arrays(start, stop, tuple(self._arrays) if names is None else names)[2]
+
+    def _checked_array(self, col: Column) -> Any:
+        """The zarr array of ``col``, checked against the shape and dtype the metadata implies."""
+        name, shape, dtype = col.name, col.shape(self.metadata.num_positions), col.dtype
+        arr = maybe_array(self._group, name)
+        if arr is None:
+            raise FormatError(f"store {str(self.path)!r} lacks the required array {name!r}")
+        if tuple(arr.shape) != shape or np.dtype(arr.dtype) != np.dtype(dtype):
+            raise FormatError(
+                f"array {name!r} has shape {tuple(arr.shape)} and dtype {arr.dtype}; the "
+                f"metadata requires shape {shape} and dtype {dtype}"
+            )
+        return arr
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def nbytes_stored(self) -> int:
+        """Bytes the store occupies on disk (all files)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_stored(self, start: int, stop: int) -> StoredRows:
+        """Positions ``[start, stop)`` exactly as stored, before decoding (FORMAT.md §5).
+
+        Raises: as :meth:`read`.
+        """
+        start, stop, got = self._read_arrays(start, stop, tuple(self._arrays))
+        return rows_from_columns(self.metadata, got, stop - start)
+
+    def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        # Only the two small arrays: export and info need no teacher rows.
+        names = (INPUT_IDS, LOSS_MASK) if LOSS_MASK in self._arrays else (INPUT_IDS,)
+        start, stop, got = self._read_arrays(start, stop, names)
+        mask = got.get(LOSS_MASK)
+        return (
+            got[INPUT_IDS].astype(np.int64),
+            np.ones(stop - start, dtype=bool) if mask is None else mask.astype(bool),
+        )
+
+    def _read_arrays(
+        self, start: int, stop: int, names: tuple[str, ...]
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        """Checked range, and arrays ``names`` at positions ``[start, stop)`` as stored."""
+        start, stop = check_range(start, stop, len(self))
+        if self._committed is not None:
+            self._check_committed(start, stop)
+        if stop > start:
+            self._check_present(start, stop)
+        got = {}
+        for name in names:
+            try:
+                got[name] = np.asarray(self._arrays[name][start:stop])
+            except Exception as e:  # zarr raises its own types on checksum or decode failures
+                shard = start // self.metadata.layout.shard_positions
+                raise CorruptStoreError(
+                    f"reading array {name!r} at positions [{start}, {stop}) of "
+                    f"{str(self.path)!r} failed (shard {shard} or later): {e}; run "
+                    "`logitstore verify` to locate the damage"
+                ) from None
+        return start, stop, got
+
+    def tokenizer(self) -> tokenizers.Tokenizer | None:
+        """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""
+        if maybe_array(self._group, TOKENIZER) is None:
+            return None
+        import tokenizers
+
+        raw = read_all(self._group, TOKENIZER).tobytes()
+        try:
+            return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own Exception type for bad JSON
+            raise CorruptStoreError(f"the stored tokenizer is unreadable: {e}") from None
+
+    def _check_present(self, start: int, stop: int) -> None:
+        # zarr reads a missing shard file as zeros; a store never lacks one (FORMAT.md §4), so
+        # a missing file is damage. Each shard is checked once per open store.
+        sp = self.metadata.layout.shard_positions
+        for s in range(start // sp, (stop - 1) // sp + 1):
+            if s in self._present:
+                continue
+            for name, arr in self._arrays.items():
+                if not shard_file(self.path, name, arr.ndim, s).is_file():
+                    s0, s1 = self.metadata.shard_range(s)
+                    raise CorruptStoreError(
+                        f"shard {s} (positions {s0}-{s1 - 1}) of array {name!r} is missing "
+                        f"from {str(self.path)!r}; run `logitstore verify`"
+                    )
+            self._present.add(s)
+
+    def _check_committed(self, start: int, stop: int) -> None:
+        assert self._committed is not None
+        sp = self.metadata.layout.shard_positions
+        first, last = start // sp, max(start, stop - 1) // sp
+        missing = np.flatnonzero(~self._committed[first : last + 1])
+        if stop > start and len(missing):
+            raise IncompleteStoreError(
+                f"positions [{start}, {stop}) touch shard {first + int(missing[0])}, which is not "
+                "committed yet"
+            )

@@ -1,0 +1,1 @@
+"""Tools over stores: info, verify and export (no torch)."""

@@ -1,0 +1,1 @@
+"""Training students from stores: distillation losses and co-distillation."""
