@@ -1,0 +1,226 @@
+"""``logitstore info``, ``verify``, ``show`` and ``export``: look into a store, local or served."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..errors import LogitStoreError
+from .common import EPILOG
+
+__all__ = ["add_parsers"]
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..read import open as open_store
+    from ..tools.export import export_jsonl
+
+    store = open_store(args.store)
+    if args.out in (None, "-"):
+        n = export_jsonl(store, sys.stdout, ids=args.ids)
+    else:
+        try:
+            with open(args.out, "w", encoding="utf-8") as f:
+                n = export_jsonl(store, f, ids=args.ids)
+        except OSError as e:
+            raise LogitStoreError(f"cannot write --out {args.out}: {e}") from None
+        print(f"wrote {n} sequence(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..read import open as open_store
+    from ..tools.info import store_info
+
+    info = store_info(open_store(args.store, allow_incomplete=True))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    enc = info["encoding"]
+    what = {
+        "topk": f"top-{enc['k']}",
+        "sampled": f"sampled n={enc['samples']}",
+        "full": "full",
+        "none": "tokens only (no teacher distributions)",
+    }
+    rows = [
+        ("store", info["path"]),
+        (
+            "state",
+            f"{info['state']} ({info['shards']['committed']}/{info['shards']['total']} shards)",
+        ),
+        ("format", f"logitstore {info['format_version']}"),
+        (
+            "encoding",
+            what["none"]
+            if enc["kind"] == "none"
+            else f"{what[enc['kind']]}, values {enc['values']}, temperature {enc['temperature']}",
+        ),
+        (
+            "teacher",
+            f"{info['teacher'].get('name')} (revision {info['teacher'].get('revision')}, "
+            f"{info['teacher'].get('dtype')})",
+        ),
+        (
+            "tokenizer",
+            "-"
+            if not info["tokenizer"]
+            else f"{info['tokenizer']['name']} ({info['tokenizer']['vocab_hash'][:19]}…)",
+        ),
+        ("vocab size", f"{info['vocab_size']:,}"),
+        (
+            "positions",
+            f"{info['num_positions']:,} in {info['num_sequences']:,} sequences"
+            f" (seq_len {info['seq_len']})",
+        ),
+        (
+            "on disk",
+            f"{info['bytes_on_disk']:,} bytes, {info['bytes_per_position']:.1f} B/position",
+        ),
+        (
+            "vs full bf16",
+            f"{info['compression_ratio_vs_full_bf16']:,.1f}x smaller "
+            f"({info['full_vocab_bf16_bytes']:,} bytes)",
+        ),
+        ("created", f"{info['created_at']} by logitstore {info['tool'].get('version')}"),
+        *(
+            [("loss mask", f"{info['loss_mask_positions']:,} positions count for training")]
+            if info.get("loss_mask_positions") is not None
+            else []
+        ),
+        *(
+            [("generation", _generation_summary(info["generation"]))]
+            if info.get("generation")
+            else []
+        ),
+        ("identity", info["identity"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:>{width}}  {v}")
+    return 0
+
+
+def _generation_summary(gen: dict[str, Any]) -> str:
+    sampling = (
+        "greedy"
+        if gen["temperature"] == 0
+        else (f"temperature {gen['temperature']}, top-p {gen['top_p']}")
+    )
+    stop = f", stop {gen['stop']}" if gen.get("stop") else ""
+    return (
+        f"{gen['prompts']['count']} prompt(s) × "
+        f"{gen['num_samples']}, ≤ {gen['max_new_tokens']} new tokens, {sampling}{stop}, "
+        f"seed {gen['seed']}"
+    )
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ..tools.verify import verify
+
+    report = verify(args.store, progress=not args.no_progress)
+    for f in report.faults:
+        print(f"FAULT {f}")
+    status = "OK" if report.ok else f"{len(report.faults)} fault(s)"
+    checked = f"{report.shards} shard(s), {report.positions:,} positions"
+    print(f"{status}: {checked} checked in {args.store}")
+    return 0 if report.ok else 1
+
+
+def _token(tok: Any, i: int) -> str:
+    return repr(tok.decode([i])) if tok is not None else f"<{i}>"
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ..read import open as open_store
+
+    store = open_store(args.store, allow_incomplete=True)
+    pos = args.position
+    seq = store.sequence_of(pos)
+    s0, s1 = int(store.offsets[seq]), int(store.offsets[seq + 1])
+    lo = max(s0, pos - args.context)
+    ctx = store.read(lo, min(pos + 2, s1))
+    row = store.read(pos, pos + 1)
+    tok = store.tokenizer()
+
+    def text(ids: np.ndarray) -> str:
+        if tok is None:
+            return " ".join(f"<{i}>" for i in ids)
+        return str(tok.decode(ids.tolist()))
+
+    enc = store.encoding
+    print(f"{args.store}: position {pos} = sequence {seq}, token {pos - s0} of {s1 - s0}")
+    print(
+        f"context: {'…' if lo > s0 else ''}{text(ctx.input_ids[: pos - lo])}"
+        f"⟦{text(ctx.input_ids[pos - lo : pos - lo + 1])}⟧"
+    )
+    if pos + 1 < s1:
+        actual = int(ctx.input_ids[pos - lo + 1])
+        print(f"next token in the data: {_token(tok, actual)} (id {actual})")
+    else:
+        print("next token in the data: (end of sequence)")
+    if row.loss_mask is not None and store.metadata.has_loss_mask:
+        counts = "yes" if row.loss_mask[0] else "no (masked: e.g. a prompt of a generated store)"
+        print(f"this prediction counts for training: {counts}")
+    if enc.kind == "none":
+        print("the store holds tokens only (hard labels): no teacher distribution to show")
+        return 0
+    probs, ids = row.probs[0], row.ids[0]
+    order = np.argsort(-probs, kind="stable")[: args.top]
+    print(f"teacher's top candidates ({enc.kind}, values {enc.values}, T={enc.temperature}):")
+    for rank, j in enumerate(order, 1):
+        if probs[j] <= 0:
+            break
+        bar = "█" * round(float(probs[j]) * 40)
+        token = _token(tok, int(ids[j]))
+        print(f"  {rank:>3}. {probs[j]:8.4f}  {token:<20} id {int(ids[j]):>6}  {bar}")
+    if enc.kind == "topk":
+        print(f"  mass outside the {enc.k} stored ids (residual): {float(row.residual[0]):.4f}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``export``, ``info``, ``verify`` and ``show`` on the subparsers ``sub``."""
+    e = sub.add_parser(
+        "export",
+        help="write a store's text as JSON lines (prompt/completion for generated stores)",
+        description="Write one JSON object per sequence: prompt, completion, token counts "
+        "and finish reason for generated stores, the text for others.",
+        epilog=EPILOG,
+    )
+    e.add_argument("store", help="store directory or URL")
+    e.add_argument(
+        "--jsonl", action="store_true", required=True, help="JSON lines (the only format)"
+    )
+    e.add_argument("--out", default=None, help="file to write (default: standard output)")
+    e.add_argument("--ids", action="store_true", help="include token ids")
+    e.set_defaults(func=_export)
+
+    i = sub.add_parser("info", help="settings, sizes and provenance of a store", epilog=EPILOG)
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_info)
+
+    v = sub.add_parser(
+        "verify",
+        help="read everything and check checksums and invariants",
+        description="Read every shard; check checksums, commit records, offsets, id ranges "
+        "and probability sums. Exits 1 naming the shard and position of each fault.",
+        epilog=EPILOG,
+    )
+    v.add_argument("store")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=_verify)
+
+    s = sub.add_parser("show", help="what the teacher predicted at a position", epilog=EPILOG)
+    s.add_argument("store")
+    s.add_argument("--position", type=int, required=True, help="global token position")
+    s.add_argument(
+        "--context", type=int, default=24, help="tokens of context to print (default 24)"
+    )
+    s.add_argument("--top", type=int, default=10, help="candidates to list (default 10)")
+    s.set_defaults(func=_show)

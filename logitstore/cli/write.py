@@ -1,0 +1,255 @@
+"""``logitstore write`` and ``logitstore generate``: a teacher's distributions or completions
+into a store. The teacher, value and store options are declared once for both."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FormatError, LogitStoreError
+from .common import EPILOG
+
+if TYPE_CHECKING:  # imported when a command runs: `logitstore --help` stays fast
+    from ..format.metadata import Encoding
+
+__all__ = ["add_parsers"]
+
+
+def _checked_encoding(args: argparse.Namespace, kind: str, temperature: float) -> Encoding:
+    """The Encoding that --k/--samples/--values describe for ``kind``, with the chunk and
+    shard sizes checked against it: bad settings fail before any model is loaded."""
+    from ..format.metadata import Encoding, Layout
+
+    values = "none" if kind == "none" else args.values
+    encoding = Encoding(kind, values, temperature=temperature, k=args.k, samples=args.samples)  # type: ignore[arg-type]
+    try:
+        Layout.choose(encoding, 65536, args.chunk_positions, args.shard_positions)
+    except FormatError as e:  # bad options, not a damaged store: exit 2
+        raise LogitStoreError(str(e)) from None
+    return encoding
+
+
+def _write(args: argparse.Namespace) -> int:
+    from ..write.capture import capture
+    from ..write.inputs import read_documents, tokenize
+    from ..write.teacher import load_teacher, resolve_device
+    from ..write.writer import check_target
+
+    encoding = _checked_encoding(args, args.encoding, args.temperature)
+    device = resolve_device(args.device)
+    if args.seq_len is not None and args.seq_len < 2:
+        raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
+    check_target(args.out, args.overwrite)  # before the teacher is loaded
+    documents = read_documents(args.data)
+    teacher = load_teacher(args.teacher, device, args.dtype)
+    encoding.check_vocab(teacher.vocab_size)
+    seq_len = args.seq_len or teacher.max_length
+    sequences = tokenize(documents, teacher.tokenizer, seq_len)
+    print(
+        f"{len(documents)} document(s) → {len(sequences)} sequence(s), "
+        f"{len(sequences.input_ids)} positions; teacher {teacher.name} on {device}",
+        file=sys.stderr,
+    )
+    out = capture(
+        teacher,
+        sequences,
+        args.out,
+        encoding,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        seq_len=seq_len,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        shard_positions=args.shard_positions,
+        chunk_positions=args.chunk_positions,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..write.generate import GenerationSettings, generate, journal_path, read_prompts
+    from ..write.teacher import load_teacher, resolve_device
+    from ..write.writer import check_target
+
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        stop=tuple(args.stop or ()),
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    # Checked before hours of generation, not after.
+    soft = _checked_encoding(args, args.soft or "none", args.soft_temperature)
+    device = resolve_device(args.device)
+    check_target(args.out, args.overwrite)  # before the teacher is loaded
+    prompts = read_prompts(args.prompts)
+    teacher = load_teacher(args.teacher, device, args.dtype)
+    resuming = journal_path(args.out).exists()
+    print(
+        f"{len(prompts)} prompt(s) × {settings.num_samples} sample(s); teacher {teacher.name} "
+        f"on {device}{'; found the journal of an unfinished run' if resuming else ''}",
+        file=sys.stderr,
+    )
+    out = generate(
+        teacher,
+        prompts,
+        args.out,
+        settings,
+        soft=None if soft.kind == "none" else soft,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        chunk_positions=args.chunk_positions,
+        shard_positions=args.shard_positions,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _add_teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="teacher weights dtype (default: float32 on cpu, bfloat16 on cuda)",
+    )
+
+
+def _add_value_args(p: argparse.ArgumentParser, flag: str) -> None:
+    """--k, --samples and --values of the encoding chosen by ``flag`` (--encoding/--soft)."""
+    p.add_argument("--k", type=int, default=64, help=f"candidates for {flag}topk (default 64)")
+    p.add_argument("--samples", type=int, default=64, help=f"draws for {flag}sampled (default 64)")
+    p.add_argument(
+        "--values",
+        choices=["fp32", "fp16", "bf16", "u8", "u7", "u6", "u5", "u4"],
+        default="u8",
+        help="how probabilities are stored (default u8: 255 bins of sqrt(p); u7..u4: 127..15 "
+        "bins, smaller and coarser)",
+    )
+
+
+def _add_store_args(p: argparse.ArgumentParser, overwrite: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument(
+        "--shard-positions",
+        type=int,
+        default=None,
+        help="positions per shard (unit of commit; default ~64 chunks)",
+    )
+    p.add_argument(
+        "--chunk-positions",
+        type=int,
+        default=None,
+        help="positions per compressed chunk (default ~1 MiB of ids)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``write`` and ``generate`` on the subparsers ``sub``."""
+    w = sub.add_parser(
+        "write",
+        help="run a teacher over text and write its distributions into a store",
+        description="Run a teacher over text and write its distributions into a store. "
+        "Interrupted? Run the same command again: it resumes at the first unfinished shard "
+        "and the result is byte-identical to an uninterrupted run.",
+        epilog=EPILOG,
+    )
+    _add_teacher_args(w)
+    w.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="FILE",
+        help='.txt (one document per file) or .jsonl (one {"text": ...} per line)',
+    )
+    w.add_argument("--out", required=True, help="store directory to create (or resume)")
+    w.add_argument(
+        "--encoding",
+        choices=["topk", "sampled", "full"],
+        default="topk",
+        help="topk: k most likely + residual mass (default); sampled: unique ids and "
+        "counts of N draws (unbiased); full: whole vocabulary",
+    )
+    _add_value_args(w, "")
+    w.add_argument("--temperature", type=float, default=1.0, help="divide logits by T (default 1)")
+    w.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="split documents into sequences of at most N tokens (default: the "
+        "teacher's context length)",
+    )
+    w.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per forward pass (default 8)"
+    )
+    w.add_argument("--seed", type=int, default=0, help="seed for sampled draws (default 0)")
+    _add_store_args(w, "replace an existing store at --out")
+    w.set_defaults(func=_write)
+
+    g = sub.add_parser(
+        "generate",
+        help="hard-label data: the teacher completes prompts; the store masks the prompts",
+        description="The teacher generates completions for prompts (batched, with the KV "
+        "cache). The store holds prompt + completion as sequences and a loss mask, so a "
+        "student learns only the completions; with --soft it also holds the teacher's "
+        "distributions. Interrupted? Run the same command again: finished batches are kept "
+        "in OUT.generating.jsonl and the result equals an uninterrupted run.",
+        epilog=EPILOG,
+    )
+    _add_teacher_args(g)
+    g.add_argument(
+        "--prompts",
+        required=True,
+        metavar="FILE.jsonl",
+        help='one JSON object per line with a "prompt" field',
+    )
+    g.add_argument("--out", required=True, help="store directory to create (or resume)")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest completion (default 256)"
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature; 0 = greedy (default 1)",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: no cut)"
+    )
+    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
+    g.add_argument(
+        "--stop",
+        nargs="+",
+        metavar="STR",
+        help="strings that end a completion (kept in it, so students learn to stop); "
+        "in bash, write a newline as $'\\n'",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=16, help="prompts generated together (default 16)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument(
+        "--soft",
+        choices=["topk", "sampled", "full"],
+        default=None,
+        metavar="ENCODING",
+        help="also store the teacher's distributions (topk, sampled or full; with --k, "
+        "--samples, --values) at every position of prompt + completion",
+    )
+    _add_value_args(g, "--soft ")
+    g.add_argument(
+        "--soft-temperature",
+        type=float,
+        default=1.0,
+        help="temperature of the stored distributions (default 1)",
+    )
+    _add_store_args(g, "replace a complete store at --out (an unfinished run is resumed)")
+    g.set_defaults(func=_generate)
