@@ -203,6 +203,25 @@ def test_a_checkpoint_of_another_run_is_refused(teacher_dir: Path, corpus, tmp_p
         )  # fmt: skip
 
 
+def test_a_refused_checkpoint_leaves_models_and_optimizers_untouched(
+    teacher_dir: Path, corpus, tmp_path: Path
+) -> None:
+    _run(teacher_dir, corpus, tmp_path / "a", stop_after=2)  # saved with no LR scheduler
+    teacher, student = _models(teacher_dir)
+    opts = [torch.optim.AdamW(m.parameters()) for m in (teacher, student)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opts[1], lambda step: 1.0)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (teacher, student)]
+    with pytest.raises(logitstore.LogitStoreError, match="LR scheduler"):
+        logitstore.codistill(
+            teacher, student, *opts, logitstore.window_batches(corpus, 2, 16), 7,
+            schedulers=[sched], checkpoint=tmp_path / "a" / "ckpt.pt", progress=False,
+        )  # fmt: skip
+    for m, saved in zip((teacher, student), before, strict=True):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, saved[k]), k  # nothing was half-loaded before the refusal
+    assert all(not o.state for o in opts)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_the_example_stops_and_resumes_to_the_same_log(teacher_dir: Path, tmp_path: Path) -> None:

@@ -7,9 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import logitstore
 from logitstore import losses
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test draws the same numbers whatever runs before it (or alone)."""
+    torch.manual_seed(0)
 
 
 def _topk_targets(teacher_logits: torch.Tensor, k: int):  # type: ignore[no-untyped-def]
@@ -175,7 +180,7 @@ def test_codistillation_mix_and_schedules() -> None:
     ce = losses.cross_entropy(logits, labels)
     mix = losses.codistillation_loss(logits, labels, ids, probs, residual, alpha=0.25)
     torch.testing.assert_close(mix, 0.25 * kd + 0.75 * ce)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(logitstore.LogitStoreError, match="alpha"):
         losses.codistillation_loss(logits, labels, ids, probs, residual, alpha=1.5)
     warm = losses.LinearWarmup(0.0, 0.8, steps=100)
     assert warm(0) == 0.0 and warm(50) == pytest.approx(0.4) and warm(1000) == 0.8
@@ -188,7 +193,7 @@ def test_distilling_from_a_tokens_only_store_is_refused() -> None:
     logits = torch.randn(2, 3, 10, requires_grad=True)
     empty = (torch.zeros(2, 3, 0, dtype=torch.long), torch.zeros(2, 3, 0), torch.zeros(2, 3))
     for loss in (losses.forward_kl, losses.reverse_kl):
-        with pytest.raises(ValueError, match="tokens-only store"):
+        with pytest.raises(logitstore.LogitStoreError, match="tokens-only store"):
             loss(logits, *empty)
 
 
@@ -198,5 +203,5 @@ def test_schedules_by_name() -> None:
     for kind in ("linear", "cosine"):
         assert ramps[kind](0) == 0.0 and ramps[kind](10) == pytest.approx(0.8)
         assert 0.0 < ramps[kind](5) < 0.8
-    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+    with pytest.raises(logitstore.LogitStoreError, match="unknown schedule 'step'"):
         losses.alpha_schedule("step", 0.5, 10)

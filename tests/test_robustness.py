@@ -111,6 +111,23 @@ def test_rows_of_another_encoding_are_refused(tmp_path: Path) -> None:
         logitstore.open(tmp_path / "s")
 
 
+def test_closing_a_writer_before_every_shard_is_written_leaves_it_resumable(tmp_path: Path) -> None:
+    logits = TABLE[torch.from_numpy(SEQS.input_ids)]
+    writer = logitstore.StoreWriter(
+        tmp_path / "s",
+        encoding=ENC,
+        vocab_size=VOCAB,
+        input_ids=SEQS.input_ids,
+        offsets=SEQS.offsets,
+        shard_positions=100,
+        chunk_positions=50,
+    )
+    with pytest.raises(logitstore.IncompleteStoreError, match=r"2 shard\(s\) not written"), writer:
+        writer.write(0, encode_rows(logits[:100], ENC, 0, torch.arange(100)))
+    store = logitstore.open(tmp_path / "s", allow_incomplete=True)
+    assert store.committed().tolist() == [True, False, False]
+
+
 @pytest.fixture()
 def complete(tmp_path: Path) -> Path:
     return _capture(tmp_path / "s")

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, FormatError
 from .metadata import SQRT_BINS, StoreMetadata
 from .schema import StoredRows
 
@@ -54,7 +54,7 @@ def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
     if table is not None:
         decoded: np.ndarray = table[stored]
         return decoded
-    raise ValueError(f"cannot decode values of kind {values!r}")
+    raise FormatError(f"cannot decode values of kind {values!r}")
 
 
 def decode_ids(

@@ -392,22 +392,30 @@ def _load_checkpoint(
             f"cannot read the co-distillation checkpoint {str(path)!r}: {e}; remove it to "
             "start again"
         ) from None
+    keys = {"steps", "teacher", "student", "teacher_optimizer", "student_optimizer", "schedulers"}
     if not isinstance(state, dict) or state.get("format") != "logitstore-codistill":
         raise LogitStoreError(f"{str(path)!r} is not a co-distillation checkpoint")
+    if not keys <= state.keys():
+        raise LogitStoreError(
+            f"{str(path)!r} lacks {sorted(keys - state.keys())}: it is damaged or was not "
+            "written by logitstore; remove it to start again"
+        )
+    # Every refusal comes before anything is loaded: a refused checkpoint leaves the models,
+    # optimizers and schedulers exactly as the caller passed them.
     if state["steps"] != steps:
         raise LogitStoreError(
             f"{str(path)!r} is from a run of {state['steps']} steps, not {steps}: schedules "
             "would not continue the same way. Use the original --steps or another checkpoint"
         )
+    if len(state["schedulers"]) != len(schedulers):
+        raise LogitStoreError(
+            f"the checkpoint has {len(state['schedulers'])} LR scheduler(s), this run "
+            f"{len(schedulers)}: pass the same schedulers as the run that wrote it"
+        )
     teacher.load_state_dict(state["teacher"])
     student.load_state_dict(state["student"])
     teacher_optimizer.load_state_dict(state["teacher_optimizer"])
     student_optimizer.load_state_dict(state["student_optimizer"])
-    if len(state["schedulers"]) != len(schedulers):
-        raise LogitStoreError(
-            f"the checkpoint has {len(state['schedulers'])} LR scheduler(s), this run "
-            f"{len(schedulers)}"
-        )
     for s, sd in zip(schedulers, state["schedulers"], strict=True):
         s.load_state_dict(sd)
     torch.set_rng_state(state["rng"])

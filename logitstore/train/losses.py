@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import LogitStoreError
+
 __all__ = [
     "SCHEDULES",
     "ConstantSchedule",
@@ -113,7 +115,7 @@ def _chunked(
 ) -> torch.Tensor:
     """Per-position losses ``(B, T)``, computed ``chunk_size`` positions at a time."""
     if tensors[0].shape[-1] == 0:
-        raise ValueError(
+        raise LogitStoreError(
             "the teacher targets have no candidates (m = 0): a tokens-only store (hard labels "
             "from `logitstore generate`) has no distributions to distil from; train on it with "
             "cross_entropy(logits, batch['labels'])"
@@ -146,7 +148,7 @@ def _reduce(losses: torch.Tensor, mask: torch.Tensor | None, reduction: Reductio
     if reduction == "sequence_mean":
         per_seq = losses.sum(-1) / m.sum(-1).clamp_min(1)  # (B,)
         return per_seq.sum() / (m.sum(-1) > 0).sum().clamp_min(1)
-    raise ValueError(f"unknown reduction {reduction!r}: expected {Reduction}")
+    raise LogitStoreError(f"unknown reduction {reduction!r}: expected {Reduction}")
 
 
 def forward_kl(
@@ -265,7 +267,7 @@ def codistillation_loss(
 ) -> torch.Tensor:
     """``alpha · forward_kl + (1 − alpha) · cross_entropy`` — the co-distillation mix."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise LogitStoreError(f"alpha must be in [0, 1], got {alpha}")
     kd = forward_kl(student_logits, ids, probs, residual, mask, **kl_kwargs)  # type: ignore[arg-type]
     ce = cross_entropy(student_logits, labels, mask)
     return alpha * kd + (1 - alpha) * ce
@@ -317,7 +319,7 @@ def alpha_schedule(kind: str, alpha: float, steps: int) -> Callable[[int], float
     α over ``steps`` (what a command line's ``--schedule`` takes).
 
     Raises:
-        ValueError: an unknown ``kind``.
+        LogitStoreError: an unknown ``kind``.
     """
     if kind == "constant":
         return ConstantSchedule(alpha)
@@ -325,4 +327,4 @@ def alpha_schedule(kind: str, alpha: float, steps: int) -> Callable[[int], float
         return LinearWarmup(0.0, alpha, steps)
     if kind == "cosine":
         return CosineSchedule(0.0, alpha, steps)
-    raise ValueError(f"unknown schedule {kind!r}: expected one of {', '.join(SCHEDULES)}")
+    raise LogitStoreError(f"unknown schedule {kind!r}: expected one of {', '.join(SCHEDULES)}")

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import LogitStoreError
 from ..format.metadata import SQRT_BINS, Encoding
 
 __all__ = ["EncodedRows", "encode_rows", "quantize", "uniforms"]
@@ -39,7 +40,7 @@ def quantize(p: torch.Tensor, values: str) -> torch.Tensor:
     if bins is not None:
         codes = torch.floor(torch.sqrt(p) * bins).clamp_(max=bins - 1) + 1
         return torch.where(p > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
-    raise ValueError(f"cannot quantize to {values!r}")
+    raise LogitStoreError(f"cannot quantize to {values!r}")
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

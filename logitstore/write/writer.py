@@ -29,6 +29,7 @@ import zarr
 
 from .. import __version__
 from ..errors import (
+    IncompleteStoreError,
     InputError,
     LogitStoreError,
     ResumeMismatchError,
@@ -369,7 +370,7 @@ class StoreWriter:
         commits = read_all(self.group, COMMITS).astype(bool)
         if not commits.all():
             first = int(np.flatnonzero(~commits)[0])
-            raise LogitStoreError(
+            raise IncompleteStoreError(
                 f"the writer was closed with {int((~commits).sum())} shard(s) not written "
                 f"(first: shard {first}, from position {self.metadata.shard_range(first)[0]}); "
                 "every position must be supplied before the store can be complete"
