@@ -32,9 +32,9 @@ def _checked_encoding(args: argparse.Namespace, kind: str, temperature: float) -
 
 def _write(args: argparse.Namespace) -> int:
     from ..write.capture import capture
+    from ..write.checks import check_target
     from ..write.inputs import read_documents, tokenize
     from ..write.teacher import load_teacher, resolve_device
-    from ..write.writer import check_target
 
     encoding = _checked_encoding(args, args.encoding, args.temperature)
     device = resolve_device(args.device)
@@ -69,9 +69,9 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from ..write.checks import check_target
     from ..write.generate import GenerationSettings, generate, journal_path, read_prompts
     from ..write.teacher import load_teacher, resolve_device
-    from ..write.writer import check_target
 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,

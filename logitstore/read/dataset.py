@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import LogitStoreError
 from ..format.codec import Batch
-from ..format.metadata import tokenizer_identity
+from ..format.provenance import tokenizer_identity
 from . import open as open_store
 from .store import StoreBase
 

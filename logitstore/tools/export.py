@@ -13,7 +13,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import LogitStoreError
-from ..format.metadata import finish_reason
+from ..format.provenance import finish_reason
 from ..read.store import StoreBase
 
 __all__ = ["export_jsonl", "sequence_records"]

@@ -34,6 +34,7 @@ from ..format.metadata import Encoding
 from ..write.capture import capture
 from ..write.inputs import Sequences
 from ..write.teacher import Teacher
+from .checkpoint import load_checkpoint, save_checkpoint
 from .losses import ConstantSchedule, cross_entropy, logit_kl
 
 __all__ = [
@@ -238,7 +239,7 @@ def codistill(
     ckpt = None if checkpoint is None else Path(checkpoint)
     done = 0
     if ckpt is not None and ckpt.exists():
-        done = _load_checkpoint(
+        done = load_checkpoint(
             ckpt, steps, teacher, student, teacher_optimizer, student_optimizer, schedulers
         )
     last = steps if stop_after is None else min(steps, stop_after)
@@ -274,7 +275,7 @@ def codistill(
             ):
                 record_teacher(teacher, record, count)
             if ckpt is not None and (count % checkpoint_every == 0 or count == last):
-                _save_checkpoint(
+                save_checkpoint(
                     ckpt,
                     count,
                     steps,
@@ -345,80 +346,3 @@ def _state_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + h.hexdigest()
-
-
-def _save_checkpoint(
-    path: Path,
-    count: int,
-    steps: int,
-    teacher: torch.nn.Module,
-    student: torch.nn.Module,
-    teacher_optimizer: torch.optim.Optimizer,
-    student_optimizer: torch.optim.Optimizer,
-    schedulers: Sequence[Any],
-) -> None:
-    state = {
-        "format": "logitstore-codistill",
-        "version": 1,
-        "step": count,
-        "steps": steps,
-        "teacher": teacher.state_dict(),
-        "student": student.state_dict(),
-        "teacher_optimizer": teacher_optimizer.state_dict(),
-        "student_optimizer": student_optimizer.state_dict(),
-        "schedulers": [s.state_dict() for s in schedulers],
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash leaves the previous checkpoint, never half of one
-
-
-def _load_checkpoint(
-    path: Path,
-    steps: int,
-    teacher: torch.nn.Module,
-    student: torch.nn.Module,
-    teacher_optimizer: torch.optim.Optimizer,
-    student_optimizer: torch.optim.Optimizer,
-    schedulers: Sequence[Any],
-) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or foreign files
-        raise LogitStoreError(
-            f"cannot read the co-distillation checkpoint {str(path)!r}: {e}; remove it to "
-            "start again"
-        ) from None
-    keys = {"steps", "teacher", "student", "teacher_optimizer", "student_optimizer", "schedulers"}
-    if not isinstance(state, dict) or state.get("format") != "logitstore-codistill":
-        raise LogitStoreError(f"{str(path)!r} is not a co-distillation checkpoint")
-    if not keys <= state.keys():
-        raise LogitStoreError(
-            f"{str(path)!r} lacks {sorted(keys - state.keys())}: it is damaged or was not "
-            "written by logitstore; remove it to start again"
-        )
-    # Every refusal comes before anything is loaded: a refused checkpoint leaves the models,
-    # optimizers and schedulers exactly as the caller passed them.
-    if state["steps"] != steps:
-        raise LogitStoreError(
-            f"{str(path)!r} is from a run of {state['steps']} steps, not {steps}: schedules "
-            "would not continue the same way. Use the original --steps or another checkpoint"
-        )
-    if len(state["schedulers"]) != len(schedulers):
-        raise LogitStoreError(
-            f"the checkpoint has {len(state['schedulers'])} LR scheduler(s), this run "
-            f"{len(schedulers)}: pass the same schedulers as the run that wrote it"
-        )
-    teacher.load_state_dict(state["teacher"])
-    student.load_state_dict(state["student"])
-    teacher_optimizer.load_state_dict(state["teacher_optimizer"])
-    student_optimizer.load_state_dict(state["student_optimizer"])
-    for s, sd in zip(schedulers, state["schedulers"], strict=True):
-        s.load_state_dict(sd)
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])

@@ -17,11 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TeacherError
-from ..format.metadata import Encoding, tokenizer_identity
+from ..format.metadata import Encoding
+from ..format.provenance import tokenizer_identity
+from .checks import check_sequences
 from .encode import encode_rows
 from .inputs import Sequences
 from .teacher import Teacher
-from .writer import StoreWriter, check_sequences
+from .writer import StoreWriter
 
 __all__ = ["capture"]
 

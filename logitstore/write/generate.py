@@ -31,15 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError, ResumeMismatchError, TeacherError
-from ..format.metadata import Encoding, tokenizer_identity
+from ..format.metadata import Encoding
+from ..format.provenance import tokenizer_identity
 from .capture import capture
+from .checks import check_target
 from .inputs import Sequences, jsonl_strings, read_text
+from .journal import JOURNAL_VERSION, journal_key, journal_path, read_journal
 from .teacher import Teacher
-from .writer import check_target
 
 __all__ = ["GenerationSettings", "Prompt", "generate", "journal_path", "read_prompts"]
-
-_JOURNAL_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,6 @@ def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
     return prompts
 
 
-def journal_path(out: str | os.PathLike[str]) -> Path:
-    """Where :func:`generate` keeps the completions of an unfinished run."""
-    out = Path(out)
-    return out.parent / f"{out.name}.generating.jsonl"
-
-
 def generate(
     teacher: Teacher,
     prompts: Sequence[str | Prompt],
@@ -192,7 +186,7 @@ def generate(
             f"{str(out)!r} holds an interrupted store generated from other prompts, teacher or "
             "settings; rerun that command to finish it, or pass --overwrite to replace it"
         )
-    key = _journal_key(generation, teacher, tok_ident["vocab_hash"], prompt_ids)
+    key = journal_key(generation, teacher, tok_ident["vocab_hash"], prompt_ids)
     rows = [(i, j) for i in range(len(items)) for j in range(settings.num_samples)]
     # Longest prompts first: little padding per batch, and the largest batch comes first.
     order = sorted(range(len(rows)), key=lambda r: -len(prompt_ids[rows[r][0]]))
@@ -201,7 +195,7 @@ def generate(
     ]
     journal = journal_path(out)
     journal.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_journal(journal, key, [len(b) for b in batches], discard_other=overwrite)
+    done = read_journal(journal, key, [len(b) for b in batches], discard_other=overwrite)
     completions: dict[int, list[int]] = {}
     for b, got in done.items():
         completions.update(zip(batches[b], got, strict=True))
@@ -216,7 +210,7 @@ def generate(
     stopper = _StopStrings(tokenizer, settings.stop) if settings.stop else None
     with bar, journal.open("a", encoding="utf-8") as log:
         if journal.stat().st_size == 0:
-            log.write(json.dumps({"logitstore_generate": _JOURNAL_VERSION, "key": key}) + "\n")
+            log.write(json.dumps({"logitstore_generate": JOURNAL_VERSION, "key": key}) + "\n")
             log.flush()
         generated = 0
         for b, batch in enumerate(batches):
@@ -274,77 +268,6 @@ def _tokenize_prompts(
                 f"{max(teacher.max_length - len(x), 0)}"
             )
     return [list(map(int, x)) for x in ids]
-
-
-def _journal_key(
-    generation: dict[str, Any], teacher: Teacher, vocab_hash: str, prompt_ids: list[list[int]]
-) -> str:
-    h = hashlib.sha256()
-    settings = {**generation, "teacher": teacher.provenance(), "tokenizer": vocab_hash}
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(json.dumps(prompt_ids).encode())
-    return "sha256:" + h.hexdigest()
-
-
-def _read_journal(
-    path: Path, key: str, batch_rows: list[int], *, discard_other: bool
-) -> dict[int, list[list[int]]]:
-    """The batches an earlier, interrupted run finished. A torn last line (the run was killed
-    while writing it) is cut off. A journal of another run is an error, or with
-    ``discard_other`` (``--overwrite``) deleted."""
-    if not path.exists():
-        return {}
-    done: dict[int, list[list[int]]] = {}
-    good = 0  # bytes of whole, valid lines
-    with path.open("rb") as f:
-        for n, line in enumerate(f):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                break
-            if n == 0:
-                if not isinstance(obj, dict) or obj.get("key") != key:
-                    if discard_other:
-                        path.unlink()
-                        return {}
-                    raise ResumeMismatchError(
-                        f"{str(path)!r} holds completions of an interrupted run with other "
-                        "prompts, teacher or settings (or is not a journal of logitstore "
-                        "generate); rerun that command to finish it, or pass --overwrite to "
-                        "start again"
-                    )
-            else:
-                b, got = _journal_entry(obj, batch_rows)
-                if b is None:
-                    raise ResumeMismatchError(
-                        f"{str(path)!r} line {n + 1} is not a batch of this run's completions "
-                        "(the journal was edited or damaged); delete it, or pass --overwrite, "
-                        "to generate again"
-                    )
-                done[b] = got
-            good += len(line)
-    if good == 0:
-        path.unlink()
-        return {}
-    with path.open("r+b") as f:
-        f.truncate(good)
-    return done
-
-
-def _journal_entry(obj: Any, batch_rows: list[int]) -> tuple[int | None, list[list[int]]]:
-    """``(batch, completions)`` of a journal line, or ``(None, [])`` if it is malformed."""
-    if not isinstance(obj, dict):
-        return None, []
-    b, got = obj.get("batch"), obj.get("completions")
-    if not isinstance(b, int) or not 0 <= b < len(batch_rows) or not isinstance(got, list):
-        return None, []
-    if len(got) != batch_rows[b] or not all(
-        isinstance(c, list) and all(isinstance(t, int) for t in c) for c in got
-    ):
-        return None, []
-    return b, got
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

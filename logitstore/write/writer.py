@@ -30,10 +30,8 @@ import zarr
 from .. import __version__
 from ..errors import (
     IncompleteStoreError,
-    InputError,
     LogitStoreError,
     ResumeMismatchError,
-    StoreExistsError,
     TeacherError,
 )
 from ..format.metadata import (
@@ -49,71 +47,15 @@ from ..format.storage import (
     create_arrays,
     open_group,
     read_all,
-    read_metadata,
     shard_file,
     write_metadata,
 )
+from .checks import check_loss_mask, check_sequences, check_target
 from .encode import EncodedRows
 
-__all__ = ["StoreWriter", "check_loss_mask", "check_sequences", "check_target"]
+__all__ = ["StoreWriter"]
 
 _STOP = object()
-
-
-def check_sequences(input_ids: np.ndarray, offsets: np.ndarray, vocab_size: int) -> None:
-    """Raise :class:`InputError` unless ``offsets`` partition ``input_ids`` into non-empty
-    sequences of ids below ``vocab_size``."""
-    if input_ids.ndim != 1 or offsets.ndim != 1 or len(offsets) < 2:
-        raise InputError(
-            f"expected 1-D input_ids and at least two offsets, got shapes {input_ids.shape} "
-            f"and {offsets.shape}"
-        )
-    if offsets[0] != 0 or offsets[-1] != len(input_ids) or np.any(np.diff(offsets) < 1):
-        raise InputError(
-            "offsets must start at 0, end at len(input_ids) and strictly increase "
-            "(no empty sequences)"
-        )
-    if len(input_ids) and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        bad = int(np.flatnonzero((input_ids < 0) | (input_ids >= vocab_size))[0])
-        raise InputError(
-            f"input token id {int(input_ids[bad])} at position {bad} is outside the teacher's "
-            f"vocabulary [0, {vocab_size}); was the data tokenised with another tokenizer?"
-        )
-
-
-def check_target(path: str | os.PathLike[str], overwrite: bool) -> StoreMetadata | None:
-    """Check ``path`` before any work: returns an interrupted store's metadata (to resume),
-    or ``None`` when a new store may be created there.
-
-    Raises:
-        StoreExistsError: a complete store is there and ``overwrite`` is false, or something
-            that is not a logitstore store (never touched, even with ``overwrite``).
-    """
-    path = Path(path)
-    if path.is_file() or (
-        path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
-    ):
-        raise StoreExistsError(
-            f"{str(path)!r} exists and is not a logitstore store; refusing to touch it. "
-            "Choose another --out"
-        )
-    if not (path / "zarr.json").exists():
-        return None
-    try:
-        existing = read_metadata(open_group(path))
-    except LogitStoreError as e:
-        raise StoreExistsError(
-            f"{str(path)!r} holds something that is not a readable logitstore store ({e}); "
-            "remove it yourself or choose another --out"
-        ) from None
-    if overwrite:
-        return None
-    if existing.state == "complete":
-        raise StoreExistsError(
-            f"{str(path)!r} already holds a complete store; pass --overwrite "
-            "(overwrite=True) to replace it, or choose another --out"
-        )
-    return existing
 
 
 def _identity(
@@ -129,18 +71,6 @@ def _identity(
     if loss_mask is not None:
         h.update(np.ascontiguousarray(loss_mask, dtype=np.uint8).tobytes())
     return "sha256:" + h.hexdigest()
-
-
-def check_loss_mask(loss_mask: np.ndarray, num_positions: int) -> np.ndarray:
-    """``loss_mask`` as uint8 0/1 of one entry per position, or :class:`InputError`."""
-    mask = np.asarray(loss_mask)
-    if mask.shape != (num_positions,):
-        raise InputError(
-            f"loss_mask has shape {mask.shape}; expected ({num_positions},), one entry per position"
-        )
-    if mask.dtype != np.bool_ and len(mask) and not np.isin(mask, (0, 1)).all():
-        raise InputError("loss_mask must hold only 0 and 1 (or booleans)")
-    return mask.astype(np.uint8)
 
 
 def _created_at() -> str:
