@@ -329,11 +329,15 @@ def test_concurrent_clients(server: Server, stores) -> None:
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    # daemon threads: a hung client fails the test instead of keeping pytest from exiting
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(32)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = sum(t.is_alive() for t in threads)
+    assert not hung, f"{hung} of {len(threads)} clients still running after 120 s"
     assert not errors, errors[:3]
 
 
@@ -352,13 +356,14 @@ def test_a_client_resumes_when_the_server_restarts_mid_stream(stores) -> None:
             except BaseException as e:
                 result["error"] = e
 
-        t = threading.Thread(target=read)
+        t = threading.Thread(target=read, daemon=True)
         t.start()
         time.sleep(0.5)  # tens of thousands of 16-position blocks: the stream is still going
         srv.stop()
         time.sleep(0.5)
         srv.start()
         t.join(timeout=120)
+        assert not t.is_alive(), "the read still runs after 120 s"
         assert "error" not in result, result.get("error")
         assert remote.retried >= 1  # the stream really was cut, and resumed
         assert _same(result["batch"], local.read(0, n))  # type: ignore[arg-type]
