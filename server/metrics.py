@@ -1,11 +1,18 @@
-"""Request counts, bytes and latencies, rendered in the Prometheus text format (per process)."""
+"""Request counts, bytes and latencies, rendered in the Prometheus text format (per process):
+:class:`Metrics`, the middleware that feeds it, and the ``/metrics`` route."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
+from typing import Annotated
 
-__all__ = ["Metrics"]
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.types import ASGIApp
+
+__all__ = ["Metrics", "Observe", "get_metrics", "router"]
 
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -72,3 +79,34 @@ class Metrics:
                 )
                 lines.append(f'logitstore_request_seconds_count{{route="{route}"}} {count}')
         return "\n".join(lines) + "\n"
+
+
+class Observe(BaseHTTPMiddleware):
+    """Times and counts every request under its route's template (``/v1/stores/{name}``),
+    never its path: paths are the client's to choose and must not mint new series."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        template = getattr(request.scope.get("route"), "path", "unmatched")
+        size = int(response.headers.get("content-length", 0))
+        self.metrics.observe(template, response.status_code, size, time.perf_counter() - t0)
+        return response
+
+
+async def get_metrics(request: Request) -> Metrics:
+    """The app's :class:`Metrics` (a FastAPI dependency)."""
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", summary="Prometheus text format")
+async def prometheus(metrics: Annotated[Metrics, Depends(get_metrics)]) -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,121 @@
+"""What a server serves: :class:`ServerConfig`, the one schema of a server's settings.
+
+``logitstore serve`` builds it from its arguments (:meth:`ServerConfig.from_cli`), and it
+reaches uvicorn's worker processes as JSON in the environment variable :data:`CONFIG_ENV`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import logitstore
+
+__all__ = ["CONFIG_ENV", "ServerConfig"]
+
+#: carries a :class:`ServerConfig` as JSON to every worker process (``--workers N``)
+CONFIG_ENV = "LOGITSTORE_SERVER_CONFIG"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What a server serves, and its limits (docs/PROTOCOL.md).
+
+    Attributes:
+        stores: URL name → store directory.
+        tokens: the bearer tokens a request may carry; none: requests need no token.
+        max_positions: most positions one request may ask for (413 ``range_too_large`` above).
+        block_positions: rows per streamed block; a stream holds about two blocks in memory.
+    """
+
+    stores: dict[str, str]
+    tokens: tuple[str, ...] = ()
+    max_positions: int = 1 << 24
+    block_positions: int = 1 << 14
+
+    def __post_init__(self) -> None:
+        for option in ("max_positions", "block_positions"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or value < 1:
+                flag = "--" + option.replace("_", "-")
+                raise logitstore.LogitStoreError(
+                    f"{flag} must be a positive number of positions, got {value!r}"
+                )
+
+    @classmethod
+    def from_cli(
+        cls,
+        stores: Iterable[str | os.PathLike[str]],
+        *,
+        token_file: str | os.PathLike[str] | None = None,
+        max_positions: int = 1 << 24,
+        block_positions: int = 1 << 14,
+    ) -> ServerConfig:
+        """The config for serving the store directories ``stores``, each under its
+        directory's name, checked before any server starts.
+
+        Every store is opened once here, so a missing, incomplete or damaged store stops
+        the command with the reader's error instead of failing requests later.
+
+        Args:
+            stores: store directories; the URL name of each is its directory's name.
+            token_file: a file of bearer tokens, one per line (``None``: no token needed).
+            max_positions, block_positions: as the attributes.
+
+        Raises:
+            StoreNotFoundError, IncompleteStoreError, FormatError: a store cannot be served.
+            LogitStoreError: two stores have the same directory name, ``token_file``
+                cannot be read or holds no token, or a limit is not positive.
+
+        Example:
+            >>> config = ServerConfig.from_cli(["runs/teacher.zarr"], token_file="tokens")
+            >>> config.stores          # {"teacher.zarr": "/abs/runs/teacher.zarr"}
+        """
+        named: dict[str, str] = {}
+        for path in stores:
+            logitstore.LogitStore(path)  # refuses incomplete or damaged metadata now
+            resolved = Path(path).resolve()
+            if resolved.name in named:
+                raise logitstore.LogitStoreError(
+                    f"two stores are named {resolved.name!r} (the directory name is the URL "
+                    "name); rename one"
+                )
+            named[resolved.name] = str(resolved)
+        tokens = _read_tokens(token_file) if token_file else ()
+        return cls(named, tokens, max_positions, block_positions)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "stores": self.stores,
+                "tokens": list(self.tokens),
+                "max_positions": self.max_positions,
+                "block_positions": self.block_positions,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        d = json.loads(text)
+        return cls(
+            stores=d["stores"],
+            tokens=tuple(d.get("tokens", ())),
+            max_positions=d.get("max_positions", cls.max_positions),
+            block_positions=d.get("block_positions", cls.block_positions),
+        )
+
+
+def _read_tokens(token_file: str | os.PathLike[str]) -> tuple[str, ...]:
+    try:
+        lines = Path(token_file).read_text().splitlines()
+    except OSError as e:
+        raise logitstore.LogitStoreError(f"cannot read --token-file: {e}") from None
+    tokens = tuple(t.strip() for t in lines if t.strip())
+    if not tokens:
+        raise logitstore.LogitStoreError(
+            f"--token-file {os.fspath(token_file)} holds no token (one per line)"
+        )
+    return tokens

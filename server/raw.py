@@ -1,0 +1,134 @@
+"""Raw store keys over HTTP (docs/PROTOCOL.md §3): any Zarr v3 client with an HTTP store
+opens ``/v1/stores/NAME/zarr`` directly. Responses carry ``ETag`` and ``Last-Modified``, and
+answer ``If-None-Match`` and single byte ranges."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from .deps import AppState
+from .errors import ApiError
+
+__all__ = ["StoreFile", "router", "store_file"]
+
+_KEY = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+_MAX_KEY = 512
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    """The file behind a raw key."""
+
+    path: Path
+    stat: os.stat_result
+
+
+async def store_file(name: str, key: str, state: AppState) -> StoreFile:
+    """The file of ``key`` in the store named in the path.
+
+    Raises:
+        ApiError: ``unknown_store``; ``bad_key`` for anything but a relative path of letters,
+            digits, ``_ . -`` and ``/`` without ``.`` or ``..`` segments; ``no_such_key``
+            for a key that is not a file of the store.
+    """
+    root = Path(state.get(name).store.path).resolve()
+    if len(key) > _MAX_KEY or not _KEY.match(key) or any(p in (".", "..") for p in key.split("/")):
+        raise ApiError(
+            "bad_key",
+            f"keys are relative store paths of at most {_MAX_KEY} characters, without '.' or "
+            "'..' segments",
+        )
+    try:
+        path = (root / key).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+        stat = path.stat() if found else None
+    except OSError:  # e.g. a name too long for the file system
+        stat = None
+    if stat is None or path.name.endswith(".partial"):  # a write in progress is no key
+        raise ApiError("no_such_key", f"store {name!r} has no key {key!r}")
+    return StoreFile(path, stat)
+
+
+router = APIRouter()
+
+
+@router.api_route(
+    "/v1/stores/{name}/zarr/{key:path}",
+    methods=["GET", "HEAD"],
+    summary="Raw store keys, with Range, ETag and Last-Modified (zarr over HTTP)",
+)
+async def raw(request: Request, file: Annotated[StoreFile, Depends(store_file)]) -> Response:
+    path, stat = file.path, file.stat
+    etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+    headers = {
+        "ETag": etag,
+        "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "no-cache",
+    }
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    size = stat.st_size
+    head = request.method == "HEAD"
+    span = _parse_range(request.headers.get("range"), size)
+    if span is None:
+        data = b"" if head else await asyncio.to_thread(path.read_bytes)
+        return Response(
+            data,
+            200,
+            headers={**headers, "Content-Length": str(size)},
+            media_type="application/octet-stream",
+        )
+    first, last = span
+    data = b"" if head else await asyncio.to_thread(_read_span, path, first, last)
+    headers |= {
+        "Content-Range": f"bytes {first}-{last}/{size}",
+        "Content-Length": str(last - first + 1),
+    }
+    return Response(data, 206, headers=headers, media_type="application/octet-stream")
+
+
+def _read_span(path: Path, first: int, last: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(first)
+        return f.read(last - first + 1)
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` → inclusive (first, last); ``None`` for no
+    (or an ignorable multi-range) header.
+
+    Raises:
+        ApiError: ``bad_range_header`` for a header that does not parse,
+            ``range_not_satisfiable`` when nothing of the key is asked for.
+    """
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if m is None:
+        if header.strip().startswith("bytes=") and "," in header:
+            return None  # several ranges: RFC 9110 lets a server send the whole file
+        raise ApiError("bad_range_header", f"cannot parse Range header {header!r}")
+    a, b = m.groups()
+    if not a and not b:
+        raise ApiError("bad_range_header", f"cannot parse Range header {header!r}")
+    if not a:  # suffix: the last b bytes
+        n = int(b)
+        if n == 0 or size == 0:
+            raise ApiError("range_not_satisfiable", f"empty suffix of a {size}-byte key")
+        return max(0, size - n), size - 1
+    first = int(a)
+    last = min(int(b), size - 1) if b else size - 1
+    if first >= size or (b and int(b) < first):
+        raise ApiError(
+            "range_not_satisfiable", f"range {header!r} is outside the key's {size} bytes"
+        )
+    return first, last

@@ -1,0 +1,65 @@
+"""The body of a position stream (docs/PROTOCOL.md §2): header, blocks, end record.
+
+Blocks are read in a worker thread, one block ahead of the socket: the disk and the network
+work at once, and a stream holds about two blocks of memory whatever its range. When the
+client goes away (or a read fails) the read-ahead is dropped; a client that sees a stream
+without its end record asks again from its last verified block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi.responses import StreamingResponse
+
+import logitstore
+from logitstore.format.protocol import encode_block, encode_end, encode_header
+
+from .deps import Span
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from logitstore.format.schema import StoredRows
+
+__all__ = ["MEDIA_TYPE", "stream_response"]
+
+MEDIA_TYPE = "application/x-logitstore-stream"
+#: streamed bytes are counted under one route label, whichever route streams them
+_BYTES_LABEL = "/v1/stores/{name}/positions"
+
+
+def stream_response(span: Span, block_positions: int, metrics: Metrics) -> StreamingResponse:
+    """``span`` as a stream of blocks of at most ``block_positions`` rows."""
+    return StreamingResponse(
+        _body(span.store, span.start, span.stop, block_positions, metrics),
+        media_type=MEDIA_TYPE,
+        headers={"X-Logitstore-Positions": f"{span.start}-{span.stop}"},
+    )
+
+
+async def _body(
+    store: logitstore.LogitStore, start: int, stop: int, step: int, metrics: Metrics
+) -> AsyncIterator[bytes]:
+    def read_ahead(a: int) -> asyncio.Future[StoredRows] | None:
+        """Start reading the block at ``a`` in a thread (``None`` at the end)."""
+        if a >= stop:
+            return None
+        return asyncio.ensure_future(asyncio.to_thread(store.read_stored, a, min(a + step, stop)))
+
+    yield encode_header(store.metadata, start, stop)
+    pending = read_ahead(start)
+    a = start
+    try:
+        while pending is not None:
+            rows = await pending
+            pending = read_ahead(a + step)  # read the next block while this one goes out
+            block = encode_block(a, rows)
+            metrics.add_bytes(_BYTES_LABEL, len(block))
+            yield block
+            a += step
+        yield encode_end(stop, stop - start)
+    finally:  # the client went away (or a read failed): drop the read-ahead
+        if pending is not None:
+            pending.cancel()
