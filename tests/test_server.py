@@ -417,3 +417,19 @@ def test_unauthenticated_paths_do_not_mint_metric_series(server: Server) -> None
     metrics = server.get("/metrics")[2].decode()
     assert 'route="unauthenticated",status="401"' in metrics
     assert "made-up" not in metrics and 'quote"d' not in metrics
+
+
+def test_serve_refuses_limits_that_are_not_positive(stores, capsys) -> None:
+    from logitstore.cli import main
+
+    assert main(["serve", str(stores["topk"]), "--block-positions", "0"]) == 2
+    assert "--block-positions must be a positive number" in capsys.readouterr().err
+
+
+def test_the_server_process_never_loads_torch(server: Server) -> None:
+    # Last in the file: by now the module's server has answered on every route.
+    assert server.proc is not None
+    maps = Path(f"/proc/{server.proc.pid}/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc")
+    assert "/torch/" not in maps.read_text()

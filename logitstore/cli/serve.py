@@ -3,63 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from ..errors import LogitStoreError
 from .common import EPILOG
 
 __all__ = ["add_parsers"]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
+    # The CLI is the composition root: the library never imports the server package.
+    from logitstore_server.app import ServerConfig, serve
 
-    import uvicorn
-
-    from ..read.local import LogitStore
-
-    stores: dict[str, str] = {}
-    for path in args.stores:
-        store = LogitStore(path)  # refuses incomplete or damaged metadata now, not per request
-        name = Path(path).resolve().name
-        if name in stores:
-            raise LogitStoreError(
-                f"two stores are named {name!r} (the directory name is the URL name); rename one"
-            )
-        stores[name] = str(Path(path).resolve())
-        del store
-    tokens: list[str] = []
-    if args.token_file:
-        try:
-            tokens = [
-                t.strip() for t in Path(args.token_file).read_text().splitlines() if t.strip()
-            ]
-        except OSError as e:
-            raise LogitStoreError(f"cannot read --token-file: {e}") from None
-        if not tokens:
-            raise LogitStoreError(f"--token-file {args.token_file} holds no token (one per line)")
-    config = {
-        "stores": stores,
-        "tokens": tokens,
-        "max_positions": args.max_positions,
-        "block_positions": args.block_positions,
-    }
-    os.environ["LOGITSTORE_SERVER_CONFIG"] = json.dumps(config)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    for name in stores:
-        print(f"serving {stores[name]} at http://{host}:{args.port}/v1/stores/{name}", flush=True)
-    uvicorn.run(
-        "logitstore_server.app:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        loop="auto",
-        http="auto",
+    config = ServerConfig.from_cli(
+        args.stores,
+        token_file=args.token_file,
+        max_positions=args.max_positions,
+        block_positions=args.block_positions,
     )
+    serve(config, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
     return 0
 
 
