@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import numpy as np
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 import logitstore
 from logitstore import Encoding
+from logitstore.errors import CorruptStoreError, PositionError, RemoteError, StoreNotFoundError
 
 VOCAB = 300
 TOKEN = "s3cret-token"
@@ -417,6 +419,74 @@ def test_unauthenticated_paths_do_not_mint_metric_series(server: Server) -> None
     metrics = server.get("/metrics")[2].decode()
     assert 'route="unauthenticated",status="401"' in metrics
     assert "made-up" not in metrics and 'quote"d' not in metrics
+
+
+# -- what a client raises for each error code, over the socket (PROTOCOL.md §4) --------------
+
+#: a backoff no test waits for: an answer that was retried would take minutes
+NEVER = 30.0
+
+
+def test_a_refusal_raises_the_exception_its_code_names_at_once(server: Server) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(StoreNotFoundError, match="404: no store named 'nope'"):
+        logitstore.RemoteStore(server.url("nope"), backoff=NEVER)  # unknown_store
+    with pytest.raises(RemoteError, match="HTTP 403"):
+        logitstore.RemoteStore(server.url("topk"), token="wrong", backoff=NEVER)  # forbidden
+    with pytest.raises(RemoteError, match="HTTP 401"):
+        logitstore.RemoteStore(server.url("topk"), token="", backoff=NEVER)  # unauthorized
+    remote = logitstore.RemoteStore(server.url("topk"), backoff=NEVER)
+    assert remote.tokenizer() is None  # no_tokenizer: the store has none, final
+    assert remote.retried == 0
+    assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.slow
+def test_a_413_is_a_position_error_and_not_retried(stores) -> None:
+    srv = Server([stores["topk"]], "--max-positions", "20000").start()
+    try:
+        remote = logitstore.RemoteStore(srv.url("topk"), backoff=0.05)
+        assert _same(remote.read(0, 5000), logitstore.open(stores["topk"]).read(0, 5000))
+        # The server comes back with a smaller cap than the client was told: it asks for
+        # more positions than the server now takes.
+        srv.stop()
+        srv.extra = ("--max-positions", "100")
+        srv.start()
+        with pytest.raises(PositionError, match="HTTP 413: 5000 positions asked for"):
+            remote.read(0, 5000)
+        assert remote.retried <= 1  # the connection the restart cut; never the 413
+    finally:
+        srv.stop()
+
+
+def _store_with_tokenizer(out: Path) -> Path:
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    teacher = _table_teacher()
+    teacher.tokenizer = SimpleNamespace(get_vocab=tok.get_vocab, backend_tokenizer=tok)
+    seqs = logitstore.sequences_from_token_ids([np.arange(200) % VOCAB], 64)
+    return logitstore.capture(teacher, seqs, out, Encoding("topk", "u8", k=4), progress=False)
+
+
+def test_a_damaged_store_is_a_store_error_and_not_retried(tmp_path: Path) -> None:
+    path = _store_with_tokenizer(tmp_path / "tok")
+    srv = Server([path]).start()
+    try:
+        remote = logitstore.RemoteStore(srv.url("tok"), backoff=NEVER)
+        assert remote.tokenizer() is not None
+        chunks = [p for p in (path / "tokenizer").rglob("*") if p.name != "zarr.json"]
+        for chunk in (p for p in chunks if p.is_file()):  # damage on the server's disk
+            chunk.write_bytes(b"\xff" * chunk.stat().st_size)
+        status, _, body = srv.get("/v1/stores/tok/tokenizer")
+        assert status == 500 and json.loads(body)["error"]["code"] == "store_error"
+        t0 = time.monotonic()
+        with pytest.raises(CorruptStoreError, match="HTTP 500: array 'tokenizer' is damaged"):
+            remote.tokenizer()
+        assert remote.retried == 0 and time.monotonic() - t0 < 10
+    finally:
+        srv.stop()
 
 
 def test_serve_refuses_limits_that_are_not_positive(stores, capsys) -> None:

@@ -9,6 +9,9 @@ the client decodes them with the same code as a local reader, so both give the s
 
 All integers little-endian. ``payload`` is input_ids ‖ gaps ‖ values ‖ residual ‖ loss_mask
 (gaps, residual and loss_mask as present in the store) for ``n`` rows.
+
+:data:`ERROR_TYPES` names the exception a client raises for each JSON error code a server
+sends (PROTOCOL.md §4).
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from ..errors import ProtocolError, StreamMismatchError
+from ..errors import (
+    CorruptStoreError,
+    LogitStoreError,
+    PositionError,
+    ProtocolError,
+    RemoteError,
+    StoreNotFoundError,
+    StreamMismatchError,
+)
 from .metadata import StoreMetadata
 from .schema import IDS, LOSS_MASK, RESIDUAL, Column, StoredRows, columns, rows_from_columns
 
 __all__ = [
+    "ERROR_TYPES",
     "MAGIC",
     "ProtocolError",
     "StreamMismatchError",
@@ -39,6 +51,26 @@ MAGIC = b"LGSTRM01"
 _BLOCK = struct.Struct("<4sQII")  # tag, start, n, payload_len
 _END = struct.Struct("<4sQQ")  # tag, stop, positions_sent
 _CRC = struct.Struct("<I")
+
+#: JSON error code (PROTOCOL.md §4) → the exception a client raises for it. An answer with a
+#: known code is final: retrying gets the same answer (even ``store_error``, a 500: the store
+#: on the server's disk is damaged). Other 5xx, refused connections and cut streams are retried.
+ERROR_TYPES: dict[str, type[LogitStoreError]] = {
+    "unknown_store": StoreNotFoundError,
+    "no_such_key": StoreNotFoundError,
+    "no_tokenizer": StoreNotFoundError,
+    "not_found": StoreNotFoundError,
+    "bad_range": PositionError,
+    "range_not_satisfiable": PositionError,
+    "range_too_large": PositionError,
+    "unauthorized": RemoteError,
+    "forbidden": RemoteError,
+    "bad_request": RemoteError,
+    "bad_key": RemoteError,
+    "bad_range_header": RemoteError,
+    "method_not_allowed": RemoteError,
+    "store_error": CorruptStoreError,
+}
 
 
 def _header_fields(md: StoreMetadata, start: int, stop: int) -> dict[str, Any]:

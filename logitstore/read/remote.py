@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import LogitStoreError, PositionError, ProtocolError, RemoteError, StoreNotFoundError
 from ..format.metadata import StoreMetadata
-from ..format.protocol import StreamParser
+from ..format.protocol import ERROR_TYPES, StreamParser
 from ..format.schema import StoredRows, empty_rows
 from .store import StoreBase, check_range
 
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RemoteStore"]
 
-_RETRYABLE = (OSError, http.client.HTTPException, ProtocolError)
+#: for a refusal without a known JSON code (ERROR_TYPES), by HTTP status; other 4xx: RemoteError
+_BY_STATUS: dict[int, type[LogitStoreError]] = {404: StoreNotFoundError, 416: PositionError}
 
 
 class RemoteStore(StoreBase):
@@ -40,8 +41,9 @@ class RemoteStore(StoreBase):
         url: the store's URL, as ``logitstore serve`` prints it.
         token: bearer token (default: the ``LOGITSTORE_TOKEN`` environment variable).
         timeout: seconds to wait on the socket.
-        retries: attempts after a failure (connection refused or reset, 5xx, broken stream),
-            with exponential backoff from ``backoff`` seconds.
+        retries: attempts after a failure (connection refused or reset, a 5xx without a known
+            error code, a broken stream), with exponential backoff from ``backoff`` seconds.
+            A refusal with a known code (PROTOCOL.md §4) is final, and raises at once.
     """
 
     def __init__(
@@ -61,7 +63,7 @@ class RemoteStore(StoreBase):
         self._base = parts.path
         self._token = token if token is not None else os.environ.get("LOGITSTORE_TOKEN")
         self._timeout, self._retries, self._backoff = timeout, retries, backoff
-        #: failed attempts that were retried (connection refused or reset, 5xx, cut stream)
+        #: failed attempts that were retried (connection refused or reset, unknown 5xx, cut stream)
         self.retried = 0
         self._local = threading.local()
         self._conns: list[http.client.HTTPConnection] = []
@@ -129,41 +131,43 @@ class RemoteStore(StoreBase):
                 self._conns = [c for c in self._conns if c is not conn]
 
     def _request(self, path: str) -> http.client.HTTPResponse:
+        """``GET path``; a refusal raises the exception its JSON code names (ERROR_TYPES)."""
         headers = {"Accept": "*/*"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         conn = self._connection()
         conn.request("GET", self._base + path, headers=headers)
         resp = conn.getresponse()
-        if resp.status >= 500:
-            resp.read()
+        if resp.status < 400:
+            return resp
+        body = resp.read().decode(errors="replace")
+        code, message = _error_of(body)
+        cls = ERROR_TYPES.get(code) if code is not None else None
+        if cls is None and resp.status >= 500:  # a proxy, or a server going down: retried
             raise http.client.HTTPException(f"server error {resp.status}")
-        if resp.status >= 400:
-            body = resp.read().decode(errors="replace")
-            try:
-                message = json.loads(body)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = body[:200]
-            cls = {404: StoreNotFoundError, 416: PositionError, 400: PositionError}.get(
-                resp.status, RemoteError
-            )
-            raise cls(f"{self.path}{path}: HTTP {resp.status}: {message}")
-        return resp
+        if cls is None:  # not a logitstore answer (a proxy's?): go by the status
+            cls = _BY_STATUS.get(resp.status, RemoteError)
+        raise cls(f"{self.path}{path}: HTTP {resp.status}: {message}")
 
     def _retrying(self, attempt: Any) -> Any:
         delay = self._backoff
         for i in range(self._retries + 1):
             try:
                 return attempt()
-            except _RETRYABLE as e:
-                self._drop_connection()
-                self.retried += 1
-                if i == self._retries:
-                    raise RemoteError(
-                        f"{self.path}: giving up after {self._retries + 1} attempts: {e}"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except ProtocolError as e:  # a cut or damaged stream
+                failure: Exception = e
+            except LogitStoreError:  # the server's answer (StoreNotFoundError is an OSError too)
+                raise
+            except (OSError, http.client.HTTPException) as e:  # no answer, or a 5xx without one
+                failure = e
+            self._drop_connection()
+            self.retried += 1
+            if i == self._retries:
+                raise RemoteError(
+                    f"{self.path}: giving up after {self._retries + 1} attempts: {failure}"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
     def _get(self, path: str) -> bytes:
@@ -241,3 +245,13 @@ def _concat(parts: list[StoredRows], md: StoreMetadata, n: int) -> StoredRows:
     if len(rows.input_ids) != n:  # the parser checked every block's range; this cannot differ
         raise ProtocolError(f"received {len(rows.input_ids)} positions, expected {n}")
     return rows
+
+
+def _error_of(body: str) -> tuple[str | None, str]:
+    """The JSON error body's ``(code, message)``; ``(None, the body's start)`` for another body."""
+    try:
+        error = json.loads(body)["error"]
+        code, message = error.get("code"), error["message"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, body[:200]
+    return (code if isinstance(code, str) else None), str(message)
