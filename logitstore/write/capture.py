@@ -4,13 +4,20 @@ The teacher runs batched forward passes on its device; log-softmax, temperature,
 sampling and quantisation run there too (:func:`logitstore.write.encode.encode_rows`). Host
 transfer, compression and commits happen on the :class:`StoreWriter`'s threads, overlapped
 with the next forward pass.
+
+Batches are planned from the sequence lengths alone (:func:`plan_batches`), so a resumed run
+recomputes exactly the batches of an uninterrupted one and finishes with the same bytes. By
+default sequences of similar length run together (a chat set whose lengths spread over two
+orders of magnitude otherwise spends most of the forward pass on padding); since the writer
+takes rows in position order, encoded rows wait on the device until every earlier sequence
+of their group is done, which bounds a group by the bytes of its encoded rows.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,15 +27,88 @@ from ..errors import TeacherError
 from ..format.metadata import Encoding
 from ..format.provenance import tokenizer_identity
 from .checks import check_sequences
-from .encode import encode_rows
+from .encode import EncodedRows, cat_rows, encode_rows, split_rows
 from .inputs import Sequences
 from .teacher import Teacher
 from .writer import StoreWriter
 
-__all__ = ["capture"]
+__all__ = ["BATCHINGS", "Batching", "capture", "plan_batches"]
+
+Batching = Literal["length", "sequential"]
+#: How capture forms the teacher's batches (see :func:`plan_batches`).
+BATCHINGS: tuple[Batching, ...] = ("length", "sequential")
 
 # Rows of (rows, vocab) float32 encoded at once: bounds the encoder's working memory.
 _ENCODE_ELEMENTS = 1 << 25
+# A length-sorted group spans this many batches' worth of tokens (enough that neighbours in
+# the sorted order differ little in length) ...
+_GROUP_BATCHES = 64
+# ... unless its encoded rows, held on the device until they can be written in position
+# order, would take more than this (a `full` encoding of a large vocabulary).
+_REORDER_BYTES = 1 << 28
+# Past `batch_size` sequences, a batch takes more only while they are at least this fraction
+# of its longest: at most 1/8 of such a sequence's tokens are padding.
+_SIMILAR = 7 / 8
+
+
+def plan_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    batching: Batching = "length",
+    group_positions: int | None = None,
+) -> list[np.ndarray]:
+    """The teacher's forward passes: the sequence indices of each batch, in running order.
+
+    ``sequential``: batch ``b`` holds sequences ``[b * batch_size, (b + 1) * batch_size)``,
+    right-padded to its longest. ``length``: consecutive sequences are cut into groups of
+    at least ``group_positions`` positions (default: 64 batches' worth); a group runs
+    longest first (ties in position order), each batch taking the next ``batch_size``
+    sequences and then more while they are at least 7/8 of its longest, up to
+    ``batch_size × longest`` tokens, padding included, where ``longest`` is the longest
+    sequence of the input. That is the size of the largest batch ``sequential`` runs, so
+    peak memory is the same; little padding is computed, and short sequences run many to a
+    forward pass.
+
+    A pure function of its arguments: the same command plans the same batches.
+
+    Raises:
+        TeacherError: ``batch_size`` < 1 or an unknown ``batching``.
+
+    Example:
+        >>> plan_batches(np.array([5, 1, 4, 2, 2]), 1)  # a budget of 5 tokens per batch
+        [array([0]), array([2]), array([3, 4]), array([1])]
+    """
+    if batch_size < 1:
+        raise TeacherError(f"--batch-size must be at least 1, got {batch_size}")
+    n = len(lengths)
+    if batching == "sequential":
+        return [np.arange(b, min(b + batch_size, n)) for b in range(0, n, batch_size)]
+    if batching != "length":
+        raise TeacherError(f"unknown batching {batching!r}: expected one of {BATCHINGS}")
+    if n == 0:
+        return []
+    lengths = np.asarray(lengths, dtype=np.int64)
+    budget = batch_size * int(lengths.max())  # tokens per forward pass, padding included
+    group = max(group_positions or budget * _GROUP_BATCHES, 1)
+    length_of = lengths.tolist()
+    ends = np.concatenate([[0], np.cumsum(lengths)])  # (S + 1,)
+    plan: list[np.ndarray] = []
+    g0 = 0
+    while g0 < n:
+        g1 = int(np.searchsorted(ends, ends[g0] + group, side="left"))
+        g1 = min(max(g1, g0 + 1), n)
+        order = g0 + np.argsort(-lengths[g0:g1], kind="stable")  # longest first
+        b0, g = 0, len(order)
+        while b0 < g:
+            width = length_of[order[b0]]  # the batch's longest: its first sequence
+            most = min(b0 + budget // width, g)  # the token budget
+            b1 = min(b0 + batch_size, most)
+            while b1 < most and length_of[order[b1]] >= _SIMILAR * width:
+                b1 += 1
+            plan.append(order[b0:b1])
+            b0 = b1
+        g0 = g1
+    return plan
 
 
 def capture(
@@ -38,6 +118,7 @@ def capture(
     encoding: Encoding,
     *,
     batch_size: int = 8,
+    batching: Batching = "length",
     seed: int = 0,
     seq_len: int | None = None,
     overwrite: bool = False,
@@ -49,10 +130,14 @@ def capture(
 ) -> Path:
     """Run ``teacher`` over ``sequences`` and write (or resume) the store at ``out``.
 
-    Batch ``b`` always holds sequences ``[b * batch_size, (b + 1) * batch_size)``, so a
-    resumed run recomputes exactly the batches an uninterrupted one did. ``loss_mask`` and
-    ``generation`` are stored as :class:`StoreWriter` describes; an encoding of kind
-    ``none`` stores the tokens without running the teacher.
+    ``batching`` chooses how sequences share forward passes (:func:`plan_batches`):
+    ``length`` (the default) runs sequences of similar length together, in batches of at
+    most ``batch_size`` × the longest sequence's tokens; ``sequential`` runs ``batch_size``
+    consecutive sequences per batch. The batches are a function of the sequence lengths and
+    these settings, so a resumed run recomputes exactly the batches an uninterrupted one
+    did. (A sequence's logits may differ at float rounding between batchings, as between
+    batch sizes.) ``loss_mask`` and ``generation`` are stored as :class:`StoreWriter`
+    describes; an encoding of kind ``none`` stores the tokens without running the teacher.
 
     Raises:
         InputError, TeacherError, StoreExistsError, ResumeMismatchError: checked before the
@@ -63,8 +148,7 @@ def capture(
         >>> capture(t, tokenize(read_documents(["a.txt"]), t.tokenizer, 1024), "a.zarr",
         ...         Encoding("topk", "u8", k=64))
     """
-    if batch_size < 1:
-        raise TeacherError(f"--batch-size must be at least 1, got {batch_size}")
+    plan_batches(np.zeros(0, dtype=np.int64), batch_size, batching)  # checks both, cheaply
     encoding.check_vocab(teacher.vocab_size)
     check_sequences(sequences.input_ids, sequences.offsets, teacher.vocab_size)
     lengths = np.diff(sequences.offsets)
@@ -98,11 +182,20 @@ def capture(
         with writer:
             pass
         return Path(out)
+    vocab = teacher.vocab_size
+    row_bytes = 5 + encoding.width(vocab) * (
+        (2 if vocab <= 65536 else 4) + np.dtype(encoding.value_dtype).itemsize
+    )  # encoded bytes per position (gaps, values, residual, bad flag)
+    budget = batch_size * int(lengths.max())  # as plan_batches
+    group = max(budget, min(budget * _GROUP_BATCHES, _REORDER_BYTES // row_bytes))
+    plan = plan_batches(lengths, batch_size, batching, group_positions=group)
     offsets = sequences.offsets
-    total = int(offsets[-1])
+    resume = writer.resume_position
+    # The first sequence with uncommitted positions (S when the store is complete).
+    first = int(np.searchsorted(offsets, resume, side="right")) - 1
     bar = tqdm(
-        total=total,
-        initial=writer.resume_position,
+        total=int(offsets[-1]),
+        initial=resume,
         unit="pos",
         unit_scale=True,
         desc=f"write {Path(out).name}",
@@ -110,31 +203,60 @@ def capture(
         dynamic_ncols=True,
     )
     ids_all = torch.from_numpy(sequences.input_ids)
+    done: dict[int, EncodedRows] = {}  # encoded sequences waiting for an earlier one
+    nxt = first  # the next sequence the writer takes
     with writer, bar, torch.inference_mode():
-        for b0 in range(0, len(sequences), batch_size):
-            b1 = min(b0 + batch_size, len(sequences))
-            p0, p1 = int(offsets[b0]), int(offsets[b1])
-            if p1 <= writer.resume_position:
-                continue
-            lens = lengths[b0:b1]
-            width = int(lens.max())
-            batch = torch.zeros(b1 - b0, width, dtype=torch.long)  # (B, T) right-padded
-            mask = torch.zeros(b1 - b0, width, dtype=torch.long)  # (B, T)
-            for i, (s, n) in enumerate(zip(offsets[b0:b1], lens, strict=True)):
-                batch[i, :n] = ids_all[s : s + n]
-                mask[i, :n] = 1
-            batch, mask = batch.to(teacher.device), mask.to(teacher.device)
-            logits = teacher.fn(batch, mask)  # (B, T, V)
-            if logits.shape[:2] != batch.shape or logits.shape[-1] != teacher.vocab_size:
-                raise TeacherError(
-                    f"the teacher returned logits of shape {tuple(logits.shape)}; expected "
-                    f"({b1 - b0}, {width}, {teacher.vocab_size})"
-                )
-            flat = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).bool()]  # (R, V)
-            rows_per_step = max(1, _ENCODE_ELEMENTS // teacher.vocab_size)
-            for r0 in range(0, p1 - p0, rows_per_step):
-                r1 = min(r0 + rows_per_step, p1 - p0)
-                positions = torch.arange(p0 + r0, p0 + r1, device=teacher.device)
-                writer.write(p0 + r0, encode_rows(flat[r0:r1], encoding, seed, positions))
-            bar.update(p1 - max(p0, bar.n))
+        for seqs in plan:
+            if int(seqs.max()) < first:
+                continue  # every row is committed; no other batch depends on this one
+            pieces = _run_batch(teacher, ids_all, offsets, seqs, encoding, seed)
+            for i, piece in zip(seqs.tolist(), pieces, strict=True):
+                if i >= first:
+                    done[i] = piece
+            run = []
+            while nxt in done:  # hand over every sequence now complete in position order
+                run.append(done.pop(nxt))
+                nxt += 1
+            if run:
+                writer.write(int(offsets[nxt - len(run)]), cat_rows(run))
+            starts = np.maximum(offsets[seqs], resume)
+            bar.update(int(np.maximum(offsets[seqs + 1] - starts, 0).sum()))
     return Path(out)
+
+
+def _run_batch(
+    teacher: Teacher,
+    ids_all: torch.Tensor,
+    offsets: np.ndarray,
+    seqs: np.ndarray,
+    encoding: Encoding,
+    seed: int,
+) -> list[EncodedRows]:
+    """One forward pass over sequences ``seqs``, right-padded together; their encoded rows,
+    one piece per sequence."""
+    lens = (offsets[seqs + 1] - offsets[seqs]).astype(np.int64)  # (B,)
+    width = int(lens.max())
+    batch = torch.zeros(len(seqs), width, dtype=torch.long)  # (B, T) right-padded
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)  # (B, T)
+    for r, (s, n) in enumerate(zip(offsets[seqs].tolist(), lens.tolist(), strict=True)):
+        batch[r, :n] = ids_all[s : s + n]
+        mask[r, :n] = 1
+    batch, mask = batch.to(teacher.device), mask.to(teacher.device)
+    logits = teacher.fn(batch, mask)  # (B, T, V)
+    if logits.shape[:2] != batch.shape or logits.shape[-1] != teacher.vocab_size:
+        raise TeacherError(
+            f"the teacher returned logits of shape {tuple(logits.shape)}; expected "
+            f"({len(seqs)}, {width}, {teacher.vocab_size})"
+        )
+    flat = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).bool()]  # (R, V), R = Σ lens
+    # Each row's global position (seeds `sampled` draws): the sequences' ranges, in batch order.
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # (R,)
+    positions = torch.from_numpy(np.repeat(offsets[seqs], lens) + within).to(teacher.device)
+    rows_per_step = max(1, _ENCODE_ELEMENTS // teacher.vocab_size)
+    encoded = [
+        encode_rows(
+            flat[r0 : r0 + rows_per_step], encoding, seed, positions[r0 : r0 + rows_per_step]
+        )
+        for r0 in range(0, len(flat), rows_per_step)
+    ]
+    return split_rows(cat_rows(encoded), lens.tolist())

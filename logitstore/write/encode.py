@@ -14,7 +14,7 @@ import torch
 from ..errors import LogitStoreError
 from ..format.metadata import SQRT_BINS, Encoding
 
-__all__ = ["EncodedRows", "encode_rows", "quantize", "uniforms"]
+__all__ = ["EncodedRows", "cat_rows", "encode_rows", "quantize", "split_rows", "uniforms"]
 
 _M32 = 0xFFFFFFFF
 
@@ -26,6 +26,40 @@ class EncodedRows(NamedTuple):
     values: torch.Tensor  # (R, m) in the store's value dtype (int16 bits for uint16 kinds)
     residual: torch.Tensor | None  # (R,) float32 mass outside the stored ids; topk only
     bad: torch.Tensor  # (R,) bool: the logits of this row were not finite
+
+
+def cat_rows(parts: list[EncodedRows]) -> EncodedRows:
+    """The rows of several pieces, one after another, as one piece ``(ΣR, m)``."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+    return EncodedRows(
+        cat([p.gaps for p in parts]),
+        torch.cat([p.values for p in parts]),
+        cat([p.residual for p in parts]),
+        torch.cat([p.bad for p in parts]),
+    )
+
+
+def split_rows(rows: EncodedRows, sizes: list[int]) -> list[EncodedRows]:
+    """``rows`` cut into consecutive pieces of ``sizes`` rows each (views, not copies)."""
+
+    def cut(t: torch.Tensor | None) -> list[torch.Tensor | None]:
+        return [None] * len(sizes) if t is None else list(torch.split(t, sizes))
+
+    return [
+        EncodedRows(g, v, r, b)
+        for g, v, r, b in zip(
+            cut(rows.gaps),
+            torch.split(rows.values, sizes),
+            cut(rows.residual),
+            torch.split(rows.bad, sizes),
+            strict=True,
+        )
+    ]
 
 
 def quantize(p: torch.Tensor, values: str) -> torch.Tensor:
