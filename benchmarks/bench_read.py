@@ -82,10 +82,8 @@ class MemmapWindows(LogitDataset):
         self.raw = raw
 
     def _read_block(self, start: int, stop: int) -> Batch:
-        arrays = [
-            np.load(self.raw / f"{k}.npy", mmap_mode="r")
-            for k in ("input_ids", "ids", "probs", "residual")
-        ]
+        # Every field the store's reader returns, loss_mask included (format 1.1).
+        arrays = [np.load(self.raw / f"{k}.npy", mmap_mode="r") for k in Batch._fields]
         return Batch(*(np.array(a[start:stop]) for a in arrays))  # page-cache read
 
 
