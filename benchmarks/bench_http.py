@@ -24,14 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib.report import md_table, one_thread_if_quick, results_dir, run_meta, write_results
+from benchlib.stores import add_store_args, build_store
 
 import logitstore
 from logitstore.format.schema import StoredRows
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_read import add_store_args, build_store  # noqa: E402  (sibling module)
-from common import md_table, run_meta, write_results  # noqa: E402
 
 
 def raw_loopback(nbytes: int) -> float:
@@ -141,11 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--span", type=int, default=1 << 16, help="positions per concurrent request")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tmp", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "http")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results stem (.md/.json; default benchmarks/results/http, with --quick "
+        "out/benchmarks-quick/results/http)",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
         args.positions, args.sample_positions, args.repeats = 1 << 18, 1 << 13, 1
+    if args.out is None:
+        args.out = results_dir(args.quick) / "results" / "http"
+    one_thread_if_quick(args.quick)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store_path = build_store(args, Path(tmp))

@@ -26,51 +26,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib.models import gpt2
+from benchlib.report import (
+    md_table,
+    one_thread_if_quick,
+    pyplot,
+    results_dir,
+    run_meta,
+    write_results,
+)
+from benchlib.stores import add_store_args, build_store
 from torch.utils.data import DataLoader
 
 import logitstore
-from logitstore import Batch, Encoding, LogitDataset, collate, losses
-from logitstore.write.encode import encode_rows
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_write import teacher_logits, tile_rows  # noqa: E402  (sibling module)
-from common import md_table, pyplot, run_meta, write_results  # noqa: E402
+from logitstore import Batch, LogitDataset, collate, losses
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-
-
-def add_store_args(p: argparse.ArgumentParser) -> None:
-    """The options :func:`build_store` reads (shared with bench_http.py)."""
-    p.add_argument(
-        "--teacher",
-        type=Path,
-        default=HERE.parent / "examples" / "teacher",
-        help="teacher directory for the real rows (default: the shipped teacher)",
-    )
-    p.add_argument("--positions", type=int, default=1 << 21, help="store size (default 2M)")
-    p.add_argument("--sample-positions", type=int, default=1 << 15, help="real rows, tiled")
-    p.add_argument("--sequence-length", type=int, default=2048, help="teacher context length")
-
-
-def build_store(args: argparse.Namespace, root: Path) -> Path:
-    logits = teacher_logits(args.teacher, args.sample_positions)
-    enc = Encoding("topk", "u8", k=64)
-    rows = encode_rows(logits, enc, 0, torch.arange(len(logits)))
-    n = args.positions
-    tokens = np.random.default_rng(0).integers(0, logits.shape[1], n)
-    seqs = logitstore.sequences_from_token_ids([tokens], args.sequence_length)
-    path = root / "store"
-    with logitstore.StoreWriter(
-        path,
-        encoding=enc,
-        vocab_size=logits.shape[1],
-        input_ids=seqs.input_ids,
-        offsets=seqs.offsets,
-    ) as w:
-        for s in range(0, n, 8192):
-            w.write(s, tile_rows(rows, s, min(8192, n - s)))
-    return path
 
 
 class MemmapWindows(LogitDataset):
@@ -162,20 +133,16 @@ def bench_loading(args: argparse.Namespace, store: Path, raw: Path) -> list[dict
 
 
 def bench_step(args: argparse.Namespace, store: Path) -> list[dict[str, Any]]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     vocab = logitstore.open(store).vocab_size
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=vocab,
+    model = gpt2(
+        vocab,
         n_positions=args.seq_len,
         n_layer=args.student_layers,
         n_embd=args.student_embd,
         n_head=args.student_embd // 64,
-        bos_token_id=0,
-        eos_token_id=0,
+        dropout=0.1,  # GPT2Config's default, which this step has always been timed with
+        seed=0,
     )
-    model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = next(
         iter(
@@ -302,12 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-embd", type=int, default=256)
     p.add_argument("--step-batch", type=int, default=8)
     p.add_argument("--tmp", type=Path, default=None, help="scratch directory")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "read")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results stem (.md/.json/.png; default benchmarks/results/read, with --quick "
+        "out/benchmarks-quick/results/read)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
         args.positions = args.limit = 1 << 18
         args.sample_positions, args.repeats, args.student_layers = 1 << 13, 1, 1
+    if args.out is None:
+        args.out = results_dir(args.quick) / "results" / "read"
+    one_thread_if_quick(args.quick)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store = build_store(args, Path(tmp))
         write_raw(store, Path(tmp) / "raw")

@@ -29,16 +29,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib.models import gpt2
+from benchlib.report import (
+    md_table,
+    one_thread_if_quick,
+    pyplot,
+    results_dir,
+    run_meta,
+    write_results,
+)
+from benchlib.stores import SHIPPED_TEACHER, held_out_logits, teacher_bytes, tile_rows
 
 import logitstore
 from logitstore import Encoding
 from logitstore.write.encode import EncodedRows, encode_rows
-from logitstore.write.inputs import Document
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import md_table, pyplot, run_meta, write_results  # noqa: E402  (sibling module)
-from teacher import held_out_documents  # noqa: E402
 
 HOST_CONFIGS: dict[str, Encoding] = {
     "topk-64 u8": Encoding("topk", "u8", k=64),
@@ -70,34 +74,6 @@ def median_time(
 # -- (a) host side ------------------------------------------------------------------------
 
 
-def teacher_logits(teacher_dir: Path, positions: int, seq_len: int = 256) -> torch.Tensor:
-    """``(positions, V)`` float32 logits of the real teacher on held-out text."""
-    teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
-    docs = [Document(t, "stdlib") for t in held_out_documents()]
-    seqs = logitstore.tokenize(docs, teacher.tokenizer, seq_len)
-    out, have = [], 0
-    with torch.inference_mode():
-        for i in range(len(seqs)):
-            s0, s1 = seqs.offsets[i], seqs.offsets[i + 1]
-            ids = torch.from_numpy(seqs.input_ids[s0:s1])[None]
-            out.append(teacher.fn(ids, torch.ones_like(ids))[0].float())
-            have += s1 - s0
-            if have >= positions:
-                break
-    return torch.cat(out)[:positions]
-
-
-def tile_rows(rows: EncodedRows, start: int, n: int) -> EncodedRows:
-    """Rows ``[start, start + n)`` of the endlessly repeated ``rows``."""
-    size = len(rows.values)
-    idx = torch.arange(start, start + n) % size
-
-    def take(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[idx]
-
-    return EncodedRows(take(rows.gaps), rows.values[idx], take(rows.residual), rows.bad[idx])
-
-
 def host_write(
     rows: EncodedRows, enc: Encoding, vocab: int, n: int, batch: int, root: Path
 ) -> dict[str, Any]:
@@ -115,12 +91,7 @@ def host_write(
         for i, b in enumerate(batches):
             writer.write(i * batch, b)
     t2 = time.perf_counter()
-    per_position = sum(
-        f.stat().st_size
-        for name in ("ids", "values", "residual")
-        for f in (path / name).rglob("*")
-        if f.is_file() and f.name != "zarr.json"
-    )
+    per_position = teacher_bytes(path, metadata=False)
     total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {
         "create_s": t1 - t0,
@@ -153,7 +124,7 @@ def memmap_write(rows: EncodedRows, n: int, batch: int, root: Path) -> float:
 
 
 def bench_host(args: argparse.Namespace) -> list[dict[str, Any]]:
-    logits = teacher_logits(args.teacher, args.sample_positions)
+    logits = held_out_logits(args.teacher, args.sample_positions)
     vocab = logits.shape[1]
     print(f"[host] {len(logits)} real positions, V={vocab}", file=sys.stderr)
     results = []
@@ -254,22 +225,18 @@ def _device_rows(
 
 
 def bench_device(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     results = []
     for vocab in args.vocabs:
-        torch.manual_seed(0)
-        cfg = GPT2Config(
-            vocab_size=vocab,
+        model = gpt2(
+            vocab,
             n_positions=args.tokens,
             n_layer=args.layers,
             n_embd=args.embd,
             n_head=args.embd // 64,
-            bos_token_id=0,
-            eos_token_id=0,
+            seed=0,
         )
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = GPT2LMHeadModel(cfg).to(device, dtype).eval()
+        model = model.to(device, dtype).eval()
         with torch.inference_mode():
             results += _device_rows(model, vocab, args, device)
     return results
@@ -381,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--teacher",
         type=Path,
-        default=HERE.parent / "examples" / "teacher",
+        default=SHIPPED_TEACHER,
         help="teacher directory for the real rows (default: the shipped teacher)",
     )
     p.add_argument(
@@ -407,14 +374,23 @@ def main(argv: list[str] | None = None) -> int:
         "--tmp", type=Path, default=None, help="scratch directory (default: system temp)"
     )
     p.add_argument(
-        "--out", type=Path, default=HERE / "results" / "write", help="results stem (.md/.json/.png)"
+        "--out",
+        type=Path,
+        default=None,
+        help="results stem (.md/.json/.png; default benchmarks/results/write, with --quick "
+        "out/benchmarks-quick/results/write)",
     )
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes for a smoke run (well under a minute)"
+    )
     p.add_argument("--skip-device", action="store_true", help="only the host side")
     args = p.parse_args(argv)
     if args.quick:
         args.positions, args.full_positions, args.sample_positions = 1 << 17, 1 << 13, 1 << 13
         args.repeats, args.vocabs, args.tokens, args.layers, args.embd = 1, [32768], 128, 2, 256
+    if args.out is None:
+        args.out = results_dir(args.quick) / "results" / "write"
+    one_thread_if_quick(args.quick)
     torch.set_grad_enabled(False)
     host = bench_host(args)
     device: list[dict[str, Any]] = []

@@ -15,10 +15,11 @@ the same batch shape and evaluated by held-out cross-entropy on ground truth:
   and a teacher of the same shape trained from scratch together with the student (α rising
   0 → 0.5).
 
-Writes benchmarks/results/methods.{md,json} and its section of benchmarks/RESULTS.md.
+Writes benchmarks/results/methods.{md,json} and its section of benchmarks/RESULTS.md;
+--out-dir writes them elsewhere (a --quick run: out/benchmarks-quick/ unless given).
 
     python benchmarks/methods.py           # the committed run
-    python benchmarks/methods.py --quick   # the shipped teacher, short runs: a smoke test
+    python benchmarks/methods.py --quick   # a tiny teacher, short runs: a smoke test
 """
 
 from __future__ import annotations
@@ -32,36 +33,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib.report import (
+    compose_results_md,
+    log,
+    md_table,
+    one_thread_if_quick,
+    results_dir,
+    run_meta,
+    write_results,
+)
+from benchlib.students import (
+    StudentRecipe,
+    add_gap_closed,
+    add_student_args,
+    held_out_ce,
+    lr_factor,
+    make_student,
+    same_batches,
+    split_documents,
+    train_student,
+)
+from benchlib.teacher import study_teacher
 
 import logitstore
-from logitstore import Encoding, GenerationSettings, LogitDataset, collate, losses
-from logitstore.write.inputs import Document
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import compose_results_md, md_table, run_meta, write_results  # noqa: E402
-from teacher import ensure_teacher, held_out_documents  # noqa: E402
-from tradeoff import held_out_ce, lr_factor, make_student, train_student  # noqa: E402
-
-
-def same_batches(args: argparse.Namespace, base: Path, seed: int) -> list[dict[str, Any]]:
-    """The batches train_student feeds its students (same dataset, seed and epochs)."""
-    data = LogitDataset(base, args.seq_len, seed=seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, collate_fn=collate)
-    out: list[dict[str, Any]] = []
-    epoch = 0
-    while len(out) < args.student_steps:
-        data.set_epoch(epoch)
-        for b in loader:
-            out.append({k: b[k] for k in ("input_ids", "attention_mask", "labels", "loss_mask")})
-            if len(out) == args.student_steps:
-                break
-        epoch += 1
-    return out
+from logitstore import Encoding, GenerationSettings, losses
 
 
 def codistilled(
-    args: argparse.Namespace,
+    recipe: StudentRecipe,
+    teacher_lr: float,
     teacher_dir: Path,
     base: Path,
     eval_store: Path,
@@ -78,16 +78,16 @@ def codistilled(
     for m in teacher.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    student = make_student(args, int(teacher.config.vocab_size), seed)
-    steps = args.student_steps
+    student = make_student(recipe, int(teacher.config.vocab_size), seed)
+    steps = recipe.steps
     t_opt = torch.optim.AdamW(
-        teacher.parameters(), lr=args.lr if scratch else args.teacher_lr, weight_decay=0.1
+        teacher.parameters(), lr=recipe.lr if scratch else teacher_lr, weight_decay=0.1
     )
-    s_opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.1)
+    s_opt = torch.optim.AdamW(student.parameters(), lr=recipe.lr, weight_decay=0.1)
     schedulers = [
         torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps)) for o in (t_opt, s_opt)
     ]
-    batches = same_batches(args, base, seed)
+    batches = same_batches(recipe, base, seed)
     alpha = losses.LinearWarmup(0.0, 0.5, steps) if scratch else losses.ConstantSchedule(1.0)
     t0 = time.perf_counter()
     logitstore.codistill(
@@ -103,8 +103,8 @@ def codistilled(
     )
     elapsed = time.perf_counter() - t0
     return {
-        "student": held_out_ce(student, eval_store, args),
-        "teacher": held_out_ce(teacher, eval_store, args),
+        "student": held_out_ce(student, eval_store, recipe),
+        "teacher": held_out_ce(teacher, eval_store, recipe),
         "seconds": elapsed,
     }
 
@@ -118,145 +118,109 @@ def prompts_from(seqs: logitstore.Sequences, tokenizer: Any, n_tokens: int) -> l
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--student-steps", type=int, default=300)
-    p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--student-embd", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument(
-        "--teacher-lr", type=float, default=3e-4, help="co-distilled pre-trained teacher"
-    )
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--num-samples", type=int, default=2, help="completions per prompt")
-    p.add_argument("--gen-batch", type=int, default=32)
-    p.add_argument("--teacher-minutes", type=float, default=9.0)
-    p.add_argument("--tmp", type=Path, default=None)
-    p.add_argument("--out-dir", type=Path, default=HERE)
-    p.add_argument("--quick", action="store_true", help="shipped teacher, 40 steps, 1 seed")
-    args = p.parse_args(argv)
-    if args.quick:
-        teacher_dir = HERE.parent / "examples" / "teacher"
-        args.student_steps, args.seeds = 40, 1
-    else:
-        teacher_dir = ensure_teacher(
-            vocab_size=8192, n_layer=4, n_embd=256, n_head=4, minutes=args.teacher_minutes
-        )
-    torch.set_num_threads(2)
+def run(
+    args: argparse.Namespace, teacher_dir: Path, tmp: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stores, generated text and every student, on the teacher in ``teacher_dir``."""
+    recipe = StudentRecipe.from_args(args)
     teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
     tok = teacher.tokenizer
-    docs = [Document(t, "stdlib") for t in held_out_documents()]
-    cut = max(1, len(docs) // 8)  # the split of tradeoff.py's student runs
-    train_docs, eval_docs = docs[cut:], docs[:cut]
-    if args.quick:
-        train_docs, eval_docs = train_docs[:6], eval_docs[:2]
+    train_docs, eval_docs = split_documents(args.quick)  # the split of tradeoff.py's students
     seqs = logitstore.tokenize(train_docs, tok, args.seq_len)
     eval_seqs = logitstore.tokenize(eval_docs, tok, args.seq_len)
     facts: dict[str, Any] = {"train_positions": len(seqs.input_ids)}
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
-        tmp = Path(tmp_name)
-        log = lambda m: print(f"[methods {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr)  # noqa: E731
-        eval_store = logitstore.capture(
-            teacher, eval_seqs, tmp / "eval", Encoding("topk", "u8", k=1), progress=False
+    eval_store = logitstore.capture(
+        teacher, eval_seqs, tmp / "eval", Encoding("topk", "u8", k=1), progress=False
+    )
+    stores = {
+        name: logitstore.capture(teacher, seqs, tmp / name.replace(" ", "_"), enc, progress=False)
+        for name, enc in (
+            ("topk-64 u8", Encoding("topk", "u8", k=64)),
+            ("sampled-64", Encoding("sampled", "count", samples=64)),
         )
-        stores = {
-            name: logitstore.capture(
-                teacher, seqs, tmp / name.replace(" ", "_"), enc, progress=False
-            )
-            for name, enc in (
-                ("topk-64 u8", Encoding("topk", "u8", k=64)),
-                ("sampled-64", Encoding("sampled", "count", samples=64)),
-            )
+    }
+    base = stores["topk-64 u8"]
+    prompts = prompts_from(seqs, tok, args.prompt_tokens)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        num_samples=args.num_samples,
+        batch_size=args.gen_batch,
+        seed=0,
+    )
+    log("methods", f"generating {len(prompts)} prompts × {args.num_samples}")
+    t0 = time.perf_counter()
+    generated = logitstore.generate(teacher, prompts, tmp / "generated", settings, progress=False)
+    gen_s = time.perf_counter() - t0
+    gstore = logitstore.open(generated)
+    ids, mask = gstore.read_tokens(0, len(gstore))
+    facts.update(
+        prompts=len(prompts),
+        generated_tokens=int(mask.sum()),
+        generated_positions=len(gstore),
+        generate_seconds=gen_s,
+        generated_tokens_per_s=int(mask.sum()) / gen_s,
+    )
+    log("methods", f"generated {int(mask.sum())} tokens in {gen_s:.0f} s")
+    t0 = time.perf_counter()
+    soft_generated = logitstore.capture(
+        teacher,
+        logitstore.Sequences(ids, gstore.offsets),
+        tmp / "generated-soft",
+        Encoding("topk", "u8", k=64),
+        loss_mask=mask,
+        generation=gstore.metadata.generation,
+        progress=False,
+    )
+    facts["soft_capture_seconds"] = time.perf_counter() - t0
+    plan: list[tuple[str, str, Path | None]] = [
+        ("plain CE (ground-truth text)", "ce", None),
+        ("online KD, full logits (reference)", "online", None),
+        ("soft labels: store topk-64 u8", "store", stores["topk-64 u8"]),
+        ("soft labels: store sampled-64", "store", stores["sampled-64"]),
+        ("hard labels: CE on teacher-generated text", "ce", generated),
+        ("generated text + soft labels (topk-64 u8)", "store", soft_generated),
+        ("co-distilled, pre-trained teacher keeps training (α = 1)", "codistill", None),
+        ("co-distilled, teacher from scratch (α 0 → 0.5)", "codistill-scratch", None),
+    ]
+    rows = []
+    for label, mode, store in plan:
+        held, teacher_after, secs = [], [], []
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            if mode.startswith("codistill"):
+                r = codistilled(
+                    recipe,
+                    args.teacher_lr,
+                    teacher_dir,
+                    base,
+                    eval_store,
+                    seed,
+                    mode == "codistill-scratch",
+                )
+                held.append(r["student"])
+                teacher_after.append(r["teacher"])
+            else:
+                held.append(train_student(recipe, mode, store, base, eval_store, teacher, seed))
+            secs.append(time.perf_counter() - t0)
+        row: dict[str, Any] = {
+            "method": label,
+            "mode": mode,
+            "held_out_ce": statistics.mean(held),
+            "seeds": held,
+            "seconds_per_run": statistics.median(secs),
         }
-        base = stores["topk-64 u8"]
-        prompts = prompts_from(seqs, tok, args.prompt_tokens)
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            temperature=1.0,
-            num_samples=args.num_samples,
-            batch_size=args.gen_batch,
-            seed=0,
-        )
-        log(f"generating {len(prompts)} prompts × {args.num_samples}")
-        t0 = time.perf_counter()
-        generated = logitstore.generate(
-            teacher, prompts, tmp / "generated", settings, progress=False
-        )
-        gen_s = time.perf_counter() - t0
-        gstore = logitstore.open(generated)
-        ids, mask = gstore.read_tokens(0, len(gstore))
-        facts.update(
-            prompts=len(prompts),
-            generated_tokens=int(mask.sum()),
-            generated_positions=len(gstore),
-            generate_seconds=gen_s,
-            generated_tokens_per_s=int(mask.sum()) / gen_s,
-        )
-        log(f"generated {int(mask.sum())} tokens in {gen_s:.0f} s")
-        t0 = time.perf_counter()
-        soft_generated = logitstore.capture(
-            teacher,
-            logitstore.Sequences(ids, gstore.offsets),
-            tmp / "generated-soft",
-            Encoding("topk", "u8", k=64),
-            loss_mask=mask,
-            generation=gstore.metadata.generation,
-            progress=False,
-        )
-        facts["soft_capture_seconds"] = time.perf_counter() - t0
-        plan: list[tuple[str, str, Path | None]] = [
-            ("plain CE (ground-truth text)", "ce", None),
-            ("online KD, full logits (reference)", "online", None),
-            ("soft labels: store topk-64 u8", "store", stores["topk-64 u8"]),
-            ("soft labels: store sampled-64", "store", stores["sampled-64"]),
-            ("hard labels: CE on teacher-generated text", "ce", generated),
-            ("generated text + soft labels (topk-64 u8)", "store", soft_generated),
-            ("co-distilled, pre-trained teacher keeps training (α = 1)", "codistill", None),
-            ("co-distilled, teacher from scratch (α 0 → 0.5)", "codistill-scratch", None),
-        ]
-        rows = []
-        for label, mode, store in plan:
-            held, teacher_after, secs = [], [], []
-            for seed in range(args.seeds):
-                t0 = time.perf_counter()
-                if mode.startswith("codistill"):
-                    r = codistilled(
-                        args, teacher_dir, base, eval_store, seed, mode == "codistill-scratch"
-                    )
-                    held.append(r["student"])
-                    teacher_after.append(r["teacher"])
-                else:
-                    held.append(train_student(args, mode, store, base, eval_store, teacher, seed))
-                secs.append(time.perf_counter() - t0)
-            row: dict[str, Any] = {
-                "method": label,
-                "mode": mode,
-                "held_out_ce": statistics.mean(held),
-                "seeds": held,
-                "seconds_per_run": statistics.median(secs),
-            }
-            if teacher_after:
-                row["teacher_held_out_ce"] = statistics.mean(teacher_after)
-            if store is not None:
-                row["bytes_per_position"] = sum(
-                    f.stat().st_size for f in store.rglob("*") if f.is_file()
-                ) / len(logitstore.open(store))
-            rows.append(row)
-            log(f"{label}: held-out CE {row['held_out_ce']:.4f} {held}")
-        facts["teacher_held_out_ce"] = held_out_ce(teacher.model, eval_store, args)
-    ce = next(r["held_out_ce"] for r in rows if r["mode"] == "ce")
-    online = next(r["held_out_ce"] for r in rows if r["mode"] == "online")
-    for r in rows:
-        r["gap_closed"] = (ce - r["held_out_ce"]) / (ce - online) if ce != online else None
-    report(args, argv, teacher_dir.name, facts, rows)
-    return 0
+        if teacher_after:
+            row["teacher_held_out_ce"] = statistics.mean(teacher_after)
+        if store is not None:
+            row["bytes_per_position"] = sum(
+                f.stat().st_size for f in store.rglob("*") if f.is_file()
+            ) / len(logitstore.open(store))
+        rows.append(row)
+        log("methods", f"{label}: held-out CE {row['held_out_ce']:.4f} {held}")
+    facts["teacher_held_out_ce"] = held_out_ce(teacher.model, eval_store, recipe)
+    add_gap_closed(rows)
+    return facts, rows
 
 
 def report(
@@ -312,6 +276,50 @@ def report(
     )
     compose_results_md(args.out_dir)
     print(f"wrote {args.out_dir / 'results' / 'methods.md'}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_student_args(p)
+    p.add_argument(
+        "--teacher-lr", type=float, default=3e-4, help="co-distilled pre-trained teacher"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--num-samples", type=int, default=2, help="completions per prompt")
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--teacher-minutes", type=float, default=9.0)
+    p.add_argument("--tmp", type=Path, default=None)
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where results/methods.* and RESULTS.md go (default benchmarks/; with --quick "
+        "out/benchmarks-quick/)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny teacher trained in seconds, 10 steps, 1 seed, short completions",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.student_steps, args.seeds, args.max_new_tokens, args.num_samples = 10, 1, 16, 1
+    if args.out_dir is None:
+        args.out_dir = results_dir(args.quick)
+    one_thread_if_quick(args.quick)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
+        tmp = Path(tmp_name)
+        # A cached teacher that must be trained uses every core; the study itself, two.
+        teacher_dir = study_teacher(args.quick, tmp, args.teacher_minutes)
+        if not args.quick:
+            torch.set_num_threads(2)
+        facts, rows = run(args, teacher_dir, tmp)
+    report(args, argv, teacher_dir.name, facts, rows)
+    return 0
 
 
 if __name__ == "__main__":

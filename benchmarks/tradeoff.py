@@ -1,6 +1,7 @@
 """The memory/accuracy trade-off: bytes per position against fidelity and student quality.
 
-1. A teacher trained offline on the standard library's source (benchmarks/teacher.py, cached).
+1. A teacher trained offline on the standard library's source (benchmarks/teacher.py, cached;
+   a --quick run trains a tiny one for a few seconds in its scratch directory).
 2. Fidelity: real stores written by `logitstore.capture` over held-out text, for top-k,
    sampled and full encodings and several value types; each compared with the teacher's exact
    distribution at the same positions.
@@ -8,10 +9,11 @@
    CE, hard labels (teacher argmax), online KD from the live teacher's full logits (the
    reference), and KD from several stores; held-out CE on ground truth.
 
-Writes benchmarks/RESULTS.md, benchmarks/results.json and two plots (benchmarks/results/).
+Writes benchmarks/RESULTS.md, benchmarks/results.json and two plots (benchmarks/results/);
+--out-dir writes them elsewhere (a --quick run: out/benchmarks-quick/ unless given).
 
     python benchmarks/tradeoff.py            # the committed run (tens of minutes on 2 cores)
-    python benchmarks/tradeoff.py --quick    # a smoke run of a few minutes
+    python benchmarks/tradeoff.py --quick    # a smoke run of about half a minute
 
 Tail treatment for KL(teacher ‖ decoded) over the whole vocabulary: a top-k store's residual is
 spread evenly over the tokens it does not name; a sampled store is smoothed with 1e-6 of mass
@@ -22,6 +24,7 @@ optimises: the stored ids plus one bucket for everything else (top-k and full on
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -33,21 +36,29 @@ from typing import Any
 
 import numpy as np
 import torch
-
-import logitstore
-from logitstore import Encoding, LogitDataset, collate, losses
-from logitstore.write.inputs import Document
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import (  # noqa: E402  (sibling module)
+from benchlib.corpus import held_out_documents
+from benchlib.report import (
     compose_results_md,
     md_table,
+    one_thread_if_quick,
     pyplot,
+    results_dir,
     run_meta,
     write_results,
 )
-from teacher import ensure_teacher, held_out_documents  # noqa: E402
+from benchlib.stores import teacher_bytes, teacher_logits
+from benchlib.students import (
+    StudentRecipe,
+    add_gap_closed,
+    add_student_args,
+    split_documents,
+    train_student,
+)
+from benchlib.teacher import study_teacher
+
+import logitstore
+from logitstore import Encoding
+from logitstore.write.inputs import Document
 
 SWEEP: list[tuple[str, Encoding]] = (
     [(f"topk-{k} u8", Encoding("topk", "u8", k=k)) for k in (1, 4, 8, 16, 32, 64, 128)]
@@ -60,26 +71,7 @@ SWEEP: list[tuple[str, Encoding]] = (
 )
 SHARPER = ["topk-8 u8", "topk-64 u8", "sampled-64"]  # repeated at T = 0.7 and 0.5
 STUDENT_STORES = ["topk-8 u8", "topk-64 u8", "topk-64 u6", "sampled-16", "sampled-64"]
-
-
-def teacher_logits(teacher: logitstore.Teacher, seqs: logitstore.Sequences) -> torch.Tensor:
-    """``(N, V)`` float32 logits of the teacher at every position, one sequence at a time."""
-    out = []
-    with torch.inference_mode():
-        for i in range(len(seqs)):
-            s0, s1 = seqs.offsets[i], seqs.offsets[i + 1]
-            x = torch.from_numpy(seqs.input_ids[s0:s1])[None]
-            out.append(teacher.fn(x, torch.ones_like(x))[0].float())
-    return torch.cat(out)
-
-
-def teacher_bytes(path: Path) -> int:
-    return sum(
-        f.stat().st_size
-        for name in ("ids", "values", "residual")
-        for f in (path / name).rglob("*")
-        if f.is_file()
-    )
+QUICK_CONFIGS = {"topk-8 u8", "topk-64 u8", "sampled-16", "full fp16", *STUDENT_STORES}
 
 
 def order0_bytes(store: logitstore.LogitStore) -> float:
@@ -147,7 +139,7 @@ def sweep(
     logits = teacher_logits(teacher, seqs)
     n, vocab = logits.shape
     rows = []
-    plan = [(name, enc) for name, enc in SWEEP if not args.quick or name in args.quick_configs]
+    plan = [(name, enc) for name, enc in SWEEP if not args.quick or name in QUICK_CONFIGS]
     for temperature in args.temperatures:
         for name, enc in plan:
             if temperature != 1.0 and name not in SHARPER:
@@ -221,105 +213,11 @@ def sweep(
     return rows
 
 
-def make_student(args: argparse.Namespace, vocab: int, seed: int) -> Any:
-    """The study's student (GPT-2, ``--student-layers`` × ``--student-embd``, no dropout)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=args.seq_len,
-        n_layer=args.student_layers,
-        n_embd=args.student_embd,
-        n_head=args.student_embd // 32,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def lr_factor(step: int, steps: int) -> float:
-    """20 steps of linear warm-up, then cosine decay to 0 (a factor of the base lr)."""
-    return min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-def held_out_ce(model: Any, eval_store: Path, args: argparse.Namespace) -> float:
-    """Cross-entropy on the ground truth of ``eval_store``'s text."""
-    model.eval()
-    total = count = 0.0
-    with torch.no_grad():
-        for b in torch.utils.data.DataLoader(
-            LogitDataset(eval_store, args.seq_len, shuffle=False),
-            batch_size=args.batch,
-            collate_fn=collate,
-        ):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(losses.cross_entropy(logits, b["labels"], reduction="sum"))
-            count += float((b["labels"] >= 0).sum())
-    model.train()
-    return total / count
-
-
-def train_student(
-    args: argparse.Namespace,
-    mode: str,
-    store: Path | None,
-    base: Path,
-    eval_store: Path,
-    teacher: logitstore.Teacher,
-    seed: int,
-) -> float:
-    """Train the student for ``args.student_steps`` on the windows of ``base`` (the same
-    batches for every mode; or of ``store`` where it holds other text) and return its
-    held-out CE on ground truth."""
-    model = make_student(args, teacher.vocab_size, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    data = LogitDataset(store or base, args.seq_len, seed=seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch, collate_fn=collate)
-    step = epoch = 0
-    while step < args.student_steps:
-        data.set_epoch(epoch)
-        for b in loader:
-            lr = args.lr * lr_factor(step, args.student_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            mask = b["loss_mask"]
-            if mode == "ce":
-                loss = losses.cross_entropy(logits, b["labels"])
-            elif mode == "hard":
-                labels = torch.where(mask, losses.teacher_argmax(b["ids"], b["probs"]), -100)
-                loss = losses.cross_entropy(logits, labels)
-            elif mode == "online":
-                with torch.no_grad():
-                    t = teacher.fn(b["input_ids"], b["attention_mask"]).float()
-                p = torch.softmax(t, -1)
-                kl = p * (torch.log_softmax(t, -1) - torch.log_softmax(logits.float(), -1))
-                loss = (kl.sum(-1) * mask).sum() / mask.sum()
-            else:
-                loss = losses.forward_kl(logits, b["ids"], b["probs"], b["residual"], mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            if step >= args.student_steps:
-                break
-        epoch += 1
-    return held_out_ce(model, eval_store, args)
-
-
 def students(
     args: argparse.Namespace, teacher: logitstore.Teacher, root: Path
 ) -> list[dict[str, Any]]:
-    docs = [Document(t, "stdlib") for t in held_out_documents()]
-    cut = max(1, len(docs) // 8)
-    train_docs, eval_docs = docs[cut:], docs[:cut]
-    if args.quick:
-        train_docs, eval_docs = train_docs[:6], eval_docs[:2]
+    recipe = StudentRecipe.from_args(args)
+    train_docs, eval_docs = split_documents(args.quick)
     seqs = logitstore.tokenize(train_docs, teacher.tokenizer, args.seq_len)
     eval_seqs = logitstore.tokenize(eval_docs, teacher.tokenizer, args.seq_len)
     eval_store = logitstore.capture(
@@ -346,7 +244,7 @@ def students(
     rows = []
     for label, mode, store in plan:
         held = [
-            train_student(args, mode, store, base, eval_store, teacher, seed)
+            train_student(recipe, mode, store, base, eval_store, teacher, seed)
             for seed in range(args.seeds)
         ]
         row = {
@@ -361,10 +259,7 @@ def students(
             row["bytes_per_position"] = teacher_bytes(store) / len(seqs.input_ids)
         rows.append(row)
         print(f"[student] {label}: held-out CE {row['held_out_ce']:.4f} ({held})", file=sys.stderr)
-    ce = next(r["held_out_ce"] for r in rows if r["mode"] == "ce")
-    online = next(r["held_out_ce"] for r in rows if r["mode"] == "online")
-    for r in rows:
-        r["gap_closed"] = (ce - r["held_out_ce"]) / (ce - online) if ce != online else None
+    add_gap_closed(rows)
     return rows
 
 
@@ -497,8 +392,6 @@ def report(
     )
     # The issue's named outputs: RESULTS.md and results.json beside the scripts.
     compose_results_md(args.out_dir)
-    import json
-
     flat = [
         {
             k: r.get(k)
@@ -534,50 +427,15 @@ def report(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--positions", type=int, default=16384, help="sweep positions")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.5])
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--student-steps", type=int, default=300)
-    p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--student-embd", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument(
-        "--teacher-minutes",
-        type=float,
-        default=9.0,
-        help="training budget of the cached teacher (if it must be trained)",
-    )
-    p.add_argument("--tmp", type=Path, default=None)
-    p.add_argument("--out-dir", type=Path, default=HERE)
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="the shipped teacher, 4096 positions, a few configs, short students",
-    )
-    args = p.parse_args(argv)
-    args.quick_configs = {"topk-8 u8", "topk-64 u8", "sampled-16", "full fp16"} | set(
-        STUDENT_STORES
-    )
-    if args.quick:
-        teacher_dir = HERE.parent / "examples" / "teacher"
-        args.positions, args.student_steps, args.seeds, args.temperatures = 4096, 40, 1, [1.0]
-    else:
-        teacher_dir = ensure_teacher(
-            vocab_size=8192, n_layer=4, n_embd=256, n_head=4, minutes=args.teacher_minutes
-        )
-    report_json = teacher_dir / "report.json"
+def run(
+    args: argparse.Namespace, teacher_dir: Path, tmp: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The sweep and the students, on the teacher in ``teacher_dir``; also a line on the
+    teacher from its report.json."""
     teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
     teacher_report = "?"
+    report_json = teacher_dir / "report.json"
     if report_json.exists():
-        import json
-
         m = json.loads(report_json.read_text())["metrics"]
         teacher_report = f"held-out loss {m['held_out_loss']:.2f} nats, entropy " + ", ".join(
             f"{v:.2f} at T={t}" for t, v in m["entropy"].items()
@@ -586,13 +444,51 @@ def main(argv: list[str] | None = None) -> int:
     seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
     keep = int(np.searchsorted(seqs.offsets, args.positions, side="right"))
     seqs = logitstore.Sequences(seqs.input_ids[: seqs.offsets[keep - 1]], seqs.offsets[:keep])
-    torch.set_num_threads(2)
+    return sweep(args, teacher, seqs, tmp), students(args, teacher, tmp), teacher_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--positions", type=int, default=16384, help="sweep positions")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.5])
+    add_student_args(p)
+    p.add_argument(
+        "--teacher-minutes",
+        type=float,
+        default=9.0,
+        help="training budget of the cached teacher (if it must be trained)",
+    )
+    p.add_argument("--tmp", type=Path, default=None)
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where RESULTS.md, results.json and results/ go (default benchmarks/; with "
+        "--quick out/benchmarks-quick/)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny teacher trained in seconds, 4096 positions, a few configs, short students",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.positions, args.student_steps, args.seeds, args.temperatures = 4096, 10, 1, [1.0]
+    if args.out_dir is None:
+        args.out_dir = results_dir(args.quick)
+    one_thread_if_quick(args.quick)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        rows = sweep(args, teacher, seqs, Path(tmp))
-        student_rows = students(args, teacher, Path(tmp))
+        # A cached teacher that must be trained uses every core; the study itself, two.
+        teacher_dir = study_teacher(args.quick, Path(tmp), args.teacher_minutes)
+        if not args.quick:
+            torch.set_num_threads(2)
+        rows, student_rows, teacher = run(args, teacher_dir, Path(tmp))
     (args.out_dir / "results").mkdir(parents=True, exist_ok=True)
     plot(args.out_dir / "results", rows, student_rows)
-    report(args, argv, {"name": teacher_dir.name, "report": teacher_report}, rows, student_rows)
+    report(args, argv, {"name": teacher_dir.name, "report": teacher}, rows, student_rows)
     print(f"wrote {args.out_dir / 'RESULTS.md'}", file=sys.stderr)
     return 0
 
