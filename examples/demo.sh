@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The built-in default, end to end, with no network and no GPU:
 #   1. set up .venv (same set-up as the tests),
-#   2. take held-out Python standard-library files as sample text,
+#   2. take Python standard-library files the shipped teacher never saw as sample text
+#      (listed in examples/teacher/held_out.txt; examples/held_out.py reads them),
 #   3. run the shipped small teacher (examples/teacher, trained by benchmarks/teacher.py)
 #      over it and write a top-64 u8 store,
 #   4. print what the store holds, verify it, and show what the teacher thought at a position,
@@ -21,7 +22,7 @@ mkdir -p "$out"
 py=.venv/bin/python
 cli=.venv/bin/logitstore
 
-$py benchmarks/teacher.py --export-held-out "$out/sample.jsonl" --max-docs 28
+$py examples/held_out.py --out "$out/sample.jsonl" --max-docs 28
 head -n 24 "$out/sample.jsonl" > "$out/train.jsonl"
 tail -n 4 "$out/sample.jsonl" > "$out/eval.jsonl"
 for split in train eval; do
