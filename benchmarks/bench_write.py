@@ -41,8 +41,7 @@ from benchlib.report import (
 from benchlib.stores import SHIPPED_TEACHER, held_out_logits, teacher_bytes, tile_rows
 
 import logitstore
-from logitstore import Encoding
-from logitstore.write.encode import EncodedRows, encode_rows
+from logitstore import EncodedRows, Encoding, encode_rows
 
 HOST_CONFIGS: dict[str, Encoding] = {
     "topk-64 u8": Encoding("topk", "u8", k=64),

@@ -13,8 +13,7 @@ import torch
 import logitstore
 from benchlib.corpus import held_out_documents
 from benchlib.report import REPO_ROOT
-from logitstore import Encoding
-from logitstore.write.encode import EncodedRows, encode_rows
+from logitstore import EncodedRows, Encoding, encode_rows
 from logitstore.write.inputs import Document
 
 SHIPPED_TEACHER = REPO_ROOT / "examples" / "teacher"
