@@ -246,7 +246,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     [
         ("", "no JSON lines found"),
         ('{"prompt": "a"}\nnot json\n', ":2: invalid JSON"),
-        ('{"text": "a"}\n', ":1: expected a JSON object with a string 'prompt'"),
+        ('{"text": "a"}\n', ":1: expected a string 'prompt' field"),
         ('["a"]\n', "found list"),
         ('{"prompt": ""}\n', "the prompt is empty"),
         ('{"prompt": "' + "x " * 60 + '"}\n', "Shorten the prompt or lower --max-new-tokens"),

@@ -19,13 +19,24 @@ def _export(args: argparse.Namespace) -> int:
     from ..read import open as open_store
     from ..tools.export import export_jsonl
 
+    prompts = None
+    if args.prompts is not None:  # read with the reader generate used: the same messages
+        from ..write.prompts import read_prompts
+
+        read = read_prompts(
+            args.prompts,
+            text_field=args.text_field,
+            messages_field=args.messages_field,
+            split=args.split,
+        )
+        prompts = [p.text if p.messages is None else p.messages for p in read]
     store = open_store(args.store)
     if args.out in (None, "-"):
-        n = export_jsonl(store, sys.stdout, ids=args.ids)
+        n = export_jsonl(store, sys.stdout, ids=args.ids, prompts=prompts)
     else:
         try:
             with open(args.out, "w", encoding="utf-8") as f:
-                n = export_jsonl(store, f, ids=args.ids)
+                n = export_jsonl(store, f, ids=args.ids, prompts=prompts)
         except OSError as e:
             raise LogitStoreError(f"cannot write --out {args.out}: {e}") from None
         print(f"wrote {n} sequence(s) to {args.out}", file=sys.stderr)
@@ -189,7 +200,8 @@ def add_parsers(sub: Any) -> None:
         "export",
         help="write a store's text as JSON lines (prompt/completion for generated stores)",
         description="Write one JSON object per sequence: prompt, completion, token counts "
-        "and finish reason for generated stores, the text for others.",
+        "and finish reason for generated stores (with --prompts, conversations with the "
+        "reply appended), the text for others.",
         epilog=EPILOG,
     )
     e.add_argument("store", help="store directory or URL")
@@ -198,6 +210,24 @@ def add_parsers(sub: Any) -> None:
     )
     e.add_argument("--out", default=None, help="file to write (default: standard output)")
     e.add_argument("--ids", action="store_true", help="include token ids")
+    e.add_argument(
+        "--prompts",
+        default=None,
+        metavar="PATH",
+        help="the prompts a generated store came from (as given to generate): each "
+        "conversation is written back as `messages`, with the completion appended as the "
+        "assistant's turn",
+    )
+    e.add_argument(
+        "--text-field", default="prompt", metavar="NAME", help="as for generate (default prompt)"
+    )
+    e.add_argument(
+        "--messages-field",
+        default="messages",
+        metavar="NAME",
+        help="as for generate (default messages)",
+    )
+    e.add_argument("--split", default=None, help="as for generate")
     e.set_defaults(func=_export)
 
     i = sub.add_parser("info", help="settings, sizes and provenance of a store", epilog=EPILOG)

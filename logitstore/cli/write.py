@@ -31,9 +31,13 @@ def _checked_encoding(args: argparse.Namespace, kind: str, temperature: float) -
 
 
 def _write(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ..write.capture import capture
+    from ..write.chat import load_tokenizer
     from ..write.checks import check_target
-    from ..write.inputs import read_documents, tokenize
+    from ..write.inputs import read_sequences
+    from ..write.sources import Fields
     from ..write.teacher import load_teacher, resolve_device
 
     encoding = _checked_encoding(args, args.encoding, args.temperature)
@@ -41,14 +45,27 @@ def _write(args: argparse.Namespace) -> int:
     if args.seq_len is not None and args.seq_len < 2:
         raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
     check_target(args.out, args.overwrite)  # before the teacher is loaded
-    documents = read_documents(args.data)
+    # The tokenizer alone first: all input is read, rendered and checked before the model
+    # takes its memory (a bad row fails in seconds, not after the model has loaded).
+    tokenizer = load_tokenizer(args.teacher, args.chat_template)
+    sequences = read_sequences(
+        args.data,
+        tokenizer,
+        fields=Fields(args.text_field, args.messages_field),
+        split=args.split,
+        train_on=args.train_on,
+        progress=not args.no_progress,
+    )
+    documents = len(sequences)
     teacher = load_teacher(args.teacher, device, args.dtype)
+    teacher = dataclasses.replace(teacher, tokenizer=tokenizer)  # with --chat-template's
     encoding.check_vocab(teacher.vocab_size)
     seq_len = args.seq_len or teacher.max_length
-    sequences = tokenize(documents, teacher.tokenizer, seq_len)
+    sequences = sequences.split(seq_len)
+    masked = "" if sequences.loss_mask is None else f" ({int(sequences.loss_mask.sum())} learned)"
     print(
-        f"{len(documents)} document(s) → {len(sequences)} sequence(s), "
-        f"{len(sequences.input_ids)} positions; teacher {teacher.name} on {device}",
+        f"{documents} document(s) → {len(sequences)} sequence(s), "
+        f"{len(sequences.input_ids)} positions{masked}; teacher {teacher.name} on {device}",
         file=sys.stderr,
     )
     out = capture(
@@ -63,14 +80,24 @@ def _write(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         shard_positions=args.shard_positions,
         chunk_positions=args.chunk_positions,
+        loss_mask=sequences.loss_mask,
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..write.chat import load_tokenizer
     from ..write.checks import check_target
-    from ..write.generate import GenerationSettings, generate, journal_path, read_prompts
+    from ..write.generate import (
+        GenerationSettings,
+        check_prompts,
+        generate,
+        journal_path,
+        read_prompts,
+    )
     from ..write.teacher import load_teacher, resolve_device
 
     settings = GenerationSettings(
@@ -86,8 +113,17 @@ def _generate(args: argparse.Namespace) -> int:
     soft = _checked_encoding(args, args.soft or "none", args.soft_temperature)
     device = resolve_device(args.device)
     check_target(args.out, args.overwrite)  # before the teacher is loaded
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(
+        args.prompts,
+        text_field=args.text_field,
+        messages_field=args.messages_field,
+        split=args.split,
+    )
+    # Conversations are rendered with the tokenizer alone, before the model is loaded.
+    tokenizer = load_tokenizer(args.teacher, args.chat_template)
+    check_prompts(prompts, tokenizer)
     teacher = load_teacher(args.teacher, device, args.dtype)
+    teacher = dataclasses.replace(teacher, tokenizer=tokenizer)  # with --chat-template's
     resuming = journal_path(args.out).exists()
     print(
         f"{len(prompts)} prompt(s) × {settings.num_samples} sample(s); teacher {teacher.name} "
@@ -135,6 +171,32 @@ def _add_value_args(p: argparse.ArgumentParser, flag: str) -> None:
     )
 
 
+def _add_input_args(p: argparse.ArgumentParser, text: str, what: str) -> None:
+    """Which fields hold text and conversations, the split, and the chat template."""
+    p.add_argument(
+        "--text-field",
+        default=text,
+        metavar="NAME",
+        help=f"field (column) holding a {what} as text (default {text})",
+    )
+    p.add_argument(
+        "--messages-field",
+        default="messages",
+        metavar="NAME",
+        help="field (column) holding a conversation: a list of {role, content} messages, "
+        "rendered with the teacher tokenizer's chat template (default messages)",
+    )
+    p.add_argument(
+        "--split", default=None, help="the split of a dataset directory that has several"
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to render conversations with, instead of the tokenizer's",
+    )
+
+
 def _add_store_args(p: argparse.ArgumentParser, overwrite: str) -> None:
     p.add_argument("--overwrite", action="store_true", help=overwrite)
     p.add_argument(
@@ -167,8 +229,19 @@ def add_parsers(sub: Any) -> None:
         "--data",
         required=True,
         nargs="+",
-        metavar="FILE",
-        help='.txt (one document per file) or .jsonl (one {"text": ...} per line)',
+        metavar="PATH",
+        help=".txt (one document per file), .jsonl (one JSON object per line), .parquet, or a "
+        "directory: a Hugging Face dataset saved with save_to_disk, or data files; each record "
+        "a text or a conversation (see --text-field, --messages-field). Parquet and datasets "
+        "need pip install 'logitstore[data]'",
+    )
+    _add_input_args(w, "text", "document")
+    w.add_argument(
+        "--train-on",
+        choices=["all", "assistant", "last-assistant"],
+        default="assistant",
+        help="which tokens of a conversation a student learns: the loss mask covers the "
+        "positions that predict them (default assistant: every assistant turn; all: no mask)",
     )
     w.add_argument("--out", required=True, help="store directory to create (or resume)")
     w.add_argument(
@@ -184,8 +257,8 @@ def add_parsers(sub: Any) -> None:
         "--seq-len",
         type=int,
         default=None,
-        help="split documents into sequences of at most N tokens (default: the "
-        "teacher's context length)",
+        help="split documents and conversations (and their masks) into sequences of at most "
+        "N tokens (default: the teacher's context length)",
     )
     w.add_argument(
         "--batch-size", type=int, default=8, help="sequences per forward pass (default 8)"
@@ -208,9 +281,12 @@ def add_parsers(sub: Any) -> None:
     g.add_argument(
         "--prompts",
         required=True,
-        metavar="FILE.jsonl",
-        help='one JSON object per line with a "prompt" field',
+        metavar="PATH",
+        help='.jsonl (one {"prompt": ...} or {"messages": [...]} per line), .parquet or a '
+        "dataset directory; a conversation is rendered with the chat template and the "
+        "assistant header, and the completion is the assistant's reply",
     )
+    _add_input_args(g, "prompt", "prompt")
     g.add_argument("--out", required=True, help="store directory to create (or resume)")
     g.add_argument(
         "--max-new-tokens", type=int, default=256, help="longest completion (default 256)"

@@ -1,5 +1,6 @@
-"""Provenance in the metadata: the tokenizer's identity (FORMAT.md §3 ``tokenizer``) and how a
-generated completion ended (read from the ``generation`` key)."""
+"""Provenance in the metadata: the tokenizer's identity (FORMAT.md §3 ``tokenizer``), the
+digest of a generated store's prompts, and how a generated completion ended (read from the
+``generation`` key)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,30 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["finish_reason", "tokenizer_identity"]
+__all__ = [
+    "chat_template_text",
+    "finish_reason",
+    "prompt_string",
+    "prompts_digest",
+    "tokenizer_identity",
+]
+
+
+def chat_template_text(tokenizer: Any) -> str | None:
+    """The Jinja text of ``tokenizer``'s chat template, or ``None`` when it has none.
+
+    A tokenizer with several named templates (a dict) renders conversations with its
+    ``"default"`` one, as Hugging Face's ``apply_chat_template`` does without ``tools``.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def tokenizer_identity(tokenizer: Any) -> tuple[dict[str, Any], bytes | None]:
-    """A tokenizer's identity (a SHA-256 of its vocabulary) and its ``tokenizer.json``."""
+    """A tokenizer's identity (a SHA-256 of its vocabulary, and of its chat template when it
+    has one) and its ``tokenizer.json``."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
     ident = {
@@ -20,9 +40,29 @@ def tokenizer_identity(tokenizer: Any) -> tuple[dict[str, Any], bytes | None]:
         "vocab_hash": "sha256:" + digest,
         "size": len(vocab),
     }
+    template = chat_template_text(tokenizer)
+    if template is not None:  # informative: absent for tokenizers without one (bytes as before)
+        ident["chat_template_hash"] = "sha256:" + hashlib.sha256(template.encode()).hexdigest()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     raw = backend.to_str().encode() if backend is not None else None
     return ident, raw
+
+
+def prompt_string(prompt: str | Sequence[dict[str, Any]]) -> str:
+    """The string a prompt contributes to ``generation.prompts.sha256``: a text prompt
+    itself; a conversation (a list of messages) its JSON text, ``json.dumps(messages,
+    ensure_ascii=False)`` (its rendering depends on the chat template, which the tokenizer's
+    ``chat_template_hash`` records)."""
+    if isinstance(prompt, str):
+        return prompt
+    return json.dumps(list(prompt), ensure_ascii=False)
+
+
+def prompts_digest(prompts: Sequence[str | Sequence[dict[str, Any]]]) -> str:
+    """``generation.prompts.sha256``: the SHA-256 (hex) of the JSON list of prompt strings
+    (:func:`prompt_string`)."""
+    strings = [prompt_string(p) for p in prompts]
+    return hashlib.sha256(json.dumps(strings, ensure_ascii=False).encode()).hexdigest()
 
 
 def finish_reason(completion: Sequence[int], generation: dict[str, Any]) -> str:

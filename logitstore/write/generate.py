@@ -32,14 +32,23 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, ResumeMismatchError, TeacherError
 from ..format.metadata import Encoding
-from ..format.provenance import tokenizer_identity
+from ..format.provenance import prompts_digest, tokenizer_identity
 from .capture import capture
+from .chat import ChatTemplate
 from .checks import check_target
-from .inputs import Sequences, jsonl_strings, read_text
+from .inputs import Sequences
 from .journal import JOURNAL_VERSION, journal_key, journal_path, read_journal
+from .prompts import Prompt, check_prompts, read_prompts
 from .teacher import Teacher
 
-__all__ = ["GenerationSettings", "Prompt", "generate", "journal_path", "read_prompts"]
+__all__ = [
+    "GenerationSettings",
+    "Prompt",
+    "check_prompts",
+    "generate",
+    "journal_path",
+    "read_prompts",
+]
 
 
 @dataclass(frozen=True)
@@ -92,32 +101,9 @@ class GenerationSettings:
         return self.temperature == 0
 
 
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    source: str  # "file:line", for error messages
-
-
-def read_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
-    """Read prompts: one JSON object per line with a string ``prompt`` field (other fields
-    are ignored; blank lines are skipped).
-
-    Raises:
-        InputError: a missing, empty or undecodable file, or a line that is not an object
-            with a non-empty string ``prompt`` (file and line named).
-    """
-    path = Path(path)
-    prompts = []
-    for text, where in jsonl_strings(path, read_text(path, "prompts file"), "prompt"):
-        if not text:
-            raise InputError(f"{where}: the prompt is empty; give the teacher some text")
-        prompts.append(Prompt(text, where))
-    return prompts
-
-
 def generate(
     teacher: Teacher,
-    prompts: Sequence[str | Prompt],
+    prompts: Sequence[str | Prompt | list[dict[str, Any]]],
     out: str | os.PathLike[str],
     settings: GenerationSettings | None = None,
     *,
@@ -131,7 +117,10 @@ def generate(
     ``out``: prompt + completion per sequence, a loss mask over the completion, and with
     ``soft`` the teacher's distributions at every position.
 
-    Sequence ``s`` is sample ``s % num_samples`` of prompt ``s // num_samples``. Only the
+    A prompt is a text, a :class:`Prompt`, or a conversation (a list of messages, rendered
+    with the tokenizer's chat template and the assistant header: the completion is the
+    assistant's reply). Sequence ``s`` is sample ``s % num_samples`` of prompt
+    ``s // num_samples``. Only the
     settings here shape the text: the model's own generation defaults (repetition penalty,
     top-k, ...) are not applied; its end-of-text tokens are (with the tokenizer's).
     ``overwrite`` replaces a complete store at ``out``; completions an interrupted run of
@@ -141,7 +130,9 @@ def generate(
     Raises:
         TeacherError: the teacher has no Hugging Face model or tokenizer, or a prompt plus
             ``max_new_tokens`` exceeds its context.
-        InputError, StoreExistsError, ResumeMismatchError: checked before generating.
+        InputError: a bad prompt or conversation, or a chat template that is missing or
+            raises; checked before generating, like StoreExistsError and
+            ResumeMismatchError.
 
     Example:
         >>> t = load_teacher("teacher-dir")
@@ -159,9 +150,7 @@ def generate(
         if soft.kind == "none":
             soft = None
     interrupted = check_target(out, overwrite)
-    items = [
-        p if isinstance(p, Prompt) else Prompt(p, f"prompt {i}") for i, p in enumerate(prompts)
-    ]
+    items = [_prompt(p, i) for i, p in enumerate(prompts)]
     if not items:
         raise InputError("no prompts to generate from")
     tokenizer = teacher.tokenizer
@@ -169,13 +158,10 @@ def generate(
     eos = _eos_ids(teacher.model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     tok_ident, _ = tokenizer_identity(tokenizer)
-    digest = hashlib.sha256(
-        json.dumps([p.text for p in items], ensure_ascii=False).encode()
-    ).hexdigest()
     generation = {
         **asdict(settings),
         "stop": list(settings.stop),
-        "prompts": {"sha256": digest, "count": len(items)},
+        "prompts": {"sha256": prompts_digest([p.text for p in items]), "count": len(items)},
         "eos_token_ids": eos,
         "prompt_order": "prompt-major",
     }
@@ -253,10 +239,29 @@ def generate(
     return path
 
 
+def _prompt(p: str | Prompt | list[dict[str, Any]], i: int) -> Prompt:
+    if isinstance(p, Prompt):
+        return p
+    if isinstance(p, str):
+        return Prompt(p, f"prompt {i}")
+    return Prompt.chat(p, f"prompt {i}")
+
+
 def _tokenize_prompts(
     items: Sequence[Prompt], tokenizer: Any, teacher: Teacher, settings: GenerationSettings
 ) -> list[list[int]]:
-    ids: list[list[int]] = tokenizer([p.text for p in items], add_special_tokens=True)["input_ids"]
+    texts = [p for p in items if p.messages is None]
+    encoded = iter(
+        tokenizer([p.text for p in texts], add_special_tokens=True)["input_ids"] if texts else []
+    )
+    chat: ChatTemplate | None = None
+    ids: list[list[int]] = []
+    for p in items:
+        if p.messages is None:
+            ids.append(list(map(int, next(encoded))))
+        else:
+            chat = chat or ChatTemplate(tokenizer)
+            ids.append(chat.prompt_ids(p.messages, p.source))
     for p, x in zip(items, ids, strict=True):
         if not x:
             raise InputError(f"{p.source}: the prompt has no tokens; give the teacher some text")
@@ -267,7 +272,7 @@ def _tokenize_prompts(
                 f"teacher reads. Shorten the prompt or lower --max-new-tokens to "
                 f"{max(teacher.max_length - len(x), 0)}"
             )
-    return [list(map(int, x)) for x in ids]
+    return ids
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -1,28 +1,38 @@
-"""Input data: documents from ``.txt``/``.jsonl`` files, tokenised and split into sequences.
+"""Input data: documents and conversations, tokenised and split into sequences.
 
 A *sequence* is one teacher context: the distribution at a position depends only on
 earlier positions of the same sequence. Documents longer than ``seq_len`` tokens are split
-into consecutive sequences of at most ``seq_len`` tokens.
+into consecutive sequences of at most ``seq_len`` tokens; so are conversations, and their
+loss mask is split with them (it is computed over the whole conversation first, so the last
+position of a piece predicts the first token of the next piece and counts when that token
+is the assistant's).
+
+:func:`read_sequences` streams any size of input (:mod:`.sources`): records are tokenised a
+batch at a time and only their token ids are kept, as int32 arrays (4 bytes a token; a
+Python list of ints costs ~36).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import InputError
+from .chat import ChatTemplate, TrainOn, check_messages
+from .sources import Fields, Record, count_records, read_records, read_text
 
 __all__ = [
     "Document",
     "Sequences",
-    "jsonl_strings",
     "read_documents",
+    "read_sequences",
     "read_text",
     "sequences_from_token_ids",
     "tokenize",
@@ -37,84 +47,112 @@ class Document:
 
 @dataclass(frozen=True)
 class Sequences:
-    """Token ids of all sequences, concatenated, and their boundaries."""
+    """Token ids of all sequences, concatenated, their boundaries, and optionally which
+    positions' predictions count for training."""
 
-    input_ids: np.ndarray  # (N,) int64
+    input_ids: np.ndarray  # (N,) int64, or int32 from read_sequences
     offsets: np.ndarray  # (S + 1,) int64
+    #: (N,) uint8: 1 where the next token is one a student learns (FORMAT.md §4), or None
+    loss_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def split(self, seq_len: int | None) -> Sequences:
+        """These sequences cut into consecutive pieces of at most ``seq_len`` tokens (the
+        tokens and the mask are shared, only the offsets change).
+
+        Raises:
+            InputError: ``seq_len`` < 2.
+        """
+        if seq_len is None:
+            return self
+        if seq_len < 2:
+            raise InputError(f"--seq-len must be at least 2, got {seq_len}")
+        lengths = np.diff(self.offsets)
+        pieces = -(-lengths // seq_len)  # (S,) pieces per sequence
+        if (pieces == 1).all():
+            return self
+        first = np.cumsum(pieces) - pieces  # index of each sequence's first piece
+        k = np.arange(int(pieces.sum())) - np.repeat(first, pieces)  # piece number within
+        starts = np.repeat(self.offsets[:-1], pieces) + seq_len * k
+        offsets = np.append(starts, self.offsets[-1]).astype(np.int64)
+        return Sequences(self.input_ids, offsets, self.loss_mask)
+
 
 def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[Document]:
     """Read documents: a ``.txt`` file is one document; a ``.jsonl`` file holds one JSON
-    object per line with a string ``text`` field (blank lines are skipped).
+    object per line with a string ``text`` field (blank lines are skipped); a ``.parquet``
+    file or a dataset directory a ``text`` column. For conversations and inputs larger than
+    memory, use :func:`read_sequences`.
 
     Raises:
-        InputError: a missing, empty or undecodable file, an unsupported suffix, or a JSONL
-            line that is not an object with a string ``text`` (file and line named).
+        InputError: a missing, empty or undecodable file, an unsupported suffix, or a record
+            without a string ``text`` (file and line or row named).
     """
     docs: list[Document] = []
-    paths = list(paths)
-    if not paths:
-        raise InputError("no input files given: pass --data FILE.txt or FILE.jsonl")
-    for path in map(Path, paths):
-        raw = read_text(path, "input file")
-        if not raw.strip():
-            raise InputError(f"{path}: the file is empty; remove it from --data or add text")
-        if path.suffix == ".txt":
-            docs.append(Document(raw, str(path)))
-        elif path.suffix == ".jsonl":
-            docs.extend(Document(text, where) for text, where in jsonl_strings(path, raw, "text"))
-        else:
+    for record in _records(_paths(paths), Fields(), None):
+        if record.text is None:
             raise InputError(
-                f"{path}: unsupported file type {path.suffix!r}; expected .txt (one document) "
-                "or .jsonl (one JSON object with a 'text' field per line)"
+                f"{record.where}: a conversation; read_documents reads text only: use "
+                "read_sequences for messages"
             )
+        docs.append(Document(record.text, record.where))
     return docs
 
 
-def read_text(path: Path, what: str) -> str:
-    """The UTF-8 text of ``path``, or :class:`InputError` naming ``what`` it was to be."""
-    if not path.is_file():
-        raise InputError(f"{what} {str(path)!r} does not exist or is not a file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not valid UTF-8 text (byte {e.start}); re-encode it") from None
+def read_sequences(
+    paths: Iterable[str | os.PathLike[str]],
+    tokenizer: Any,
+    seq_len: int | None = None,
+    *,
+    fields: Fields | None = None,
+    split: str | None = None,
+    train_on: TrainOn = "assistant",
+    progress: bool = False,
+    batch_rows: int = 1024,
+) -> Sequences:
+    """Tokenise documents and conversations from files and datasets (:mod:`.sources`) into
+    sequences of at most ``seq_len`` tokens, streaming: only token ids are kept.
 
-
-def jsonl_strings(path: Path, raw: str, field: str) -> list[tuple[str, str]]:
-    """``(value, "file:line")`` of the string ``field`` of each JSON line of ``raw`` (blank
-    lines skipped, other fields ignored).
+    A document is tokenised with ``add_special_tokens=True``; a conversation is rendered
+    with the tokenizer's chat template (:class:`.chat.ChatTemplate`). When a conversation
+    is read and ``train_on`` is not ``"all"``, the result has a ``loss_mask``: 1 at
+    positions that predict a learned token (an assistant's; every token of a document).
 
     Raises:
-        InputError: a line that is not JSON, or not an object with a string ``field``, or no
-            lines at all (file and line named).
+        InputError: bad input, named by file and line or row, before anything is written.
+
+    Example:
+        >>> seqs = read_sequences(["chats.parquet"], tokenizer, 2048)
+        >>> capture(teacher, seqs, "chat.zarr", enc, loss_mask=seqs.loss_mask)
     """
-    out = []
-    # Split on "\n" only: str.splitlines() also splits on U+2028 and friends, which JSON
-    # strings may hold unescaped.
-    for lineno, line in enumerate(raw.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj: Any = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object "
-                f"per line, like {json.dumps({field: '...'})}"
-            ) from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            raise InputError(
-                f"{where}: expected a JSON object with a string {field!r} field, found "
-                f"{type(obj).__name__}{f' without {field}' if isinstance(obj, dict) else ''}"
+    if seq_len is not None and seq_len < 2:
+        raise InputError(f"--seq-len must be at least 2, got {seq_len}")
+    paths = _paths(paths)
+    totals = [count_records(p, split) if p.suffix != ".txt" else 1 for p in paths]
+    known = None if None in totals else sum(t for t in totals if t is not None)
+    builder = _Builder()
+    chat: ChatTemplate | None = None
+    with tqdm(
+        total=known, unit="record", desc="tokenise", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for batch in _batches(paths, fields or Fields(), split, batch_rows):
+            texts = [r for r in batch if r.text is not None]
+            encoded = iter(
+                tokenizer([r.text for r in texts], add_special_tokens=True)["input_ids"]
+                if texts
+                else []
             )
-        out.append((obj[field], where))
-    if not out:
-        raise InputError(f"{path}: no JSON lines found (one object with a {field!r} per line)")
-    return out
+            for r in batch:
+                if r.text is not None:
+                    builder.add(np.asarray(next(encoded), dtype=np.int64), None, r.where)
+                    continue
+                chat = chat or ChatTemplate(tokenizer)
+                ids, learn = chat.encode(check_messages(r.messages, r.where), r.where, train_on)
+                builder.add(ids, None if train_on == "all" else learn, r.where)
+            bar.update(len(batch))
+    return builder.finish().split(seq_len)
 
 
 def sequences_from_token_ids(
@@ -136,12 +174,7 @@ def sequences_from_token_ids(
     lengths: list[int] = []
     for i, doc in enumerate(documents):
         ids = np.asarray(doc, dtype=np.int64).reshape(-1)
-        if len(ids) < 2:
-            where = sources[i] if sources is not None else f"document {i}"
-            raise InputError(
-                f"{where}: the document has {len(ids)} token(s); at least 2 are needed "
-                "(one to read, one to predict). Remove it or give it more text"
-            )
+        _check_length(len(ids), sources[i] if sources is not None else f"document {i}")
         step = seq_len or len(ids)
         for s in range(0, len(ids), step):
             piece = ids[s : s + step]
@@ -157,3 +190,109 @@ def tokenize(documents: Sequence[Document], tokenizer: Any, seq_len: int | None)
     texts = [d.text for d in documents]
     encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
     return sequences_from_token_ids(encoded, seq_len, [d.source for d in documents])
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    out = [Path(p) for p in paths]
+    if not out:
+        raise InputError("no input given: pass --data FILE.txt, FILE.jsonl, FILE.parquet or a DIR")
+    return out
+
+
+def _batches(
+    paths: list[Path], fields: Fields, split: str | None, batch_rows: int
+) -> Iterable[list[Record]]:
+    for path in paths:
+        if path.suffix == ".txt" and not path.is_dir():
+            raw = read_text(path, "input file")
+            if not raw.strip():
+                raise InputError(f"{path}: the file is empty; remove it from --data or add text")
+            yield [Record(raw, None, str(path))]
+        else:
+            yield from read_records(path, fields, split=split, batch_rows=batch_rows)
+
+
+def _records(paths: list[Path], fields: Fields, split: str | None) -> Iterable[Record]:
+    for batch in _batches(paths, fields, split, 1024):
+        yield from batch
+
+
+def _check_length(n: int, where: str) -> None:
+    if n < 2:
+        raise InputError(
+            f"{where}: the document has {n} token(s); at least 2 are needed "
+            "(one to read, one to predict). Remove it or give it more text"
+        )
+
+
+#: tokens a buffer grows by (64 MB of int32). A buffer this large is its own memory map, so
+#: growing it is a realloc that moves pages instead of copying them, and the ids never exist
+#: twice (measured: gathering chunks and concatenating them at the end doubled the peak).
+_GROW_TOKENS = 1 << 24
+
+
+class _Builder:
+    """Documents' token ids (and loss masks) appended to compact arrays as they come: ids
+    as int32, masks as uint8, lengths as an int64 ``array``. Masks are kept only once a
+    document has one (earlier documents are learned whole, so theirs are filled in from
+    their lengths)."""
+
+    def __init__(self) -> None:
+        self._ids = _Growing(np.int32)
+        self._masks: _Growing | None = None
+        self._lengths = array("q")
+
+    def add(self, ids: np.ndarray, learn: np.ndarray | None, where: str) -> None:
+        """One document's ``ids`` ``(n,)`` and which tokens are learned (``None``: all)."""
+        _check_length(len(ids), where)
+        if ids.min() < 0 or ids.max() > np.iinfo(np.int32).max:
+            raise InputError(f"{where}: the tokenizer gave token ids outside [0, 2**31)")
+        if learn is not None and self._masks is None:
+            self._masks = _Growing(np.uint8)
+            self._masks.add(_all_learned(np.frombuffer(self._lengths, dtype=np.int64)))
+        self._ids.add(ids)
+        if self._masks is not None:
+            mask = np.zeros(len(ids), dtype=np.uint8)  # (n,) 1: position t predicts a learned token
+            mask[:-1] = 1 if learn is None else learn[1:]
+            self._masks.add(mask)
+        self._lengths.append(len(ids))
+
+    def finish(self) -> Sequences:
+        if not self._lengths:
+            raise InputError("no documents to write")
+        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self._lengths, dtype=np.int64), out=offsets[1:])
+        masks = None if self._masks is None else self._masks.result()
+        return Sequences(self._ids.result(), offsets, masks)
+
+
+class _Growing:
+    """A 1-D array appended to in place: grown ``_GROW_TOKENS`` at a time by realloc
+    (``ndarray.resize``), cut to its length at the end. The peak is the result plus at
+    most one step."""
+
+    def __init__(self, dtype: Any) -> None:
+        self._a = np.empty(0, dtype=dtype)
+        self._n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        need = self._n + len(x)
+        if need > len(self._a):  # nothing else refers to the buffer: resize in place
+            self._a.resize(max(need, len(self._a) + _GROW_TOKENS), refcheck=False)
+        self._a[self._n : need] = x
+        self._n = need
+
+    def result(self) -> np.ndarray:
+        self._a.resize(self._n, refcheck=False)
+        return self._a
+
+
+def _all_learned(lengths: np.ndarray) -> np.ndarray:
+    """The mask of documents of ``lengths`` whose every token is learned: 1 but at each
+    document's last position (nothing follows it)."""
+    mask = np.ones(int(lengths.sum()), dtype=np.uint8)
+    mask[np.cumsum(lengths) - 1] = 0
+    return mask
