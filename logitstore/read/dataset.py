@@ -11,6 +11,13 @@ and decoded once per epoch while the order stays well mixed.
 The order is a pure function of (seed, epoch, rank, world size, worker, num workers), which
 is what makes ``state_dict()``/``load_state_dict()`` exact: a resumed run recomputes the order
 and skips what was already yielded.
+
+A student whose vocabulary is smaller than the teacher's output layer (a teacher head padded
+past its tokenizer: Qwen 2.5 7B predicts 152,064 ids, its 0.5B sibling 151,936) cannot score
+the teacher's candidates at the ids it lacks; the losses refuse such targets. With
+``student_vocab_size`` the dataset folds their mass into the residual as each block is
+decoded (:func:`fold_to_vocab`), so every loss sees targets the student can score, with the
+teacher's mass accounted for exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +39,37 @@ from ..format.provenance import tokenizer_identity
 from . import open as open_store
 from .store import StoreBase
 
-__all__ = ["LogitDataset", "collate"]
+__all__ = ["LogitDataset", "collate", "fold_to_vocab"]
+
+
+def fold_to_vocab(batch: Batch, vocab_size: int, *, full: bool = False) -> Batch:
+    """``batch`` with the teacher's mass on ids ``>= vocab_size`` moved into the residual.
+
+    Candidates at those ids become padding (id 0, probability 0) and each row's residual
+    gains exactly their probability (summed in float64, rounded once to float32), so
+    probabilities plus residual keep their total. Ids ascend in every row (FORMAT.md §5.1):
+    the dropped candidates are the last real ones, and padding stays a suffix. With
+    ``full`` (a ``full`` store: column ``j`` is token ``j``) rows are cut to their first
+    ``vocab_size`` columns instead. A batch without such ids is returned as it is.
+
+    Example:
+        >>> folded = fold_to_vocab(store.read(0, 512), 151_936)
+    """
+    ids, probs = batch.ids, batch.probs
+    if full:
+        if ids.shape[1] <= vocab_size:
+            return batch
+        dropped = probs[:, vocab_size:].sum(axis=1, dtype=np.float64)  # (n,)
+        ids, probs = ids[:, :vocab_size], probs[:, :vocab_size]  # (n, vocab_size)
+    else:
+        if ids.size == 0 or ids.max() < vocab_size:
+            return batch
+        out = ids >= vocab_size  # (n, m)
+        dropped = np.where(out, probs, 0).sum(axis=1, dtype=np.float64)  # (n,)
+        ids = np.where(out, 0, ids).astype(ids.dtype)
+        probs = np.where(out, np.float32(0), probs)
+    residual = (batch.residual.astype(np.float64) + dropped).astype(np.float32)
+    return batch._replace(ids=ids, probs=probs, residual=residual)
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -63,9 +100,19 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         tokenizer, tokenizer_hash: the student's tokenizer (or its vocabulary hash,
             ``"sha256:…"``, FORMAT.md §3); a store of another tokenizer is refused unless
             ``allow_tokenizer_mismatch``.
+        student_vocab_size: the width of the student's logits, when it is smaller than the
+            teacher's (``metadata.vocab_size``): the teacher's mass on ids the student lacks
+            is folded into the residual (:func:`fold_to_vocab`), so every sample's ids are
+            below it and probabilities plus residual still sum to 1. The student then learns
+            to put that mass on its tail bucket (with a ``full`` store, which has no tail, it
+            is a constant term of the forward KL). Without it, a loss given student logits
+            narrower than the stored ids refuses them. A sample whose input tokens reach it
+            raises: those the student cannot read.
 
     Raises:
-        LogitStoreError: ``seq_len`` < 2, an empty store, or a tokenizer mismatch.
+        LogitStoreError: ``seq_len`` < 2, ``student_vocab_size`` < 1, an empty store, or a
+            tokenizer mismatch; while iterating, input tokens at or above
+            ``student_vocab_size``.
 
     Example:
         >>> ds = LogitDataset("teacher.zarr", seq_len=512, seed=0)
@@ -86,9 +133,12 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         tokenizer_hash: str | None = None,
         tokenizer: Any = None,
         allow_tokenizer_mismatch: bool = False,
+        student_vocab_size: int | None = None,
     ) -> None:
         if seq_len < 2:
             raise LogitStoreError(f"seq_len must be at least 2, got {seq_len}")
+        if student_vocab_size is not None and student_vocab_size < 1:
+            raise LogitStoreError(f"student_vocab_size must be positive, got {student_vocab_size}")
         store = source if isinstance(source, StoreBase) else open_store(source)
         self.path = store.path  # a directory or a URL: reopened in every worker process
         self.metadata = store.metadata
@@ -116,6 +166,11 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self.seq_len, self.shuffle, self.seed = seq_len, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.block_positions, self.buffer_blocks = block_positions, buffer_blocks
+        self.student_vocab_size = student_vocab_size
+        #: every sample's candidate ids are below this: the teacher's or the student's vocabulary
+        self.vocab_size = min(
+            self.metadata.vocab_size, student_vocab_size or self.metadata.vocab_size
+        )
         # Window starts and ends: every sequence cut into pieces of at most seq_len.
         offsets = store.offsets
         starts, ends = [], []
@@ -221,6 +276,20 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         assert self._store is not None
         return self._store.read(start, stop, id_dtype=np.int32)
 
+    def _for_student(self, start: int, data: Batch) -> Batch:
+        """A decoded block as the student can use it: ids folded below its vocabulary."""
+        v = self.student_vocab_size
+        if v is None or v >= self.metadata.vocab_size:
+            return data
+        if len(data.input_ids) and int(data.input_ids.max()) >= v:
+            pos = start + int(np.flatnonzero(data.input_ids >= v)[0])
+            raise LogitStoreError(
+                f"the token at position {pos} of {str(self.path)!r} is "
+                f"{int(data.input_ids[pos - start])}, outside the student's vocabulary of {v}: "
+                "the student cannot read it (only the teacher's predicted ids can be folded)"
+            )
+        return fold_to_vocab(data, v, full=self.metadata.encoding.kind == "full")
+
     def _block_range(self, b: int) -> tuple[int, int]:
         start = b * self.block_positions
         # One position more than the block, for the label of its last window.
@@ -245,7 +314,9 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             "labels": labels,  # (n,) next token, -100 where there is none
             "attention_mask": torch.ones(n, dtype=torch.long),  # (n,)
             "loss_mask": loss_mask,  # (n,) bool: rows that count (the store's mask, FORMAT §4)
-            "ids": torch.from_numpy(data.ids[real]).clone(),  # (n, m) int32: half the bytes
+            # (n, m) int32: half the bytes. A copy by NumPy: a full store's ids are a
+            # read-only broadcast view, which torch.from_numpy warns about.
+            "ids": torch.from_numpy(np.array(data.ids[real])),
             "probs": torch.from_numpy(data.probs[real]).clone(),  # (n, m)
             "residual": torch.from_numpy(data.residual[real]).clone(),  # (n,)
         }
@@ -280,7 +351,7 @@ class _BlockReader:
 
     def _load(self, b: int) -> tuple[int, Batch]:
         start, stop = self.ds._block_range(b)
-        return start, self.ds._read_block(start, stop)
+        return start, self.ds._for_student(start, self.ds._read_block(start, stop))
 
     def get(self, b: int) -> tuple[int, Batch]:
         hit = self.cache.get(b)

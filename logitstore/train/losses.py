@@ -106,6 +106,24 @@ def _reverse_kl_rows(
     return kl + q_r * (log_qr - log_r)  # (n,)
 
 
+def _check_ids_fit(ids: torch.Tensor, vocab: int) -> None:
+    """Refuse stored ids the student's logits ``(…, vocab)`` have no entry for.
+
+    Without this, gather fails with an index error on a CPU, and on a GPU with a device-side
+    assert that poisons the CUDA context. It costs one host sync per call (the max of ids).
+    """
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= vocab:
+        raise LogitStoreError(
+            f"the teacher's stored token ids reach {top}, but the student's logits have only "
+            f"{vocab} entries. A teacher whose output layer is padded past its tokenizer "
+            "(Qwen 2.5 7B: 152,064 outputs; Qwen 2.5 0.5B: 151,936) predicts ids such a "
+            f"student lacks: build the data with LogitDataset(..., student_vocab_size={vocab}) "
+            "to fold their mass into the residual, or use a student with the teacher's "
+            "vocabulary"
+        )
+
+
 def _chunked(
     rows: Callable[..., torch.Tensor],
     logits: torch.Tensor,
@@ -120,6 +138,7 @@ def _chunked(
             "from `logitstore generate`) has no distributions to distil from; train on it with "
             "cross_entropy(logits, batch['labels'])"
         )
+    _check_ids_fit(tensors[0], logits.shape[-1])
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])  # (n, V)
     parts = [t.reshape(flat.shape[0], *t.shape[len(shape) :]) for t in tensors]
