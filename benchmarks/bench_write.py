@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,13 @@ from benchlib.report import (
     run_meta,
     write_results,
 )
-from benchlib.stores import SHIPPED_TEACHER, held_out_logits, teacher_bytes, tile_rows
+from benchlib.stores import (
+    SHIPPED_TEACHER,
+    held_out_logits,
+    spread_rows,
+    teacher_bytes,
+    tile_rows,
+)
 
 import logitstore
 from logitstore import EncodedRows, Encoding, encode_rows
@@ -50,6 +56,8 @@ HOST_CONFIGS: dict[str, Encoding] = {
     "sampled-64": Encoding("sampled", "count", samples=64),
     "full fp16": Encoding("full", "fp16"),
 }
+#: host configs also measured with the ids spread over larger vocabularies
+SPREAD_CONFIGS = ("topk-64 u8", "sampled-64")
 DEVICE_CONFIGS: dict[str, Encoding] = {
     "topk-64 u8": Encoding("topk", "u8", k=64),
     "sampled-64": Encoding("sampled", "count", samples=64),
@@ -122,15 +130,31 @@ def memmap_write(rows: EncodedRows, n: int, batch: int, root: Path) -> float:
     return elapsed
 
 
+def _host_cases(
+    logits: torch.Tensor, vocabs: list[int], spread_positions: int
+) -> Iterator[tuple[str, Encoding, int, EncodedRows]]:
+    """(config, encoding, vocabulary, rows): every host config at the teacher's own
+    vocabulary, then the top-k and sampled configs with the ids spread over each larger
+    vocabulary (``spread_rows``; a full row there is 2·V bytes and is left out)."""
+    teacher_vocab = logits.shape[1]
+    for name, enc in HOST_CONFIGS.items():
+        yield name, enc, teacher_vocab, encode_rows(logits, enc, 0, torch.arange(len(logits)))
+    for vocab in vocabs:
+        if vocab <= teacher_vocab:
+            continue
+        for name in SPREAD_CONFIGS:
+            enc = HOST_CONFIGS[name]
+            print(f"[host] encoding {name} at V={vocab:,}", file=sys.stderr)
+            yield name, enc, vocab, spread_rows(logits[:spread_positions], enc, vocab)
+
+
 def bench_host(args: argparse.Namespace) -> list[dict[str, Any]]:
     logits = held_out_logits(args.teacher, args.sample_positions)
-    vocab = logits.shape[1]
-    print(f"[host] {len(logits)} real positions, V={vocab}", file=sys.stderr)
+    print(f"[host] {len(logits)} real positions, V={logits.shape[1]}", file=sys.stderr)
     results = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)
-        for name, enc in HOST_CONFIGS.items():
-            rows = encode_rows(logits, enc, 0, torch.arange(len(logits)))
+        for name, enc, vocab, rows in _host_cases(logits, args.host_vocabs, args.spread_positions):
             n = args.positions if enc.kind != "full" else min(args.positions, args.full_positions)
             raw_row = sum(
                 t[0].numel() * t.element_size()
@@ -165,8 +189,8 @@ def bench_host(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             )
             print(
-                f"[host] {name}: {n / stream:,.0f} pos/s ({base / stream:.2f}x memmap), "
-                f"{r['teacher_bytes'] / n:.1f} B/pos",
+                f"[host] {name} V={vocab:,}: {n / stream:,.0f} pos/s "
+                f"({base / stream:.2f}x memmap), {r['teacher_bytes'] / n:.1f} B/pos",
                 file=sys.stderr,
             )
     return results
@@ -253,6 +277,7 @@ def write_outputs(
         *md_table(
             [
                 "config",
+                "vocab",
                 "positions",
                 "store pos/s",
                 "raw MB/s",
@@ -265,6 +290,7 @@ def write_outputs(
             [
                 [
                     r["config"],
+                    f"{r['vocab']:,}",
                     f"{r['positions']:,}",
                     f"{r['positions_per_s']:,.0f}",
                     f"{r['raw_mb_per_s']:.0f}",
@@ -278,7 +304,10 @@ def write_outputs(
             ],
         ),
         "",
-        "Rows come from the shipped teacher (V = 4096) on held-out stdlib text, tiled.",
+        "Rows come from the shipped teacher (V = 4096) on held-out stdlib text, tiled. At "
+        "larger vocabularies the same distributions have their ids spread over the whole "
+        "vocabulary (benchlib.stores.spread_rows): what changes is the id gaps and, past "
+        "65,536, uint32 ids.",
         "B/pos on disk counts the ids, values and residual arrays (input ids add 1–2 B).",
         "",
         "## (b) Device side: encode_rows beside the teacher's forward pass",
@@ -317,8 +346,8 @@ def write_outputs(
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    names = [r["config"] for r in host]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(host)))
+    names = [f"{r['config']}, V={r['vocab']:,}" for r in host]
     y = np.arange(len(names))
     ax.barh(
         y + 0.2,
@@ -364,7 +393,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     p.add_argument(
-        "--vocabs", type=int, nargs="+", default=[32768, 131072], help="device-side vocabularies"
+        "--vocabs",
+        type=int,
+        nargs="+",
+        default=[4096, 32768, 131072, 262144],
+        help="device-side vocabularies",
+    )
+    p.add_argument(
+        "--host-vocabs",
+        type=int,
+        nargs="+",
+        default=[131072, 262144],
+        help="host side: vocabularies past the teacher's to spread its ids over",
+    )
+    p.add_argument(
+        "--spread-positions",
+        type=int,
+        default=8192,
+        help="host side: real positions encoded at each larger vocabulary, tiled",
     )
     p.add_argument("--tokens", type=int, default=512, help="device side: positions per forward")
     p.add_argument("--layers", type=int, default=12, help="device side: model layers")
@@ -387,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.positions, args.full_positions, args.sample_positions = 1 << 17, 1 << 13, 1 << 13
         args.repeats, args.vocabs, args.tokens, args.layers, args.embd = 1, [32768], 128, 2, 256
+        args.host_vocabs, args.spread_positions = [131072], 1024
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "write"
     one_thread_if_quick(args.quick)

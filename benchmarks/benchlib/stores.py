@@ -44,6 +44,36 @@ def held_out_logits(teacher_dir: Path, positions: int, seq_len: int = 256) -> to
     return teacher_logits(teacher, seqs, positions)
 
 
+def spread_rows(logits: torch.Tensor, enc: Encoding, vocab: int, chunk: int = 256) -> EncodedRows:
+    """The rows a teacher with a ``vocab``-wide output layer would give for ``logits``
+    ``(N, V)``: teacher id ``j`` becomes ``j·s + (j·40503 mod s)`` with ``s = vocab // V``
+    (ascending, spread over the whole vocabulary as a large tokenizer's ids are), and the
+    ids in between get no mass. The probabilities are the real teacher's; only the ids, and
+    so their gaps and id width (uint32 past 65,536), change. Encoded ``chunk`` rows at a
+    time, so a (N, vocab) float32 matrix is never made."""
+    n, v = logits.shape
+    s = vocab // v
+    j = torch.arange(v)
+    where = j * s + (j * 40503) % s  # (V,) ascending, below vocab
+    parts = []
+    for start in range(0, n, chunk):
+        part = logits[start : start + chunk]  # (c, V)
+        # A finite floor far below every real logit: exp() gives exact zeros, not denormals.
+        big = torch.full((len(part), vocab), float(part.min()) - 1e4)
+        big[:, where] = part
+        parts.append(encode_rows(big, enc, 0, torch.arange(start, start + len(part))))
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+    return EncodedRows(
+        cat([p.gaps for p in parts]),
+        torch.cat([p.values for p in parts]),
+        cat([p.residual for p in parts]),
+        torch.cat([p.bad for p in parts]),
+    )
+
+
 def tile_rows(rows: EncodedRows, start: int, n: int) -> EncodedRows:
     """Rows ``[start, start + n)`` of the endlessly repeated ``rows``."""
     size = len(rows.values)
