@@ -8,6 +8,7 @@ never acts on metadata it does not understand.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
@@ -52,7 +53,44 @@ VALUE_DTYPES: dict[str, str] = {
     "u4": "uint8",
 }
 #: Square-root bins of each ``uN`` kind: codes 1..2**N - 1 (0 means exactly zero).
+_ITEMSIZE = {"float32": 4, "float16": 2, "uint16": 2, "uint8": 1, "uint32": 4}
 SQRT_BINS: dict[str, int] = {f"u{b}": (1 << b) - 1 for b in (8, 7, 6, 5, 4)}
+
+#: Bounds a reader checks before it sizes anything by the metadata (FORMAT.md §3): the
+#: largest vocabulary ids can address, the most positions, shards and inner chunks per
+#: shard, and the largest decoded chunk.
+MAX_VOCAB = 1 << 32
+MAX_POSITIONS = 1 << 48
+MAX_SHARDS = 1 << 24
+MAX_CHUNKS_PER_SHARD = 1 << 16
+MAX_CHUNK_BYTES = 1 << 28
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _typed(d: Any, key: str, kinds: tuple[type, ...], what: str, *, optional: bool = False) -> Any:
+    """``d[key]``, refused unless it is one of ``kinds`` (``None`` too when ``optional``)."""
+    if not isinstance(d, dict):
+        raise FormatError(f"invalid logitstore metadata: expected an object, found {d!r:.80}")
+    if key not in d:
+        if optional:
+            return None
+        raise FormatError(f"invalid logitstore metadata: the key {key!r} is missing")
+    value = d[key]
+    if value is None and optional:
+        return None
+    if kinds == (object,):
+        return value
+    ok = _is_int(value) if kinds == (int,) else isinstance(value, kinds)
+    ok = ok and not isinstance(value, bool)
+    if not ok:
+        raise FormatError(
+            f"invalid logitstore metadata: {key!r} must be {what}"
+            f"{' or null' if optional else ''}, found {value!r:.80}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -152,16 +190,13 @@ class Encoding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Encoding:
-        try:
-            return cls(
-                kind=d["kind"],
-                values=d["values"],
-                temperature=float(d["temperature"]),
-                k=d.get("k"),
-                samples=d.get("samples"),
-            )
-        except (KeyError, TypeError) as e:
-            raise FormatError(f"malformed encoding metadata {d!r}: {e}") from None
+        return cls(
+            kind=_typed(d, "kind", (str,), "a string"),
+            values=_typed(d, "values", (str,), "a string"),
+            temperature=float(_typed(d, "temperature", (int, float), "a number")),
+            k=_typed(d, "k", (int,), "an integer", optional=True),
+            samples=_typed(d, "samples", (int,), "an integer", optional=True),
+        )
 
 
 @dataclass(frozen=True)
@@ -183,6 +218,15 @@ class Layout:
     vector_chunk_positions: int
 
     def __post_init__(self) -> None:
+        for key in ("chunk_positions", "shard_positions", "width", "vector_chunk_positions"):
+            if not _is_int(getattr(self, key)):
+                raise FormatError(f"layout {key} must be an integer, found {getattr(self, key)!r}")
+        if self.value_dtype not in ("float32", "float16", "uint16", "uint8"):
+            raise FormatError(
+                f"layout value_dtype {self.value_dtype!r} is not float32, float16, uint16 or uint8"
+            )
+        if not 0 <= self.width <= MAX_VOCAB:
+            raise FormatError(f"layout width {self.width} is outside [0, {MAX_VOCAB}]")
         if (
             self.chunk_positions < 1
             or self.shard_positions < self.chunk_positions
@@ -199,16 +243,30 @@ class Layout:
             )
         if self.id_dtype not in ("uint16", "uint32"):
             raise FormatError(f"id_dtype must be uint16 or uint32, found {self.id_dtype!r}")
+        row = max(self.width * max(_ITEMSIZE[self.value_dtype], _ITEMSIZE[self.id_dtype]), 4)
+        if self.chunk_positions * row > MAX_CHUNK_BYTES or self.vector_chunk_positions * 4 > (
+            MAX_CHUNK_BYTES
+        ):
+            raise FormatError(
+                f"a chunk of {self.chunk_positions} positions of width {self.width} (or of "
+                f"{self.vector_chunk_positions} vector positions) exceeds {MAX_CHUNK_BYTES >> 20} "
+                "MiB decoded; use smaller --chunk-positions"
+            )
+        per = self.shard_positions // min(self.chunk_positions, self.vector_chunk_positions)
+        if per > MAX_CHUNKS_PER_SHARD:
+            raise FormatError(
+                f"a shard of {self.shard_positions} positions holds {per} chunks; at most "
+                f"{MAX_CHUNKS_PER_SHARD} are allowed: use smaller --shard-positions"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Layout:
-        try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
-        except (KeyError, TypeError) as e:
-            raise FormatError(f"malformed layout metadata {d!r}: {e}") from None
+        for key in ("id_dtype", "value_dtype"):
+            _typed(d, key, (str,), "a string")
+        return cls(**{k: _typed(d, k, (object,), "present") for k in cls.__dataclass_fields__})
 
     @staticmethod
     def choose(
@@ -306,42 +364,55 @@ class StoreMetadata:
                 "not a logitstore store: the group has no 'logitstore' attribute with "
                 "format='logitstore'"
             )
-        version = str(d.get("format_version", ""))
-        major = version.split(".")[0]
-        if major != FORMAT_VERSION.split(".")[0]:
+        version = _typed(d, "format_version", (str,), 'a string like "1.1"')
+        parts = version.split(".")
+        if len(parts) != 2 or not all(p.isdigit() and p.isascii() for p in parts):
+            raise FormatError(f"format_version {version!r:.40} is not MAJOR.MINOR")
+        if parts[0] != FORMAT_VERSION.split(".")[0]:
             raise UnsupportedVersionError(
                 f"store format version {version!r} is not supported: this logitstore reads "
                 f"version {FORMAT_VERSION.split('.')[0]}.x; upgrade logitstore to read it"
             )
-        unknown = set(d.get("extensions", [])) - _EXTENSIONS_UNDERSTOOD
+        extensions = _typed(d, "extensions", (list,), "a list of strings", optional=True) or []
+        if not all(isinstance(e, str) for e in extensions) or len(set(extensions)) != len(
+            extensions
+        ):
+            raise FormatError(f"extensions {extensions!r:.80} is not a list of distinct strings")
+        unknown = set(extensions) - _EXTENSIONS_UNDERSTOOD
         if unknown:
             raise UnsupportedVersionError(
                 f"store requires extensions {sorted(unknown)} that this logitstore does not "
                 "implement; upgrade logitstore to read it"
             )
+
+        def obj(key: str, optional: bool = True) -> dict[str, Any] | None:
+            value: dict[str, Any] | None = _typed(d, key, (dict,), "an object", optional=optional)
+            return value
+
         try:
             md = cls(
-                encoding=Encoding.from_dict(d["encoding"]),
-                layout=Layout.from_dict(d["layout"]),
-                vocab_size=int(d["vocab_size"]),
-                num_positions=int(d["num_positions"]),
-                num_sequences=int(d["num_sequences"]),
-                seq_len=None if d.get("seq_len") is None else int(d["seq_len"]),
-                seed=int(d["seed"]),
-                identity=str(d["identity"]),
-                teacher=dict(d.get("teacher") or {}),
-                tokenizer=None if d.get("tokenizer") is None else dict(d["tokenizer"]),
-                tool=dict(d.get("tool") or {}),
-                created_at=str(d.get("created_at", "")),
-                state=d["state"],
+                encoding=Encoding.from_dict(obj("encoding", False) or {}),
+                layout=Layout.from_dict(obj("layout", False) or {}),
+                vocab_size=_typed(d, "vocab_size", (int,), "an integer"),
+                num_positions=_typed(d, "num_positions", (int,), "an integer"),
+                num_sequences=_typed(d, "num_sequences", (int,), "an integer"),
+                seq_len=_typed(d, "seq_len", (int,), "an integer", optional=True),
+                seed=_typed(d, "seed", (int,), "an integer"),
+                identity=_typed(d, "identity", (str,), "a string"),
+                teacher=dict(obj("teacher") or {}),
+                tokenizer=obj("tokenizer"),
+                tool=dict(obj("tool") or {}),
+                created_at=_typed(d, "created_at", (str,), "a string", optional=True) or "",
+                state=_typed(d, "state", (str,), "a string"),
                 format_version=version,
-                extensions=tuple(d.get("extensions", [])),
-                generation=None if d.get("generation") is None else dict(d["generation"]),
+                extensions=tuple(extensions),
+                generation=obj("generation"),
             )
+        except FormatError as e:
+            raise FormatError(str(e)) from None
         except LogitStoreError as e:
             raise FormatError(f"invalid logitstore metadata: {e}") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"invalid logitstore metadata: missing or malformed {e}") from None
+        _check_ranges(md)
         if (md.encoding.kind == "none") != (TOKENS_ONLY_EXTENSION in md.extensions):
             raise FormatError(
                 f"encoding kind {md.encoding.kind!r} and extensions {list(md.extensions)} "
@@ -362,3 +433,30 @@ class StoreMetadata:
                 f"({md.encoding.width(md.vocab_size)} for vocab {md.vocab_size})"
             )
         return md
+
+
+def _check_ranges(md: StoreMetadata) -> None:
+    """Numbers that must agree with each other before anything is sized by them (FORMAT.md §3)."""
+    v, n, s = md.vocab_size, md.num_positions, md.num_sequences
+
+    def bad(what: str) -> FormatError:
+        return FormatError(f"invalid logitstore metadata: {what}")
+
+    if not 1 <= v <= MAX_VOCAB:
+        raise bad(f"vocab_size {v} is outside [1, {MAX_VOCAB}]")
+    if not 0 <= n <= MAX_POSITIONS:
+        raise bad(f"num_positions {n} is outside [0, {MAX_POSITIONS}]")
+    if not (0 <= s <= n and (s == 0) == (n == 0)):
+        raise bad(
+            f"num_sequences {s} does not fit num_positions {n}: every sequence holds at least "
+            "one position"
+        )
+    if md.seq_len is not None and md.seq_len < 1:
+        raise bad(f"seq_len {md.seq_len} must be at least 1")
+    if not 0 <= md.seed < 1 << 64:
+        raise bad(f"seed {md.seed} is outside [0, 2**64)")
+    if md.num_shards > MAX_SHARDS:
+        raise bad(f"{md.num_shards} shards; at most {MAX_SHARDS} are allowed")
+    enc = md.encoding
+    if enc.kind == "topk" and enc.k is not None and enc.k > v:
+        raise bad(f"k = {enc.k} exceeds vocab_size {v}")

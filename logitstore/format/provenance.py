@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "chat_template_text",
     "finish_reason",
+    "identity_digest",
+    "identity_settings",
     "prompt_string",
     "prompts_digest",
     "tokenizer_identity",
@@ -74,3 +78,43 @@ def finish_reason(completion: Sequence[int], generation: dict[str, Any]) -> str:
     if len(completion) < int(generation["max_new_tokens"]):
         return "stop"
     return "length"
+
+
+def identity_settings(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The settings object hashed first into a store's ``identity`` (FORMAT.md §3), taken
+    from the ``logitstore`` attribute as stored (``metadata``: its JSON object)."""
+    tokenizer = metadata.get("tokenizer")
+    settings = {
+        "format_version": metadata["format_version"],
+        "encoding": metadata["encoding"],
+        "layout": metadata["layout"],
+        "vocab_size": metadata["vocab_size"],
+        "seq_len": metadata["seq_len"],
+        "seed": metadata["seed"],
+        "teacher": metadata["teacher"],
+        "tokenizer": None if tokenizer is None else tokenizer.get("vocab_hash"),
+        "tool_version": (metadata.get("tool") or {}).get("version"),
+    }
+    if metadata.get("generation") is not None:
+        settings["generation"] = metadata["generation"]
+    return settings
+
+
+def identity_digest(
+    settings: dict[str, Any],
+    input_ids: Iterable[np.ndarray],
+    offsets: np.ndarray,
+    loss_mask: Iterable[np.ndarray] | None,
+) -> str:
+    """``identity`` (FORMAT.md §3): SHA-256 over the canonical JSON of ``settings`` (sorted
+    keys, no spaces, ASCII with ``\\uXXXX`` escapes, floats as Python's shortest
+    round-trip repr), then the input ids and offsets as little-endian int64, then the loss
+    mask as uint8 when the store has one. Ids and mask may come in pieces, in order."""
+    h = hashlib.sha256()
+    h.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
+    for part in input_ids:
+        h.update(np.ascontiguousarray(part, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    for part in loss_mask or ():
+        h.update(np.ascontiguousarray(part, dtype=np.uint8).tobytes())
+    return "sha256:" + h.hexdigest()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CorruptStoreError, FormatError, IncompleteStoreError
+from ..errors import CorruptStoreError, IncompleteStoreError
 from ..format.metadata import StoreMetadata
 from ..format.schema import (
     COMMITS,
@@ -16,12 +16,12 @@ from ..format.schema import (
     LOSS_MASK,
     OFFSETS,
     TOKENIZER,
-    Column,
     StoredRows,
     columns,
     rows_from_columns,
 )
 from ..format.storage import maybe_array, open_group, read_all, read_metadata, shard_file
+from ..format.validate import check_arrays, check_shard_index, inner_chunks, read_offsets
 from .store import StoreBase, check_range
 
 if TYPE_CHECKING:
@@ -43,6 +43,11 @@ class LogitStore(StoreBase):
         self._group = open_group(self.path)
         self.metadata: StoreMetadata = read_metadata(self._group)
         md = self.metadata
+        # Every array's own metadata is checked against the store's before anything is read
+        # or sized by it (FORMAT.md §4); the offsets are checked as they are read.
+        checked = check_arrays(md, lambda name: maybe_array(self._group, name))
+        self._arrays: dict[str, Any] = {c.name: checked[c.name] for c in columns(md)}
+        self._commits = checked[COMMITS]
         self._committed: np.ndarray | None = None
         if md.state != "complete":
             commits = self.committed()
@@ -54,14 +59,7 @@ class LogitStore(StoreBase):
                     "open with allow_incomplete=True to read the committed shards"
                 )
             self._committed = commits
-        self._arrays: dict[str, Any] = {c.name: self._checked_array(c) for c in columns(md)}
-        self.offsets: np.ndarray = read_all(self._group, OFFSETS).astype(np.int64)
-        if len(self.offsets) != md.num_sequences + 1 or self.offsets[-1] != md.num_positions:
-            raise CorruptStoreError(
-                f"offsets array has {len(self.offsets)} entries ending at "
-                f"{int(self.offsets[-1]) if len(self.offsets) else None}; expected "
-                f"{md.num_sequences + 1} ending at {md.num_positions}"
-            )
+        self.offsets: np.ndarray = read_offsets(checked[OFFSETS], md, str(self.path))
         self._present: set[int] = set()  # shards whose files were seen
 
     def committed(self) -> np.ndarray:
@@ -89,19 +87,6 @@ class LogitStore(StoreBase):
         """Per-position arrays ``names`` (default: all of the store's) at ``[start, stop)``,
         as stored. Raises: as :meth:`read`."""
         return self._read_arrays(start, stop, tuple(self._arrays) if names is None else names)[2]
-
-    def _checked_array(self, col: Column) -> Any:
-        """The zarr array of ``col``, checked against the shape and dtype the metadata implies."""
-        name, shape, dtype = col.name, col.shape(self.metadata.num_positions), col.dtype
-        arr = maybe_array(self._group, name)
-        if arr is None:
-            raise FormatError(f"store {str(self.path)!r} lacks the required array {name!r}")
-        if tuple(arr.shape) != shape or np.dtype(arr.dtype) != np.dtype(dtype):
-            raise FormatError(
-                f"array {name!r} has shape {tuple(arr.shape)} and dtype {arr.dtype}; the "
-                f"metadata requires shape {shape} and dtype {dtype}"
-            )
-        return arr
 
     # -- sizes -----------------------------------------------------------------------------
 
@@ -164,20 +149,47 @@ class LogitStore(StoreBase):
             raise CorruptStoreError(f"the stored tokenizer is unreadable: {e}") from None
 
     def _check_present(self, start: int, stop: int) -> None:
-        # zarr reads a missing shard file as zeros; a store never lacks one (FORMAT.md §4), so
-        # a missing file is damage. Each shard is checked once per open store.
+        # zarr reads a missing shard file, or an inner chunk its index marks as not stored,
+        # as zeros; a store never lacks one (FORMAT.md §4), so either is damage. A complete
+        # store's commit record must say so too. Each shard is checked once per open store.
         sp = self.metadata.layout.shard_positions
         for s in range(start // sp, (stop - 1) // sp + 1):
             if s in self._present:
                 continue
+            s0, s1 = self.metadata.shard_range(s)
+            where = f"shard {s} (positions {s0}-{s1 - 1})"
             for name, arr in self._arrays.items():
-                if not shard_file(self.path, name, arr.ndim, s).is_file():
-                    s0, s1 = self.metadata.shard_range(s)
-                    raise CorruptStoreError(
-                        f"shard {s} (positions {s0}-{s1 - 1}) of array {name!r} is missing "
-                        f"from {str(self.path)!r}; run `logitstore verify`"
-                    )
+                self._check_shard_file(name, arr.ndim, s, f"{where} of array {name!r}")
+            if self._committed is None and self._commit_record(s) != 1:
+                raise CorruptStoreError(
+                    f"{where} of {str(self.path)!r} has no commit record, yet the store says it "
+                    "is complete; run `logitstore verify`"
+                )
             self._present.add(s)
+
+    def _check_shard_file(self, name: str, ndim: int, shard: int, where: str) -> None:
+        col = next(c for c in columns(self.metadata) if c.name == name)
+        per, used = inner_chunks(col, self.metadata, shard)
+        path = shard_file(self.path, name, ndim, shard)
+        want = 16 * per + 4
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(size - want, 0))
+                tail = f.read(want)
+        except FileNotFoundError:
+            raise CorruptStoreError(
+                f"{where} is missing from {str(self.path)!r}; run `logitstore verify`"
+            ) from None
+        except OSError as e:
+            raise CorruptStoreError(f"{where} of {str(self.path)!r} is unreadable: {e}") from None
+        check_shard_index(tail, size, per, used, f"{where} of {str(self.path)!r}")
+
+    def _commit_record(self, shard: int) -> int:
+        try:
+            return int(np.asarray(self._commits[shard : shard + 1])[0])
+        except Exception as e:  # zarr raises several types on checksum or decode failures
+            raise CorruptStoreError(f"the commit record of shard {shard} is damaged: {e}") from None
 
     def _check_committed(self, start: int, stop: int) -> None:
         assert self._committed is not None

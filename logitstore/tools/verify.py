@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import LogitStoreError
 from ..format.codec import decode_ids, decode_values
-from ..format.metadata import SQRT_BINS, StoreMetadata
+from ..format.metadata import ATTRS_KEY, SQRT_BINS, StoreMetadata
+from ..format.provenance import identity_digest, identity_settings
 from ..format.schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
+from ..format.storage import open_group
 from ..read.local import LogitStore
 
 __all__ = ["VerifyReport", "sum_tolerance", "verify"]
@@ -43,10 +46,16 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
     """
     report = VerifyReport(str(path))
     try:
-        store = LogitStore(path, allow_incomplete=True)
-    except LogitStoreError as e:
+        _verify(path, report, progress)
+    except LogitStoreError as e:  # a fault that stops the walk: reported, never raised
         report.faults.append(str(e))
-        return report
+    except OSError as e:
+        report.faults.append(f"cannot read the store: {e}")
+    return report
+
+
+def _verify(path: str | os.PathLike[str], report: VerifyReport, progress: bool) -> None:
+    store = LogitStore(path, allow_incomplete=True)
     md = store.metadata
     if md.state != "complete":
         report.faults.append(f"the store is not complete (state {md.state!r}); resume its writer")
@@ -68,7 +77,27 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
         _check_shard(store, s, s0, s1, where, report)
         report.shards += 1
         report.positions += s1 - s0
-    return report
+    if report.ok:
+        _check_identity(store, report)
+
+
+def _check_identity(store: LogitStore, report: VerifyReport) -> None:
+    """The stored ``identity`` recomputed from the metadata and the tokens (FORMAT.md §3)."""
+    raw: Any = open_group(store.path).attrs.get(ATTRS_KEY)  # the JSON object as stored
+    step, n = 1 << 22, len(store)
+    blocks = range(0, n, step)
+    ids = (store.read_tokens(a, min(a + step, n))[0] for a in blocks)
+    mask = (
+        (store.read_tokens(a, min(a + step, n))[1] for a in blocks)
+        if store.metadata.has_loss_mask
+        else None
+    )
+    found = identity_digest(identity_settings(raw), ids, store.offsets, mask)
+    if found != store.metadata.identity:
+        report.faults.append(
+            f"identity: the metadata says {store.metadata.identity[:23]}…, the metadata and "
+            f"tokens hash to {found[:23]}…: the store was changed after it was written"
+        )
 
 
 def sum_tolerance(values: str, width: int) -> float:

@@ -1,0 +1,148 @@
+"""A defensive open (issue 17, items 6–8): malformed metadata, offsets, codecs, shard
+indexes and commit records are refused on open or on read with a named error, never a
+TypeError, a silent byte-swap, a huge allocation or zeros."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+import pytest
+import zarr
+
+import logitstore
+from logitstore.cli import main
+
+GOLDEN = Path(__file__).parent / "golden" / "v1"
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Path:
+    """A copy of a golden top-k store with a loss mask: 9 positions, 2 sequences, 2 shards of
+    8 positions, 2-D inner chunks of 4 positions."""
+    return Path(shutil.copytree(GOLDEN / "topk-u8-masked.zarr", tmp_path / "s.zarr"))
+
+
+def edit_json(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def edit_meta(store: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    edit_json(store / "zarr.json", lambda d: change(d["attributes"]["logitstore"]))
+
+
+def refused(store: Path, error: type[Exception] = logitstore.FormatError) -> str:
+    """Open, verify and ``info``: a named error, a verify fault, exit status 1 or 2."""
+    with pytest.raises(error) as e:
+        logitstore.open(store)
+    report = logitstore.verify(store)  # never raises
+    assert not report.ok
+    assert main(["info", str(store)]) in (1, 2)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: m.__setitem__("extensions", "loss_mask"), "extensions"),
+        (lambda m: m.__setitem__("extensions", [["loss_mask"]]), "extensions"),
+        (lambda m: m["layout"].__setitem__("shard_positions", 8.0), "shard_positions"),
+        (lambda m: m["layout"].__setitem__("chunk_positions", True), "chunk_positions"),
+        (lambda m: m["encoding"].__setitem__("k", "4"), "'k'"),
+        (lambda m: m.__setitem__("num_sequences", 10), "num_sequences"),
+        (lambda m: m.__setitem__("vocab_size", -1), "vocab_size"),
+        (lambda m: m.__setitem__("format_version", 1.1), "format_version"),
+        (lambda m: m.__setitem__("teacher", [1]), "teacher"),
+        (lambda m: m["layout"].__setitem__("chunk_positions", 1 << 40), "chunk"),
+    ],
+)
+def test_malformed_metadata_is_refused_by_name(store: Path, change: Any, words: str) -> None:
+    edit_meta(store, change)
+    assert words in refused(store)
+
+
+def test_two_dimensional_offsets_are_refused(store: Path) -> None:
+    edit_json(store / "offsets" / "zarr.json", lambda d: d.__setitem__("shape", [3, 1]))
+    assert "'offsets'" in refused(store)
+
+
+def test_shard_size_that_disagrees_with_commits_is_refused(store: Path) -> None:
+    edit_json(store / "commits" / "zarr.json", lambda d: d.__setitem__("shape", [5]))
+    assert "'commits'" in refused(store)
+
+
+def test_big_endian_codec_is_refused(store: Path) -> None:
+    def big(d: dict[str, Any]) -> None:
+        d["codecs"][0]["configuration"]["codecs"][0]["configuration"]["endian"] = "big"
+
+    edit_json(store / "residual" / "zarr.json", big)
+    assert "endian" in refused(store)
+
+
+def _write_offsets(store: Path, values: list[int]) -> None:
+    arr = zarr.open_array(str(store / "offsets"), mode="r+")
+    arr[:] = np.asarray(values, dtype=np.int64)  # a valid checksum: only the values are wrong
+
+
+@pytest.mark.parametrize("values", [[0, 10**10, 9], [0, -(10**10), 9], [0, 0, 9], [0, 9, 9]])
+def test_bad_offsets_are_refused_on_open(store: Path, values: list[int]) -> None:
+    _write_offsets(store, values)
+    refused(store, logitstore.CorruptStoreError)
+
+
+def test_dataset_over_huge_offset_allocates_nothing(store: Path) -> None:
+    from logitstore.read.dataset import LogitDataset
+
+    _write_offsets(store, [0, 10**12, 9])
+    with pytest.raises(logitstore.CorruptStoreError, match="offsets"):
+        LogitDataset(store, seq_len=4)
+
+
+def _empty_first_chunk(path: Path, per: int) -> None:
+    data = bytearray(path.read_bytes())
+    n = 16 * per
+    index = bytearray(data[-n - 4 : -4])
+    index[0:16] = b"\xff" * 16  # chunk 0: "not stored"
+    data[-n - 4 :] = index + struct.pack("<I", crc32c.crc32c(bytes(index)))
+    path.write_bytes(bytes(data))
+
+
+def test_chunk_marked_empty_in_shard_index_is_damage(store: Path) -> None:
+    _empty_first_chunk(store / "input_ids" / "c" / "0", per=1)
+    s = logitstore.open(store)  # the index is read with the shard, not on open
+    with pytest.raises(logitstore.CorruptStoreError, match="not stored"):
+        s.read(0, 4)
+    faults = logitstore.verify(store).faults
+    assert any("shard 0 " in f and "not stored" in f for f in faults), faults
+
+
+def test_chunks_past_the_end_are_not_written_and_read_fine(store: Path) -> None:
+    # The last shard's second 2-D inner chunk (positions 12-15) lies wholly past N = 9.
+    tail = (store / "ids" / "c" / "1" / "0").read_bytes()[-36:-4]
+    assert tail[16:] == b"\xff" * 16
+    assert logitstore.open(store).read(8, 9).ids.shape == (1, 4)
+    assert logitstore.verify(store).ok
+
+
+def test_commit_record_of_zero_in_a_complete_store_is_damage(store: Path) -> None:
+    zarr.open_array(str(store / "commits"), mode="r+")[1] = 0
+    s = logitstore.open(store)
+    s.read(0, 8)
+    with pytest.raises(logitstore.CorruptStoreError, match="commit record"):
+        s.read(8, 9)
+    assert any("shard 1 " in f and "not committed" in f for f in logitstore.verify(store).faults)
+
+
+def test_identity_is_recomputed_by_verify(store: Path) -> None:
+    assert logitstore.verify(store).ok
+    edit_meta(store, lambda m: m["teacher"].__setitem__("name", "another"))
+    faults = logitstore.verify(store).faults
+    assert any("identity" in f for f in faults), faults
