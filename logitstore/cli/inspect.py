@@ -16,6 +16,10 @@ __all__ = ["add_parsers"]
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format != "jsonl":
+        from .peers import export_peer_command
+
+        return export_peer_command(args)
     from ..read import open as open_store
     from ..tools.export import export_jsonl
 
@@ -198,17 +202,51 @@ def add_parsers(sub: Any) -> None:
     """Register ``export``, ``info``, ``verify`` and ``show`` on the subparsers ``sub``."""
     e = sub.add_parser(
         "export",
-        help="write a store's text as JSON lines (prompt/completion for generated stores)",
-        description="Write one JSON object per sequence: prompt, completion, token counts "
+        help="write a store's text as JSON lines, or as an axolotl/DistillKit KD dataset",
+        description="--jsonl: one JSON object per sequence: prompt, completion, token counts "
         "and finish reason for generated stores (with --prompts, conversations with the "
-        "reply appended), the text for others.",
+        "reply appended), the text for others. --format axolotl|distillkit: a directory "
+        "with the peer's offline-KD Parquet rows (candidate ids and log-probabilities at "
+        "the store's temperature, masks, with --messages the conversations), its config "
+        "snippet, and logitstore.json; what the peer format loses (the residual) is "
+        "printed as warnings.",
         epilog=EPILOG,
     )
     e.add_argument("store", help="store directory or URL")
-    e.add_argument(
-        "--jsonl", action="store_true", required=True, help="JSON lines (the only format)"
+    fmt = e.add_mutually_exclusive_group(required=True)
+    fmt.add_argument(
+        "--jsonl",
+        dest="format",
+        action="store_const",
+        const="jsonl",
+        help="JSON lines of text (same as --format jsonl)",
     )
-    e.add_argument("--out", default=None, help="file to write (default: standard output)")
+    fmt.add_argument(
+        "--format",
+        choices=("jsonl", "axolotl", "distillkit"),
+        help="jsonl, or a peer's offline-KD dataset (Parquet + config snippet)",
+    )
+    e.add_argument(
+        "--out",
+        default=None,
+        help="file to write (default: standard output); a directory for axolotl/distillkit",
+    )
+    e.add_argument(
+        "--messages",
+        default=None,
+        metavar="PATH",
+        help="axolotl: the conversations the store was written from (as given to write), "
+        "one per sequence, exported as the `messages` column",
+    )
+    e.add_argument(
+        "--logprob-dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="axolotl/distillkit log-probabilities (default float32, what the peers write; "
+        "float64 makes an fp32 store's export -> import round trip bit-exact)",
+    )
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out DIR")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--ids", action="store_true", help="include token ids")
     e.add_argument(
         "--prompts",

@@ -1,0 +1,358 @@
+"""Import an axolotl or DistillKit offline-KD dataset (top-k ids and log-probabilities per
+position) as a store, which is then read, served, streamed and verified like any other.
+
+The rows are checked before anything is written: a missing column, lists of unequal
+length, an id outside the vocabulary, a duplicate id, a NaN or +inf or positive
+log-probability is an :class:`InputError` naming the row, the position and the column.
+Values are kept as fp32 probabilities (``exp`` of the log-probabilities). The residual is
+the exact one when the rows carry logitstore's own column (an export of ours); otherwise it
+is derived as ``1 − Σ p`` and the store's provenance says so (``teacher.imported``): the
+peers' files do not know the mass outside their top-k, and renormalised files give 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..format.metadata import Encoding, StoreMetadata
+from ..format.peers import (
+    DATA_FILE,
+    INPUT_IDS_COLUMN,
+    LOSS_MASK_COLUMN,
+    RESIDUAL_COLUMN,
+    SIDECAR,
+    SIDECAR_TOKENIZER,
+    ZERO_LOGPROB,
+    PeerSchema,
+    peer_schema,
+)
+from .encode import EncodedRows
+from .writer import StoreWriter
+
+__all__ = ["import_peer", "read_peer_rows"]
+
+#: a log-probability above this is a probability above 1 (beyond float32 rounding)
+_MAX_LOGPROB = 1e-4
+
+
+def _tables(src: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
+    """(first row, pyarrow table) of each row group of ``src``: a Parquet file, a directory
+    of them (an export holds ``data.parquet``), or a ``datasets`` ``save_to_disk`` folder."""
+    import pyarrow.parquet as pq
+
+    if src.is_dir() and (src / "state.json").exists():
+        import datasets
+
+        table = datasets.load_from_disk(str(src)).data.table
+        missing = [c for c in columns if c not in table.column_names]
+        _require_columns(src, missing, table.column_names)
+        yield 0, table.select([c for c in columns if c in table.column_names])
+        return
+    files = sorted(src.glob("*.parquet")) if src.is_dir() else [src]
+    if not files or not all(f.is_file() for f in files):
+        raise InputError(
+            f"{str(src)!r}: expected a .parquet file, a directory of them (an export holds "
+            f"{DATA_FILE}) or a saved Hugging Face dataset"
+        )
+    row = 0
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise InputError(f"{str(f)!r} is not a readable Parquet file: {e}") from None
+        names = pf.schema_arrow.names
+        _require_columns(f, [c for c in columns if c not in names], names)
+        for g in range(pf.num_row_groups):
+            table = pf.read_row_group(g, columns=[c for c in columns if c in names])
+            yield row, table
+            row += table.num_rows
+
+
+_OPTIONAL = {RESIDUAL_COLUMN, LOSS_MASK_COLUMN}
+
+
+def _require_columns(where: Path, missing: list[str], found: list[str]) -> None:
+    missing = [c for c in missing if c not in _OPTIONAL]
+    if missing:
+        raise InputError(
+            f"{str(where)!r}: column(s) {', '.join(repr(c) for c in missing)} missing; found "
+            f"{', '.join(repr(c) for c in found) or 'none'}. Check --format (the axolotl "
+            "layout has input_ids, target_token_ids, logprobs; DistillKit's input_ids, "
+            "token_ids, top_values, labels); files with only `messages` must be tokenised "
+            "first (axolotl does it at training time)"
+        )
+
+
+def _column(table: Any, name: str) -> list[Any] | None:
+    return table.column(name).to_pylist() if name in table.column_names else None
+
+
+def read_peer_rows(
+    src: Path, schema: PeerSchema, vocab_size: int, zero_logprob: float = ZERO_LOGPROB
+) -> Iterator[dict[str, Any]]:
+    """Each row (sequence) of ``src`` checked and decoded: ``input_ids`` ``(n,)``, ``ids`` and
+    ``probs`` ``(n, m)`` (padding slots id 0, probability 0), ``residual`` ``(n,)`` or None,
+    ``mask`` ``(n,)`` bool or None.
+
+    Raises:
+        InputError: naming the row, position and column at fault.
+    """
+    cols = [*schema.required, RESIDUAL_COLUMN, LOSS_MASK_COLUMN]
+    if schema.labels is not None:
+        cols.append(schema.labels)
+    for first, table in _tables(src, cols):
+        data = {c: _column(table, c) for c in cols}
+        for i in range(table.num_rows):
+            yield _check_row(
+                first + i,
+                {c: (v[i] if v is not None else None) for c, v in data.items()},
+                schema,
+                vocab_size,
+                zero_logprob,
+            )
+
+
+def _check_row(
+    r: int, row: dict[str, Any], schema: PeerSchema, vocab: int, zero: float
+) -> dict[str, Any]:
+    def fail(column: str, what: str) -> InputError:
+        return InputError(f"row {r}, column {column!r}: {what}")
+
+    tokens, ids, logps = row[INPUT_IDS_COLUMN], row[schema.ids], row[schema.logprobs]
+    for name, v in ((INPUT_IDS_COLUMN, tokens), (schema.ids, ids), (schema.logprobs, logps)):
+        if v is None:
+            raise fail(name, "is null; expected a list per sequence")
+    n = len(ids)
+    if len(logps) != n:
+        raise fail(
+            schema.logprobs,
+            f"has {len(logps)} position(s) but {schema.ids!r} has {n}: the lists must be parallel",
+        )
+    if not n:
+        raise fail(schema.ids, "is empty: a sequence needs at least one position")
+    if len(tokens) < n:
+        raise fail(
+            schema.ids,
+            f"has {n} positions but {INPUT_IDS_COLUMN!r} only {len(tokens)} tokens: row j "
+            "is the distribution after token j, so there cannot be more rows than tokens",
+        )
+    m = max((len(x) for x in ids if x is not None), default=0)
+    out_ids = np.zeros((n, m), dtype=np.int64)
+    out_lp = np.full((n, m), zero, dtype=np.float64)
+    for t in range(n):
+        a, b = ids[t], logps[t]
+        if a is None or b is None or len(a) != len(b):
+            la = "null" if a is None else len(a)
+            lb = "null" if b is None else len(b)
+            raise fail(
+                schema.logprobs,
+                f"position {t} has {lb} value(s) for {la} id(s) in {schema.ids!r}: ragged row",
+            )
+        if not a:
+            raise fail(schema.ids, f"position {t} has no candidates")
+        try:
+            out_ids[t, : len(a)] = a
+            out_lp[t, : len(b)] = [np.nan if x is None else x for x in b]
+        except (TypeError, ValueError, OverflowError):
+            raise fail(schema.ids, f"position {t} holds values that are not numbers") from None
+    bad = (out_ids < 0) | (out_ids >= vocab)
+    if bad.any():
+        t, j = map(int, np.argwhere(bad)[0])
+        raise fail(
+            schema.ids,
+            f"position {t}, candidate {j}: id {int(out_ids[t, j])} is outside the vocabulary "
+            f"[0, {vocab}); pass the teacher's --vocab-size",
+        )
+    nonfinite = np.isnan(out_lp) | (out_lp == np.inf) | (out_lp > _MAX_LOGPROB)
+    if nonfinite.any():
+        t, j = map(int, np.argwhere(nonfinite)[0])
+        raise fail(
+            schema.logprobs,
+            f"position {t}, candidate {j}: log-probability {out_lp[t, j]} is not a finite "
+            "number <= 0 (a probability in [0, 1]); -inf stands for probability 0",
+        )
+    probs = np.where(out_lp == zero, 0.0, np.exp(out_lp)).astype(np.float32)
+    # duplicate candidates (among non-zero ones) would be stored twice
+    live_ids = np.where(probs > 0, out_ids, -1 - np.arange(m))  # empty slots never collide
+    srt = np.sort(live_ids, axis=1)
+    dup = srt[:, 1:] == srt[:, :-1]
+    if dup.any():
+        t = int(np.argwhere(dup)[0][0])
+        raise fail(schema.ids, f"position {t}: id {int(srt[t][1:][dup[t]][0])} appears twice")
+    total = probs.sum(axis=1, dtype=np.float64)
+    if (total > 1.001).any():
+        t = int(np.argmax(total))
+        raise fail(
+            schema.logprobs,
+            f"position {t}: the probabilities sum to {total[t]:.4f} > 1; expected "
+            "log-probabilities of one distribution",
+        )
+    res = row.get(RESIDUAL_COLUMN)
+    mask = row.get(LOSS_MASK_COLUMN)
+    labels = row.get(schema.labels) if schema.labels is not None else None
+    out_mask = None
+    if mask is not None:
+        out_mask = np.asarray(mask[:n], dtype=bool)
+    elif labels is not None:
+        out_mask = np.asarray(labels[:n], dtype=np.int64) >= 0
+    if out_mask is not None and len(out_mask) != n:
+        raise fail(schema.labels or LOSS_MASK_COLUMN, f"has {len(out_mask)} entries for {n}")
+    out_res = None if res is None else np.asarray(res, dtype=np.float32)
+    if out_res is not None and len(out_res) != n:
+        raise fail(RESIDUAL_COLUMN, f"has {len(out_res)} entries for {n} positions")
+    out_ids = np.where(probs > 0, out_ids, 0)
+    lead = len(tokens) - n
+    if schema.name == "distillkit" or not lead:
+        # DistillKit (vLLM) rows stop before the last token: cut the tokens, as its
+        # _truncate_row does
+        return {
+            "input_ids": np.asarray(tokens[:n], dtype=np.int64),
+            "ids": out_ids,
+            "probs": probs,
+            "residual": out_res,
+            "mask": out_mask,
+        }
+    # axolotl aligns the rows with the last tokens; the first `lead` positions have no
+    # distribution: stored empty (residual 1) and masked
+    head = np.zeros(lead, dtype=bool)
+    return {
+        "input_ids": np.asarray(tokens, dtype=np.int64),
+        "ids": np.concatenate([np.zeros((lead, m), np.int64), out_ids]),
+        "probs": np.concatenate([np.zeros((lead, m), np.float32), probs]),
+        "residual": None
+        if out_res is None
+        else np.concatenate([np.ones(lead, np.float32), out_res]),
+        "mask": np.concatenate([head, np.ones(n, bool) if out_mask is None else out_mask]),
+    }
+
+
+def _encode(ids: np.ndarray, probs: np.ndarray, residual: np.ndarray, vocab: int) -> EncodedRows:
+    """Rows ``(n, m)`` → stored top-k rows: ids ascending as gaps, padding last (FORMAT.md §5)."""
+    valid = probs > 0
+    key = np.where(valid, ids, ids + vocab)  # padding sorts after every real id
+    order = np.argsort(key, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, axis=1)
+    p = np.take_along_axis(probs, order, axis=1)
+    valid = np.take_along_axis(valid, order, axis=1)
+    gaps = np.empty_like(ids)
+    gaps[:, :1] = ids[:, :1]
+    gaps[:, 1:] = ids[:, 1:] - ids[:, :-1]
+    gaps = np.where(valid, gaps, 0)
+    g = torch.from_numpy(
+        gaps.astype(np.uint16).view(np.int16) if vocab <= 65536 else gaps.astype(np.int32)
+    )
+    return EncodedRows(
+        g,
+        torch.from_numpy(p.astype(np.float32)),
+        torch.from_numpy(residual.astype(np.float32)),
+        torch.zeros(len(ids), dtype=torch.bool),
+    )
+
+
+def import_peer(
+    src: str | os.PathLike[str],
+    fmt: str,
+    out: str | os.PathLike[str],
+    *,
+    vocab_size: int | None = None,
+    temperature: float | None = None,
+    teacher: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> StoreMetadata:
+    """Write the ``fmt`` dataset at ``src`` as a store at ``out`` (top-k, fp32 values).
+
+    ``vocab_size`` and ``temperature`` default to what an export's ``logitstore.json``
+    says; a peer's own files need ``vocab_size`` (ids are checked against it) and have
+    temperature 1 unless told. The tokenizer of an export comes along.
+
+    Raises:
+        InputError: a bad row (row, position and column named), or no vocabulary size.
+        StoreExistsError: a complete store is at ``out`` (pass ``overwrite``).
+    """
+    schema = peer_schema(fmt)
+    src = Path(src)
+    if not src.exists():
+        raise InputError(f"{str(src)!r} does not exist")
+    base = src if src.is_dir() else src.parent
+    side: dict[str, Any] = {}
+    if (base / SIDECAR).exists():
+        side = json.loads((base / SIDECAR).read_text())
+    vocab = vocab_size if vocab_size is not None else side.get("vocab_size")
+    if vocab is None:
+        raise InputError(
+            f"the vocabulary size of {str(src)!r} is unknown: pass --vocab-size (the teacher's "
+            "vocabulary; DistillKit's compressor config calls it d)"
+        )
+    T = float(temperature if temperature is not None else side.get("temperature", 1.0))
+    zero = float(side.get("zero_logprob", ZERO_LOGPROB))
+    # pass 1: check every row, collect the tokens (the writer needs them up front)
+    tokens, lengths, masks, width, exact = [], [], [], 1, True
+    for row in read_peer_rows(src, schema, int(vocab), zero):
+        tokens.append(row["input_ids"])
+        lengths.append(len(row["input_ids"]))
+        masks.append(row["mask"])
+        width = max(width, row["ids"].shape[1])
+        exact = exact and row["residual"] is not None
+    if not tokens:
+        raise InputError(f"{str(src)!r} holds no rows")
+    has_mask = any(m is not None for m in masks)
+    loss_mask = (
+        np.concatenate(
+            [np.ones(n, bool) if m is None else m for m, n in zip(masks, lengths, strict=True)]
+        )
+        if has_mask
+        else None
+    )
+    imported = {
+        "format": schema.name,
+        "source": str(src.resolve()),
+        "residual": "exact (the export's logitstore_residual column)"
+        if exact
+        else "derived as 1 - sum of the imported top-k probabilities: INEXACT (the peer "
+        "format does not keep the mass outside its top-k; renormalised files give 0)",
+    }
+    prov = dict(side.get("teacher") or {})
+    if teacher is not None or not prov:
+        prov["name"] = teacher or f"unknown ({schema.name} import)"
+    prov["imported"] = imported
+    tok_json = base / SIDECAR_TOKENIZER if side else None
+    encoding = Encoding("topk", "fp32", temperature=T, k=width)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    with StoreWriter(
+        out,
+        encoding=encoding,
+        vocab_size=int(vocab),
+        input_ids=np.concatenate(tokens),
+        offsets=offsets,
+        teacher=prov,
+        tokenizer=side.get("tokenizer"),
+        tokenizer_json=tok_json.read_bytes() if tok_json and tok_json.exists() else None,
+        loss_mask=loss_mask,
+        overwrite=overwrite,
+    ) as w:
+        pos = 0
+        bar = tqdm(total=int(offsets[-1]), unit="pos", desc=f"import {fmt}", disable=not progress)
+        for row in read_peer_rows(src, schema, int(vocab), zero):
+            n, m = row["ids"].shape
+            ids = np.zeros((n, width), dtype=np.int64)
+            probs = np.zeros((n, width), dtype=np.float32)
+            ids[:, :m], probs[:, :m] = row["ids"], row["probs"]
+            res = row["residual"]
+            if res is None:
+                res = np.clip(1.0 - probs.sum(axis=1, dtype=np.float64), 0.0, 1.0)
+            w.write(pos, _encode(ids, probs, np.asarray(res, dtype=np.float32), int(vocab)))
+            pos += n
+            bar.update(n)
+        bar.close()
+    return w.metadata
