@@ -1,7 +1,9 @@
 """What a server serves: :class:`ServerConfig`, the one schema of a server's settings.
 
 ``logitstore serve`` builds it from its arguments (:meth:`ServerConfig.from_cli`), and it
-reaches uvicorn's worker processes as JSON in the environment variable :data:`CONFIG_ENV`.
+reaches uvicorn's worker processes as JSON in the environment variable :data:`CONFIG_ENV` —
+without the tokens: a process's environment is readable in ``/proc/PID/environ`` and is
+inherited by every child, so the JSON names the token file, which each worker reads.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ class ServerConfig:
         tokens: the bearer tokens a request may carry; none: requests need no token.
         max_positions: most positions one request may ask for (413 ``range_too_large`` above).
         block_positions: rows per streamed block; a stream holds about two blocks in memory.
+        token_file: where ``tokens`` were read from; worker processes read them there again.
     """
 
     stores: dict[str, str]
     tokens: tuple[str, ...] = ()
     max_positions: int = 1 << 24
     block_positions: int = 1 << 14
+    token_file: str | None = None
 
     def __post_init__(self) -> None:
         for option in ("max_positions", "block_positions"):
@@ -85,13 +89,21 @@ class ServerConfig:
                 )
             named[resolved.name] = str(resolved)
         tokens = _read_tokens(token_file) if token_file else ()
-        return cls(named, tokens, max_positions, block_positions)
+        resolved_file = str(Path(token_file).resolve()) if token_file else None
+        return cls(named, tokens, max_positions, block_positions, resolved_file)
 
     def to_json(self) -> str:
+        """The config as JSON for worker processes: never the tokens themselves, only the
+        file they are read from (a config with tokens but no file cannot be handed over)."""
+        if self.tokens and not self.token_file:
+            raise logitstore.LogitStoreError(
+                "a server with tokens hands them to its workers through --token-file; "
+                "build the config with ServerConfig.from_cli(token_file=...)"
+            )
         return json.dumps(
             {
                 "stores": self.stores,
-                "tokens": list(self.tokens),
+                "token_file": self.token_file,
                 "max_positions": self.max_positions,
                 "block_positions": self.block_positions,
             }
@@ -100,11 +112,13 @@ class ServerConfig:
     @classmethod
     def from_json(cls, text: str) -> ServerConfig:
         d = json.loads(text)
+        token_file = d.get("token_file")
         return cls(
             stores=d["stores"],
-            tokens=tuple(d.get("tokens", ())),
+            tokens=_read_tokens(token_file) if token_file else (),
             max_positions=d.get("max_positions", cls.max_positions),
             block_positions=d.get("block_positions", cls.block_positions),
+            token_file=token_file,
         )
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from contextvars import ContextVar
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "Observe", "get_metrics", "router"]
+__all__ = ["Metrics", "Observe", "get_metrics", "mark_failed", "router"]
 
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 
@@ -81,21 +81,54 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class Observe(BaseHTTPMiddleware):
+#: the outcome of the request this task serves: ``[status]``, set by :class:`Observe`
+_outcome: ContextVar[list[int] | None] = ContextVar("logitstore_outcome", default=None)
+
+
+def mark_failed(status: int = 500) -> None:
+    """Count the current request as ``status``: a streamed body that failed after its
+    headers (a 200) went out calls this, so ``/metrics`` shows the failure."""
+    box = _outcome.get()
+    if box is not None:
+        box[0] = status
+
+
+class Observe:
     """Times and counts every request under its route's template (``/v1/stores/{name}``),
-    never its path: paths are the client's to choose and must not mint new series."""
+    never its path: paths are the client's to choose and must not mint new series.
+
+    A request is counted when its response ends, with the status it ended with (see
+    :func:`mark_failed`); its latency is the time to the response's headers."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        super().__init__(app)
+        self.app = app
         self.metrics = metrics
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         t0 = time.perf_counter()
-        response = await call_next(request)
-        template = getattr(request.scope.get("route"), "path", "unmatched")
-        size = int(response.headers.get("content-length", 0))
-        self.metrics.observe(template, response.status_code, size, time.perf_counter() - t0)
-        return response
+        box = [500]  # an app that never answers failed
+        seen: dict[str, float] = {}
+        token = _outcome.set(box)
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                box[0] = int(message["status"])
+                seen["latency"] = time.perf_counter() - t0
+                for k, v in message.get("headers", ()):
+                    if k.lower() == b"content-length":
+                        seen["size"] = int(v)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            _outcome.reset(token)
+            template = getattr(scope.get("route"), "path", "unmatched")
+            latency = seen.get("latency", time.perf_counter() - t0)
+            self.metrics.observe(template, box[0], int(seen.get("size", 0)), latency)
 
 
 async def get_metrics(request: Request) -> Metrics:

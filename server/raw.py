@@ -112,11 +112,17 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    # At most 19 digits a side (< 2**63): a longer number is no file offset, and int() of
+    # thousands of digits is refused by Python (or is slow) rather than parsed.
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", header)
     if m is None:
         if header.strip().startswith("bytes=") and "," in header:
             return None  # several ranges: RFC 9110 lets a server send the whole file
-        raise ApiError("bad_range_header", f"cannot parse Range header {header!r}")
+        raise ApiError(
+            "bad_range_header",
+            f"cannot parse Range header {header[:64]!r}{'…' if len(header) > 64 else ''}: "
+            "expected bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX with at most 19 digits",
+        )
     a, b = m.groups()
     if not a and not b:
         raise ApiError("bad_range_header", f"cannot parse Range header {header!r}")

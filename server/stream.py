@@ -2,23 +2,26 @@
 
 Blocks are read in a worker thread, one block ahead of the socket: the disk and the network
 work at once, and a stream holds about two blocks of memory whatever its range. When the
-client goes away (or a read fails) the read-ahead is dropped; a client that sees a stream
-without its end record asks again from its last verified block.
+client goes away the read-ahead is dropped; a client that sees a stream without its end record
+asks again from its last verified block. A store found damaged mid-stream ends the stream
+with an error record (PROTOCOL.md §2), which the client does not retry, and is counted as a
+500 in ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi.responses import StreamingResponse
 
 import logitstore
-from logitstore.format.protocol import encode_block, encode_end, encode_header
+from logitstore.format.protocol import encode_block, encode_end, encode_error, encode_header
 
 from .deps import Span
-from .metrics import Metrics
+from .metrics import Metrics, mark_failed
 
 if TYPE_CHECKING:
     from logitstore.format.schema import StoredRows
@@ -28,6 +31,7 @@ __all__ = ["MEDIA_TYPE", "stream_response"]
 MEDIA_TYPE = "application/x-logitstore-stream"
 #: streamed bytes are counted under one route label, whichever route streams them
 _BYTES_LABEL = "/v1/stores/{name}/positions"
+log = logging.getLogger("logitstore.server")
 
 
 def stream_response(span: Span, block_positions: int, metrics: Metrics) -> StreamingResponse:
@@ -60,6 +64,10 @@ async def _body(
             yield block
             a += step
         yield encode_end(stop, stop - start)
+    except logitstore.LogitStoreError as e:  # damage found mid-stream: say so, then end
+        log.warning("stream of positions [%d, %d) stopped: %s", start, stop, e)
+        mark_failed()
+        yield encode_error("store_error", str(e))
     finally:  # the client went away (or a read failed): drop the read-ahead
         if pending is not None:
             pending.cancel()

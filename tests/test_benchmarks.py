@@ -33,6 +33,7 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
         ["vs memmap, same workers", "vs CE only"],
     ),
     "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP"]),
+    "probe_server.py": (["--out", "{out}/probe"], "probe.md", ["growth / 50 MiB limit"]),
     "tradeoff.py": (
         ["--out-dir", "{out}"],
         "results/tradeoff.md",
@@ -43,6 +44,8 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
         "results/methods.md",
         ["gap closed (CE → online KD)"],
     ),
+    # the store and both exports; the peers' own loaders run only in a full run
+    "peers_check.py": (["--out", "{out}"], "results/peers.md", []),
 }
 
 

@@ -39,6 +39,7 @@ INTENDED: dict[str, type[LogitStoreError]] = {
     "bad_key": RemoteError,
     "bad_range_header": RemoteError,
     "method_not_allowed": RemoteError,
+    "headers_too_large": RemoteError,
     "store_error": CorruptStoreError,  # final, not retried: the store on disk is damaged
 }
 

@@ -6,6 +6,7 @@ the client decodes them with the same code as a local reader, so both give the s
     header = b"LGSTRM01" | u32 json_len | json           (start, stop, dtypes, identity)
     block  = b"BLK0" | u64 start | u32 n | u32 payload_len | payload | u32 crc32c(payload)
     end    = b"END0" | u64 stop | u64 positions_sent
+    error  = b"ERR0" | u32 json_len | json                (in place of a block or the end)
 
 All integers little-endian. ``payload`` is input_ids ‖ gaps ‖ values ‖ residual ‖ loss_mask
 (gaps, residual and loss_mask as present in the store) for ``n`` rows.
@@ -44,6 +45,7 @@ __all__ = [
     "StreamParser",
     "encode_block",
     "encode_end",
+    "encode_error",
     "encode_header",
 ]
 
@@ -69,6 +71,7 @@ ERROR_TYPES: dict[str, type[LogitStoreError]] = {
     "bad_key": RemoteError,
     "bad_range_header": RemoteError,
     "method_not_allowed": RemoteError,
+    "headers_too_large": RemoteError,
     "store_error": CorruptStoreError,
 }
 
@@ -105,6 +108,12 @@ def encode_block(start: int, rows: StoredRows) -> bytes:
 
 def encode_end(stop: int, sent: int) -> bytes:
     return _END.pack(b"END0", stop, sent)
+
+
+def encode_error(code: str, message: str) -> bytes:
+    """A failure after the stream's headers went out (PROTOCOL.md §2): a code of §4."""
+    body = json.dumps({"error": {"code": code, "message": message[:4096]}}).encode()
+    return b"ERR0" + struct.pack("<I", len(body)) + body
 
 
 class StreamParser:
@@ -156,6 +165,8 @@ class StreamParser:
                         f" expected {self.stop}"
                     )
                 return
+            if head == b"ERR0":
+                self._error()
             if head != b"BLK0":
                 raise ProtocolError(f"expected a block or the end record, found {head!r}")
             start, n, size = struct.unpack("<QII", self._read(16))
@@ -171,6 +182,21 @@ class StreamParser:
                 raise ProtocolError(f"block at {start}: CRC-32C mismatch (corrupted in transit)")
             yield start, self._rows(payload, n)
             self.position = start + n
+
+    def _error(self) -> None:
+        """The server failed mid-stream and said why: raise that code's error (final)."""
+        (size,) = struct.unpack("<I", self._read(4))
+        if size > 1 << 16:
+            raise ProtocolError(f"stream error record of {size} bytes is implausibly large")
+        try:
+            err = json.loads(self._read(size))["error"]
+            code, message = str(err["code"]), str(err["message"])
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ProtocolError(f"stream error record is malformed: {e}") from None
+        cls = ERROR_TYPES.get(code)
+        if cls is None:  # not a code this client knows: retried like a cut stream
+            raise ProtocolError(f"the server stopped the stream at {self.position}: {message}")
+        raise cls(f"the server stopped the stream at position {self.position} ({code}): {message}")
 
     def _rows(self, payload: bytes, n: int) -> StoredRows:
         buf = memoryview(payload)

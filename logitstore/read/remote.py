@@ -157,6 +157,7 @@ class RemoteStore(StoreBase):
             except ProtocolError as e:  # a cut or damaged stream
                 failure: Exception = e
             except LogitStoreError:  # the server's answer (StoreNotFoundError is an OSError too)
+                self._drop_connection()  # a stream's error record may leave its body unread
                 raise
             except (OSError, http.client.HTTPException) as e:  # no answer, or a 5xx without one
                 failure = e

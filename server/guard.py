@@ -1,0 +1,154 @@
+"""Limits on what a client may hold before its request is known (docs/PROTOCOL.md §4):
+the HTTP protocol the server runs, :class:`GuardedHttpTools`.
+
+uvicorn's parser keeps every header line it is sent and waits forever for the end of the
+headers, and authentication can only run after that. So, per connection, before a request's
+headers are complete:
+
+* at most :data:`MAX_HEADER_BYTES` of request line and headers: more is answered 431
+  ``headers_too_large`` and the connection closed (128 MiB of headers once cost 2 GiB);
+* at most :data:`HEADER_TIMEOUT` seconds: then the connection is closed (a connection that
+  never finishes its headers would hold a file descriptor for ever);
+* at most :data:`MAX_WAITING` such connections per process: the oldest is closed when one
+  more arrives, so half-sent requests cannot take every descriptor from new clients.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = [
+    "HEADER_TIMEOUT",
+    "MAX_HEADER_BYTES",
+    "MAX_WAITING",
+    "PROTOCOL",
+    "GuardedHttpTools",
+    "raise_fd_limit",
+]
+
+MAX_HEADER_BYTES = 64 * 1024
+HEADER_TIMEOUT = 10.0
+MAX_WAITING = 256
+#: what uvicorn's ``http`` setting names (an import string reaches worker processes)
+PROTOCOL = "logitstore_server.guard:GuardedHttpTools"
+
+#: connections of this process still waiting for a request's headers, oldest first
+_waiting: OrderedDict[GuardedHttpTools, float] = OrderedDict()
+
+
+class _TooLarge(Exception):
+    """Stops the parser inside a callback; the 431 has been sent."""
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_bytes = 0
+        self._header_timer: Any = None
+        self._refused = False
+
+    # -- waiting for headers ----------------------------------------------------------------
+
+    def _await_headers(self) -> None:
+        self._header_bytes = 0
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._header_timeout)
+        _waiting[self] = time.monotonic()
+        while len(_waiting) > MAX_WAITING:
+            oldest = next(iter(_waiting))
+            oldest._drop()
+
+    def _headers_done(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        _waiting.pop(self, None)
+
+    def _drop(self) -> None:
+        self._headers_done()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        self._drop()
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_HEADER_BYTES and not self._refused:
+            self._refused = True
+            body = json.dumps(
+                {
+                    "error": {
+                        "code": "headers_too_large",
+                        "message": f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
+                    }
+                }
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: application/json\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+                b"" + body
+            )
+            self._drop()
+        if self._refused:
+            raise _TooLarge
+
+    # -- uvicorn's hooks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_done()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # a refused request's parser error is ours: 431 went out
+            super().send_400_response(msg)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._await_headers()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._headers_done()
+        super().on_headers_complete()
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (connections are
+    files); returns the new limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return soft
