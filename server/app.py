@@ -9,6 +9,7 @@ name a file-system path, and every bad request is a 4xx with a JSON body. The pa
     raw      raw store keys with Range and ETag (zarr over HTTP)
     errors   the one table of error codes and HTTP statuses, and its exception handlers
     auth     bearer tokens; metrics: Prometheus counters, their middleware and /metrics
+    guard    the HTTP protocol with limits on headers: size, time, connections waiting
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 
 import logitstore
 
-from . import errors, raw, stores
+from . import errors, guard, raw, stores
 from .auth import BearerAuth
 from .config import CONFIG_ENV, ServerConfig
 from .deps import State
@@ -79,7 +80,8 @@ def serve(
         >>> serve(ServerConfig.from_cli(["teacher.zarr"]), port=8000)
         serving /abs/teacher.zarr at http://127.0.0.1:8000/v1/stores/teacher.zarr
     """
-    os.environ[CONFIG_ENV] = config.to_json()
+    os.environ[CONFIG_ENV] = config.to_json()  # no tokens: workers read --token-file
+    guard.raise_fd_limit()  # connections are files; workers inherit the limit
     shown = f"[{host}]" if ":" in host else host
     for name, path in config.stores.items():
         print(f"serving {path} at http://{shown}:{port}/v1/stores/{name}", flush=True)
@@ -91,5 +93,5 @@ def serve(
         workers=workers,
         log_level=log_level,
         loop="auto",
-        http="auto",
+        http=guard.PROTOCOL,  # header size and time limits (server/guard.py)
     )
