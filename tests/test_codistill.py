@@ -222,6 +222,29 @@ def test_a_refused_checkpoint_leaves_models_and_optimizers_untouched(
     assert all(not o.state for o in opts)
 
 
+def test_a_checkpoint_of_another_student_is_refused_before_anything_loads(
+    teacher_dir: Path, corpus, tmp_path: Path
+) -> None:
+    _run(teacher_dir, corpus, tmp_path / "a", stop_after=2)
+    teacher, _ = _models(teacher_dir)
+    torch.manual_seed(2)
+    wider = GPT2LMHeadModel(
+        GPT2Config(vocab_size=int(teacher.config.vocab_size), n_positions=32, n_embd=32,
+                   n_layer=1, n_head=2)
+    )  # fmt: skip
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (teacher, wider)]
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (teacher, wider)]
+    with pytest.raises(logitstore.LogitStoreError, match=r"the student's .* is \(\d+, 16\)"):
+        logitstore.codistill(
+            teacher, wider, *opts, logitstore.window_batches(corpus, 3, 20, seed=4), 7,
+            schedulers=scheds, checkpoint=tmp_path / "a" / "ckpt.pt", progress=False,
+        )  # fmt: skip
+    for m, saved in zip((teacher, wider), before, strict=True):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, saved[k]), k  # the teacher was not loaded either
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_the_example_stops_and_resumes_to_the_same_log(teacher_dir: Path, tmp_path: Path) -> None:

@@ -60,7 +60,10 @@ def load_checkpoint(
             f"cannot read the co-distillation checkpoint {str(path)!r}: {e}; remove it to "
             "start again"
         ) from None
-    keys = {"steps", "teacher", "student", "teacher_optimizer", "student_optimizer", "schedulers"}
+    keys = {
+        "step", "steps", "teacher", "student", "teacher_optimizer", "student_optimizer",
+        "schedulers", "rng", "cuda_rng",
+    }  # fmt: skip
     if not isinstance(state, dict) or state.get("format") != "logitstore-codistill":
         raise LogitStoreError(f"{str(path)!r} is not a co-distillation checkpoint")
     if not keys <= state.keys():
@@ -80,6 +83,14 @@ def load_checkpoint(
             f"the checkpoint has {len(state['schedulers'])} LR scheduler(s), this run "
             f"{len(schedulers)}: pass the same schedulers as the run that wrote it"
         )
+    if not isinstance(state["step"], int) or not 0 <= state["step"] <= steps:
+        raise LogitStoreError(f"{str(path)!r} records step {state['step']!r} of {steps}")
+    _check_module(path, "teacher", teacher, state["teacher"])
+    _check_module(path, "student", student, state["student"])
+    _check_optimizer(path, "teacher_optimizer", teacher_optimizer, state["teacher_optimizer"])
+    _check_optimizer(path, "student_optimizer", student_optimizer, state["student_optimizer"])
+    if not isinstance(state["rng"], torch.Tensor) or state["rng"].dtype != torch.uint8:
+        raise LogitStoreError(f"{str(path)!r} holds no valid random-number-generator state")
     teacher.load_state_dict(state["teacher"])
     student.load_state_dict(state["student"])
     teacher_optimizer.load_state_dict(state["teacher_optimizer"])
@@ -90,3 +101,39 @@ def load_checkpoint(
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"])
+
+
+def _check_module(path: Path, name: str, module: torch.nn.Module, saved: Any) -> None:
+    """Refuse ``saved`` unless it has exactly ``module``'s parameter and buffer names, with
+    the same shapes: what ``load_state_dict`` would otherwise find after loading others."""
+    live = module.state_dict()
+    if not isinstance(saved, dict):
+        raise LogitStoreError(f"{str(path)!r}: the {name}'s weights are not a state dict")
+    missing, extra = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
+    if missing or extra:
+        raise LogitStoreError(
+            f"{str(path)!r} holds another {name} model: missing {missing[:5]}, unexpected "
+            f"{extra[:5]}. Resume with the models of the run that wrote it"
+        )
+    for key, tensor in live.items():
+        other = saved[key]
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+            found = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            raise LogitStoreError(
+                f"{str(path)!r}: the {name}'s {key} is {found}, the model's "
+                f"{tuple(tensor.shape)}. Resume with the models of the run that wrote it"
+            )
+
+
+def _check_optimizer(path: Path, name: str, optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Refuse ``saved`` unless its parameter groups hold as many parameters as ``optimizer``'s."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise LogitStoreError(f"{str(path)!r}: the {name} state is not an optimizer's")
+    want = [len(g["params"]) for g in optimizer.state_dict()["param_groups"]]
+    have = [len(g.get("params", ())) for g in groups]
+    if want != have:
+        raise LogitStoreError(
+            f"{str(path)!r}: the {name} has parameter groups of {have} parameters, this "
+            f"run's {want}. Resume with the optimizer settings of the run that wrote it"
+        )
