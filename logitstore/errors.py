@@ -19,6 +19,8 @@ subclass the builtin a caller would expect::
           ├── TeacherError             unusable teacher (vocab mismatch, NaN logits, ...)
           ├── PositionError            (+ IndexError) a position or range outside the store
           └── RemoteError              a server refused a request, or stayed unreachable
+               └── StorageError        (+ OSError) object storage refused or failed a
+                                       request (names the bucket, key and endpoint)
 
 Messages say what was expected, what was found and what to do. All errors pickle, so
 they cross DataLoader worker and process boundaries intact.
@@ -36,6 +38,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "ResumeMismatchError",
+    "StorageError",
     "StoreExistsError",
     "StoreNotFoundError",
     "StreamMismatchError",
@@ -99,3 +102,8 @@ class StreamMismatchError(FormatError):
 
 class RemoteError(LogitStoreError):
     """A server refused a request, or could not be reached after every retry."""
+
+
+class StorageError(RemoteError, OSError):
+    """Object storage refused a request (no such bucket, access denied) or stayed unreachable
+    after every retry; the message names the bucket, the key and the endpoint."""

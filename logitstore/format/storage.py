@@ -1,14 +1,23 @@
-"""The on-disk layout: which Zarr v3 arrays a store holds, their codecs, and commit records.
+"""The stored layout: which Zarr v3 arrays a store holds, their codecs, and commit records,
+in a local directory or in object storage (an ``s3://...`` URL; :mod:`.objects`).
 
 Only standard Zarr v3 codecs are used (``sharding_indexed``, ``bytes``, ``zstd``, ``blosc``,
 ``crc32c``), so any Zarr v3 implementation can open the raw arrays (docs/FORMAT.md §4).
+
+A store's place is a :data:`StorePath`: a :class:`~pathlib.Path` for a directory, or the
+normalised URL (a ``str``) for object storage. Every function here takes either.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import zarr
@@ -16,6 +25,7 @@ import zarr.codecs as zc
 
 from ..errors import CorruptStoreError, FormatError, StoreNotFoundError
 from .metadata import ATTRS_KEY, StoreMetadata
+from .objects import CREATING_KEY, WRITER_KEY, ObjectLocation, is_object_url
 from .schema import (
     COMMITS,
     INPUT_IDS,
@@ -32,13 +42,49 @@ if TYPE_CHECKING:  # zarr's private module; only its type is used
     from zarr.core.array_spec import ArrayConfigParams
 
 __all__ = [
+    "StorePath",
     "array",
     "create_arrays",
+    "create_store",
+    "is_object_url",
+    "leftover_keys",
+    "location",
+    "nbytes_stored",
     "open_group",
     "read_all",
     "read_metadata",
+    "read_shard_tail",
+    "remove_shard",
+    "shard_file",
+    "shard_key",
+    "shard_present",
+    "store_path",
+    "target_state",
     "write_metadata",
 ]
+
+#: a local store directory, or the URL of a store in object storage
+StorePath: TypeAlias = Path | str
+
+
+def store_path(target: str | os.PathLike[str]) -> StorePath:
+    """``target`` as a :data:`StorePath`: an object-storage URL normalised (no trailing
+    ``/``), anything else a :class:`Path` (``file://`` prefixes dropped)."""
+    if is_object_url(target):
+        return ObjectLocation(str(target)).url
+    text = os.fspath(target)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def location(root: StorePath) -> ObjectLocation | None:
+    """The object location of ``root``; ``None`` for a local directory."""
+    return ObjectLocation(root) if isinstance(root, str) and is_object_url(root) else None
+
+
+def _zarr_root(root: StorePath, *, read_only: bool) -> Any:
+    loc = location(root)
+    return str(root) if loc is None else loc.zarr_store(read_only=read_only)
+
 
 # Every chunk is written, even all-zero ones, so a missing chunk is a fault, not a zero.
 _CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
@@ -58,27 +104,26 @@ def _per_position_codecs(col: Column) -> list[Any]:
 
 
 def create_arrays(
-    root: Path,
+    root: StorePath,
     md: StoreMetadata,
     input_ids: np.ndarray,
     offsets: np.ndarray,
     tokenizer_json: bytes | None,
     loss_mask: np.ndarray | None = None,
 ) -> zarr.Group:
-    """Create the group and every array at its final shape; write the inputs, offsets and
-    loss mask.
+    """Create every array at its final shape, write the inputs, offsets and loss mask, and
+    then the group's metadata: the store's attributes land after everything else.
 
     Per-position teacher arrays stay empty until their shards are written and committed; a
     tokens-only store (encoding ``none``) has none, so all its shards are committed here.
     """
-    group = zarr.open_group(
-        str(root), mode="w", zarr_format=3, attributes={ATTRS_KEY: md.to_dict()}
-    )
+    store = _zarr_root(root, read_only=False)
     n, sp = md.num_positions, md.layout.shard_positions
     arrays: dict[str, zarr.Array[Any]] = {}
     for col in columns(md):
-        arrays[col.name] = group.create_array(
-            col.name,
+        arrays[col.name] = zarr.create_array(
+            store,
+            name=col.name,
             shape=col.shape(n),
             dtype=col.dtype,
             chunks=col.shape(col.chunk_positions),
@@ -92,8 +137,9 @@ def create_arrays(
     if loss_mask is not None:
         arrays[LOSS_MASK][:] = loss_mask.astype(np.uint8)
 
-    off = group.create_array(
-        OFFSETS,
+    off = zarr.create_array(
+        store,
+        name=OFFSETS,
         shape=offsets.shape,
         dtype="int64",
         chunks=(min(len(offsets), 1 << 20),),
@@ -103,8 +149,9 @@ def create_arrays(
         dimension_names=("sequence_boundary",),
     )
     off[:] = offsets
-    commits = group.create_array(
-        COMMITS,
+    commits = zarr.create_array(
+        store,
+        name=COMMITS,
         shape=(md.num_shards,),
         dtype="uint8",
         chunks=(1,),
@@ -116,8 +163,9 @@ def create_arrays(
         commits.with_config(_CONFIG)[:] = 1
     if tokenizer_json is not None:
         buf = np.frombuffer(tokenizer_json, dtype=np.uint8)
-        tok = group.create_array(
-            TOKENIZER,
+        tok = zarr.create_array(
+            store,
+            name=TOKENIZER,
             shape=buf.shape,
             dtype="uint8",
             chunks=(max(len(buf), 1),),
@@ -126,6 +174,10 @@ def create_arrays(
             config=_CONFIG,
         )
         tok[:] = buf
+    # zarr wrote a bare group zarr.json with the first array; the store's metadata makes it a
+    # store, and lands last.
+    group = zarr.open_group(store, mode="r+", zarr_format=3)
+    group.attrs.update({ATTRS_KEY: md.to_dict()})
     return group
 
 
@@ -169,24 +221,172 @@ def read_all(group: zarr.Group, name: str) -> np.ndarray:
         ) from None
 
 
+def shard_key(name: str, ndim: int, shard: int) -> str:
+    """The key of ``shard`` of per-position array ``name`` (default chunk key encoding:
+    ``<name>/c/<shard>`` for 1-D arrays, ``<name>/c/<shard>/0`` for 2-D)."""
+    return f"{name}/c/{shard}" + ("/0" if ndim == 2 else "")
+
+
 def shard_file(root: Path, name: str, ndim: int, shard: int) -> Path:
-    """The file of ``shard`` of per-position array ``name`` in a local store (default chunk
-    key encoding: ``<name>/c/<shard>`` for 1-D arrays, ``<name>/c/<shard>/0`` for 2-D)."""
-    return Path(root, name, "c", str(shard), *(["0"] if ndim == 2 else []))
+    """The file of ``shard`` of per-position array ``name`` in a local store."""
+    return Path(root, shard_key(name, ndim, shard))
+
+
+def shard_present(root: StorePath, name: str, ndim: int, shard: int) -> bool:
+    """Whether the file or object of ``shard`` of array ``name`` exists."""
+    loc = location(root)
+    key = shard_key(name, ndim, shard)
+    return Path(root, key).is_file() if loc is None else loc.exists(key)
+
+
+def read_shard_tail(
+    root: StorePath, name: str, ndim: int, shard: int, nbytes: int
+) -> tuple[bytes, int]:
+    """The last ``nbytes`` of a shard's file or object (where its index lies) and its size.
+
+    Raises:
+        FileNotFoundError: the shard is not there.
+        OSError: it cannot be read (a :class:`StorageError` for objects).
+    """
+    key = shard_key(name, ndim, shard)
+    loc = location(root)
+    if loc is None:
+        with Path(root, key).open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - nbytes, 0))
+            return f.read(nbytes), size
+    found = loc.size(key)
+    if found is None:
+        raise FileNotFoundError(f"{loc.url}/{key}")
+    return loc.read_range(key, max(found - nbytes, 0), found), found
+
+
+def remove_shard(root: StorePath, name: str, ndim: int, shard: int) -> None:
+    """Delete an uncommitted shard's file or object (a resume rewrites it whole)."""
+    loc = location(root)
+    if loc is None:
+        shard_file(Path(root), name, ndim, shard).unlink(missing_ok=True)
+    else:
+        loc.delete(shard_key(name, ndim, shard))
+
+
+def nbytes_stored(root: StorePath) -> int:
+    """Bytes a store occupies: all its files, or all objects under its prefix."""
+    loc = location(root)
+    if loc is None:
+        return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+    return sum(loc.sizes().values())
+
+
+def leftover_keys(root: StorePath) -> list[str]:
+    """What an interrupted writer left that is no part of a store: temporary files
+    (``*.partial``) of a directory, the creation marker of an object store."""
+    loc = location(root)
+    if loc is None:
+        return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*.partial"))
+    return [CREATING_KEY] if loc.exists(CREATING_KEY) else []
 
 
 def open_group(root: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
-    """Open a store's group, with a clear error when there is none."""
-    path = Path(root)
-    if not (path / "zarr.json").is_file():
+    """Open a store's group (a directory or an object-storage URL), with a clear error when
+    there is none.
+
+    Raises:
+        StoreNotFoundError: no ``zarr.json`` there.
+        StorageError: (object storage) no such bucket, access denied, endpoint unreachable.
+        FormatError: the metadata is unreadable.
+    """
+    path = store_path(root)
+    loc = location(path)
+    if loc is None:
+        found = Path(path, "zarr.json").is_file()
+        creating = found and Path(path, CREATING_KEY).exists()
+    else:
+        found = loc.exists("zarr.json")
+        if not found:
+            loc.check_bucket()  # a missing bucket or bad credentials say so, not "no store"
+        creating = found and loc.exists(CREATING_KEY)
+    if creating:
+        raise StoreNotFoundError(
+            f"no logitstore store at {str(path)!r} yet: it is being created or copied, or that "
+            f"was cut short ({CREATING_KEY} is there); rerun the write or copy to finish it"
+        )
+    if not found:
         raise StoreNotFoundError(
             f"no logitstore store at {str(path)!r}: expected a Zarr v3 group with a zarr.json; "
             "check the path, or write one with `logitstore write`"
         )
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        return zarr.open_group(
+            _zarr_root(path, read_only=mode == "r"),
+            mode=mode,  # type: ignore[arg-type]
+            zarr_format=3,
+        )
+    except StoreNotFoundError:
+        raise
     except Exception as e:  # zarr raises several types for unreadable metadata
+        if isinstance(e, OSError) and loc is not None:
+            raise loc.error(e, "opening") from None
         raise FormatError(f"cannot open {str(path)!r} as a Zarr v3 group: {e}") from None
+
+
+def target_state(root: StorePath) -> str:
+    """What is at a write target: ``"empty"`` (nothing, or only what a creation cut short
+    left), ``"store"`` (a group's ``zarr.json``) or ``"foreign"`` (anything else)."""
+    loc = location(root)
+    if loc is None:
+        path = Path(root)
+        if (path / CREATING_KEY).exists():
+            return "empty"
+        if path.is_file() or (
+            path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
+        ):
+            return "foreign"
+        return "store" if (path / "zarr.json").exists() else "empty"
+    keys = set(loc.sizes())
+    if not keys - {WRITER_KEY} or CREATING_KEY in keys:
+        return "empty"
+    if "zarr.json" in keys:
+        return "store"
+    loc.check_bucket()
+    return "foreign"
+
+
+def create_store(
+    root: StorePath,
+    md: StoreMetadata,
+    input_ids: np.ndarray,
+    offsets: np.ndarray,
+    tokenizer_json: bytes | None,
+    loss_mask: np.ndarray | None = None,
+) -> None:
+    """Create a new store at ``root`` so that a crash at any moment leaves nothing that
+    reads as a store (FORMAT.md §6.6), replacing whatever a store or a cut-short creation
+    left there.
+
+    A directory is built beside its destination and renamed into place. Objects cannot be
+    renamed: a creation marker is put first, every earlier object under the prefix is
+    deleted, the arrays are written, the group's ``zarr.json`` last, and the marker removed.
+    """
+    loc = location(root)
+    if loc is None:
+        path = Path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.creating-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
+        create_arrays(tmp, md, input_ids, offsets, tokenizer_json, loss_mask)
+        if path.exists():  # an empty directory, or a store the caller asked to overwrite
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return
+    loc.check_bucket()
+    marker = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    loc.write(CREATING_KEY, json.dumps(marker).encode())
+    loc.delete("zarr.json")  # an overwritten store stops being one first
+    loc.delete_many(k for k in loc.sizes() if k not in (CREATING_KEY, WRITER_KEY))
+    create_arrays(root, md, input_ids, offsets, tokenizer_json, loss_mask)
+    loc.delete(CREATING_KEY)
 
 
 def read_metadata(group: zarr.Group) -> StoreMetadata:

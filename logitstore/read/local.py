@@ -1,14 +1,23 @@
-"""A store in a local directory: random access by position range, checked against its metadata."""
+"""A store read through zarr — a local directory or an object-storage URL
+(``s3://bucket/prefix/store.zarr``): random access by position range, checked against its
+metadata.
+
+From object storage every array of a read is fetched at once (zarr turns each into parallel
+ranged GETs of the chunks it needs), and a read that continues the previous one starts the
+next range of the same length in the background (read-ahead for scans: export, verify,
+copy, sequential training).
+"""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CorruptStoreError, IncompleteStoreError
+from ..errors import CorruptStoreError, IncompleteStoreError, LogitStoreError
 from ..format.metadata import StoreMetadata
 from ..format.schema import (
     COMMITS,
@@ -20,7 +29,19 @@ from ..format.schema import (
     columns,
     rows_from_columns,
 )
-from ..format.storage import maybe_array, open_group, read_all, read_metadata, shard_file
+from ..format.storage import (
+    StorePath,
+    location,
+    maybe_array,
+    nbytes_stored,
+    open_group,
+    read_all,
+    read_metadata,
+    read_shard_tail,
+    shard_file,
+    shard_present,
+    store_path,
+)
 from ..format.validate import check_arrays, check_shard_index, inner_chunks, read_offsets
 from .store import StoreBase, check_range
 
@@ -31,15 +52,21 @@ __all__ = ["LogitStore"]
 
 
 class LogitStore(StoreBase):
-    """A store opened for reading. Use :func:`open`.
+    """A store opened for reading, in a directory or object storage. Use :func:`open`.
 
     Attributes:
         metadata: the store's :class:`StoreMetadata`.
         offsets: ``(num_sequences + 1,)`` int64 sequence boundaries.
+        path: the directory (a :class:`Path`) or the normalised URL (a ``str``).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
-        self.path = Path(path)
+        self.path: StorePath = store_path(path)
+        self._remote = location(self.path) is not None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._ahead: tuple[int, int, tuple[str, ...], Future[dict[str, np.ndarray]]] | None = None
+        self._last_stop = -1
         self._group = open_group(self.path)
         self.metadata: StoreMetadata = read_metadata(self._group)
         md = self.metadata
@@ -78,8 +105,12 @@ class LogitStore(StoreBase):
         return read_all(self._group, COMMITS)
 
     def shard_file(self, name: str, shard: int) -> Path:
-        """The file that holds ``shard`` of per-position array ``name``."""
-        return shard_file(self.path, name, self._arrays[name].ndim, shard)
+        """The file that holds ``shard`` of per-position array ``name`` (local stores)."""
+        return shard_file(Path(self.path), name, self._arrays[name].ndim, shard)
+
+    def shard_present(self, name: str, shard: int) -> bool:
+        """Whether the file or object of ``shard`` of array ``name`` exists."""
+        return shard_present(self.path, name, self._arrays[name].ndim, shard)
 
     def read_columns(
         self, start: int, stop: int, names: tuple[str, ...] | None = None
@@ -91,8 +122,8 @@ class LogitStore(StoreBase):
     # -- sizes -----------------------------------------------------------------------------
 
     def nbytes_stored(self) -> int:
-        """Bytes the store occupies on disk (all files)."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        """Bytes the store occupies (all its files, or all objects under its prefix)."""
+        return nbytes_stored(self.path)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -123,18 +154,64 @@ class LogitStore(StoreBase):
             self._check_committed(start, stop)
         if stop > start:
             self._check_present(start, stop)
-        got = {}
-        for name in names:
-            try:
-                got[name] = np.asarray(self._arrays[name][start:stop])
-            except Exception as e:  # zarr raises its own types on checksum or decode failures
-                shard = start // self.metadata.layout.shard_positions
-                raise CorruptStoreError(
-                    f"reading array {name!r} at positions [{start}, {stop}) of "
-                    f"{str(self.path)!r} failed (shard {shard} or later): {e}; run "
-                    "`logitstore verify` to locate the damage"
-                ) from None
+        if not self._remote:
+            return start, stop, {name: self._read_one(name, start, stop) for name in names}
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:3] == (start, stop, names):
+            got = ahead[3].result()
+        else:
+            got = self._read_parallel(start, stop, names)
+        if start == self._last_stop and stop < len(self) and stop > start:
+            nxt = min(stop + (stop - start), len(self))
+            if self._committed is None or self._committed_between(stop, nxt):
+                job = self._executor().submit(self._read_parallel, stop, nxt, names)
+                self._ahead = (stop, nxt, names, job)
+        self._last_stop = stop
         return start, stop, got
+
+    def _read_one(self, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[name][start:stop])
+        except LogitStoreError:  # object storage failed (it names the bucket and key)
+            raise
+        except Exception as e:  # zarr raises its own types on checksum or decode failures
+            shard = start // self.metadata.layout.shard_positions
+            raise CorruptStoreError(
+                f"reading array {name!r} at positions [{start}, {stop}) of "
+                f"{str(self.path)!r} failed (shard {shard} or later): {e}; run "
+                "`logitstore verify` to locate the damage"
+            ) from None
+
+    def _read_parallel(
+        self, start: int, stop: int, names: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        jobs = {n: self._executor().submit(self._read_one, n, start, stop) for n in names}
+        return {n: job.result() for n, job in jobs.items()}
+
+    def _executor(self) -> ThreadPoolExecutor:
+        # A DataLoader worker forked from a process that read has the pool object but not
+        # its threads: each process makes its own.
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="logitstore-read")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _committed_between(self, start: int, stop: int) -> bool:
+        assert self._committed is not None
+        sp = self.metadata.layout.shard_positions
+        return bool(self._committed[start // sp : (stop - 1) // sp + 1].all())
+
+    def close(self) -> None:
+        """Stop the read-ahead threads of an object-storage store (reads restart them)."""
+        self._ahead = None
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_pool=None, _pool_pid=0, _ahead=None)
+        return state
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         """The teacher's tokenizer, if the writer stored it (``None`` otherwise)."""
@@ -170,13 +247,11 @@ class LogitStore(StoreBase):
     def _check_shard_file(self, name: str, ndim: int, shard: int, where: str) -> None:
         col = next(c for c in columns(self.metadata) if c.name == name)
         per, used = inner_chunks(col, self.metadata, shard)
-        path = shard_file(self.path, name, ndim, shard)
         want = 16 * per + 4
         try:
-            with path.open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(max(size - want, 0))
-                tail = f.read(want)
+            tail, size = read_shard_tail(self.path, name, ndim, shard, want)
+        except LogitStoreError:  # object storage failed (it names the bucket and key)
+            raise
         except FileNotFoundError:
             raise CorruptStoreError(
                 f"{where} is missing from {str(self.path)!r}; run `logitstore verify`"

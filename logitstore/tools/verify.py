@@ -14,7 +14,7 @@ from ..format.codec import decode_ids, decode_values
 from ..format.metadata import ATTRS_KEY, SQRT_BINS, StoreMetadata
 from ..format.provenance import identity_digest, identity_settings
 from ..format.schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
-from ..format.storage import open_group
+from ..format.storage import leftover_keys, open_group, shard_key
 from ..read.local import LogitStore
 
 __all__ = ["VerifyReport", "sum_tolerance", "verify"]
@@ -65,7 +65,7 @@ def _verify(path: str | os.PathLike[str], report: VerifyReport, progress: bool) 
     except LogitStoreError as e:
         report.faults.append(f"commit records: {e}")
         commits = np.zeros(md.num_shards, dtype=np.uint8)
-    leftovers = sorted(str(p.relative_to(store.path)) for p in store.path.rglob("*.partial"))
+    leftovers = leftover_keys(store.path)
     if leftovers:
         report.faults.append(f"temporary files of an interrupted write remain: {leftovers[:3]}")
     for s in tqdm(range(md.num_shards), desc="verify", unit="shard", disable=not progress):
@@ -131,11 +131,9 @@ def _check_shard(
     md = store.metadata
     enc, vocab = md.encoding, md.vocab_size
     for col in columns(md):
-        key = store.shard_file(col.name, s)
-        if not key.is_file():
-            report.faults.append(
-                f"{where}: array {col.name!r} has no shard file ({key.name} missing)"
-            )
+        if not store.shard_present(col.name, s):
+            key = shard_key(col.name, col.ndim, s)
+            report.faults.append(f"{where}: array {col.name!r} has no shard file ({key} missing)")
             return
     try:
         data = store.read_columns(s0, s1)

@@ -5,13 +5,12 @@ Checked before a teacher is loaded, so a bad command fails in seconds, not hours
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, LogitStoreError, StoreExistsError
 from ..format.metadata import StoreMetadata
-from ..format.storage import open_group, read_metadata
+from ..format.storage import open_group, read_metadata, store_path, target_state
 
 __all__ = ["check_loss_mask", "check_sequences", "check_target"]
 
@@ -38,22 +37,23 @@ def check_sequences(input_ids: np.ndarray, offsets: np.ndarray, vocab_size: int)
 
 
 def check_target(path: str | os.PathLike[str], overwrite: bool) -> StoreMetadata | None:
-    """Check ``path`` before any work: returns an interrupted store's metadata (to resume),
-    or ``None`` when a new store may be created there.
+    """Check ``path`` (a directory or an object-storage URL) before any work: returns an
+    interrupted store's metadata (to resume), or ``None`` when a new store may be created
+    there.
 
     Raises:
         StoreExistsError: a complete store is there and ``overwrite`` is false, or something
             that is not a logitstore store (never touched, even with ``overwrite``).
+        StorageError: (object storage) no such bucket, access denied, endpoint unreachable.
     """
-    path = Path(path)
-    if path.is_file() or (
-        path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
-    ):
+    path = store_path(path)
+    state = target_state(path)
+    if state == "foreign":
         raise StoreExistsError(
             f"{str(path)!r} exists and is not a logitstore store; refusing to touch it. "
             "Choose another --out"
         )
-    if not (path / "zarr.json").exists():
+    if state == "empty":
         return None
     try:
         existing = read_metadata(open_group(path))
