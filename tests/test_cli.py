@@ -99,3 +99,33 @@ def test_console_script_help() -> None:
         assert "usage: logitstore" in res.stdout
     res = subprocess.run([str(exe), "write", "--help"], capture_output=True, text=True)
     assert "resumes" in res.stdout and "--encoding" in res.stdout
+
+
+def _small_store(out: Path) -> None:
+    enc = logitstore.Encoding("topk", "u8", k=4)
+    ids = np.arange(64) % 50
+    with logitstore.StoreWriter(
+        out, encoding=enc, vocab_size=50, input_ids=ids, offsets=np.array([0, 30, 64])
+    ) as w:
+        import torch
+
+        logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+        w.write(0, logitstore.encode_rows(logits, enc, 0, torch.arange(64)))
+
+
+def test_exit_status_1_is_a_fault_in_the_store_2_bad_input(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s.zarr"
+    _small_store(out)
+    assert main(["show", str(out), "--position", "3"]) == 0
+    shards = [p for p in (out / "values").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert shards
+    for p in shards:  # damaged: the checksums no longer match
+        p.write_bytes(b"\xff" * p.stat().st_size)
+    capsys.readouterr()
+    assert main(["show", str(out), "--position", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "values" in err and "Traceback" not in err
+    assert main(["verify", str(out)]) == 1
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 2  # a wrong path is bad input
+    assert "nope.zarr" in capsys.readouterr().err
