@@ -10,6 +10,7 @@ name a file-system path, and every bad request is a 4xx with a JSON body. The pa
     errors   the one table of error codes and HTTP statuses, and its exception handlers
     auth     bearer tokens; metrics: Prometheus counters, their middleware and /metrics
     guard    the HTTP protocol with limits on headers: size, time, connections waiting
+    view     the store browser page and its JSON; measures: what it shows, computed
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 
 import logitstore
 
-from . import errors, guard, raw, stores
+from . import errors, guard, raw, stores, view
 from .auth import BearerAuth
 from .config import CONFIG_ENV, ServerConfig
 from .deps import State
@@ -54,6 +55,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(stores.router)
     app.include_router(raw.router)
     app.include_router(metrics_router)
+    app.include_router(view.router)
     return app
 
 
@@ -85,6 +87,7 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     for name, path in config.stores.items():
         print(f"serving {path} at http://{shown}:{port}/v1/stores/{name}", flush=True)
+    print(f"browse the stores at http://{shown}:{port}/", flush=True)
     uvicorn.run(
         FACTORY,
         factory=True,

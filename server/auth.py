@@ -1,6 +1,7 @@
 """Bearer tokens (docs/PROTOCOL.md §4): when the server has tokens, every request but
 ``/v1/health`` needs ``Authorization: Bearer <one of them>``. Health is always public, so load
-balancers can probe a server without holding a token."""
+balancers can probe a server without holding a token; so are the store browser's page and its
+two assets (they hold no data: the page asks for a token and sends it with its requests)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ApiError, answer
 from .metrics import Metrics
+from .view import is_page
 
 __all__ = ["PUBLIC_PATHS", "UNAUTHENTICATED", "BearerAuth", "check_token"]
 
@@ -60,7 +62,8 @@ class BearerAuth:
         t0 = time.perf_counter()
         request = Request(scope)
         try:
-            if request.url.path not in PUBLIC_PATHS:
+            path = request.url.path
+            if path not in PUBLIC_PATHS and not is_page(path):
                 check_token(request.headers.get("authorization"), self.tokens)
         except ApiError as refusal:
             response = answer(refusal)
