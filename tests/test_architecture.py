@@ -92,13 +92,17 @@ def test_the_benchmarks_are_imported_by_nothing_outside_them() -> None:
             )
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
 def _private_names(path: Path) -> list[str]:
     """``from logitstore... import _x`` and ``logitstore.…._x`` module paths in ``path``."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("logitstore"):
             parts = (node.module or "").split(".") + [a.name for a in node.names]
-            found += [f"{path.name}:{node.lineno} {node.module}" for p in parts if p[:1] == "_"]
+            found += [f"{path.name}:{node.lineno} {node.module}" for p in parts if _private(p)]
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("logitstore") and any(p[:1] == "_" for p in a.name.split(".")):
