@@ -173,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sequences", type=int, default=512, help="sequences (default 512)")
+    p.add_argument("--sequences", type=int, default=256, help="sequences (default 256)")
     p.add_argument("--median", type=float, default=200, help="median length in tokens")
     p.add_argument("--sigma", type=float, default=1.0, help="log-space spread of lengths")
     p.add_argument("--seq-len", type=int, default=2048, help="longest sequence")
     p.add_argument("--batch-size", type=int, default=8, help="the capture's --batch-size")
     p.add_argument("--vocab", type=int, default=8192, help="teacher vocabulary")
-    p.add_argument("--layers", type=int, default=4, help="teacher layers")
-    p.add_argument("--embd", type=int, default=256, help="teacher width")
+    p.add_argument("--layers", type=int, default=2, help="teacher layers")
+    p.add_argument("--embd", type=int, default=128, help="teacher width")
     p.add_argument("--repeats", type=int, default=3, help="runs per batching (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmp", type=Path, default=None, help="scratch directory")
