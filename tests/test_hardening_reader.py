@@ -146,3 +146,48 @@ def test_identity_is_recomputed_by_verify(store: Path) -> None:
     edit_meta(store, lambda m: m["teacher"].__setitem__("name", "another"))
     faults = logitstore.verify(store).faults
     assert any("identity" in f for f in faults), faults
+
+
+def _spec_sum(a: np.ndarray) -> np.float32:
+    """Σ of FORMAT.md §5.2 step 2, written from the text alone."""
+    f = np.float32
+    n = len(a)
+    if n < 8:
+        total = f(-0.0)
+        for x in a:
+            total = f(total + x)
+        return total
+    if n <= 128:
+        r = [f(x) for x in a[:8]]
+        for j in range(8, n - n % 8, 8):
+            r = [f(r[i] + a[j + i]) for i in range(8)]
+        total = f(f(f(r[0] + r[1]) + f(r[2] + r[3])) + f(f(r[4] + r[5]) + f(r[6] + r[7])))
+        for x in a[n - n % 8 :]:
+            total = f(total + x)
+        return total
+    h = n // 2 - (n // 2) % 8
+    return f(_spec_sum(a[:h]) + _spec_sum(a[h:]))
+
+
+@pytest.mark.parametrize("m", [3, 8, 13, 64, 129, 1000])
+def test_rescaling_follows_the_spec_bit_for_bit(m: int) -> None:
+    from dataclasses import replace
+
+    from logitstore.format.codec import decode_rows
+    from logitstore.format.schema import StoredRows
+
+    md = replace(logitstore.open(GOLDEN / "topk-u8.zarr").metadata, vocab_size=1 << 16)
+    rng = np.random.default_rng(m)
+    codes = rng.integers(0, 256, (40, m)).astype(np.uint8)
+    residual = rng.random(40).astype(np.float32) * np.float32(0.5)
+    gaps = np.ones((40, m), dtype=np.uint16)
+    rows = StoredRows(np.zeros(40, np.uint16), gaps, codes, residual)
+    got = decode_rows(md, rows).probs
+    table = np.zeros(256, np.float32)
+    table[1:256] = ((np.arange(1, 256, dtype=np.float64) - 0.5) / 255) ** 2
+    for row in range(40):
+        q = table[codes[row]]
+        t = np.float32(np.float32(1) - residual[row])
+        total = _spec_sum(q)
+        s = np.float32(t / total) if total > 0 else np.float32(0)
+        assert np.array_equal(got[row], (q * s).astype(np.float32)), row

@@ -135,7 +135,14 @@ class Encoding:
             raise LogitStoreError(
                 f"unknown value type {self.values!r}: expected one of {', '.join(VALUE_DTYPES)}"
             )
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if isinstance(self.temperature, numbers.Real) and not isinstance(self.temperature, bool):
+            # stored and hashed as a float (``1.0``, never ``1``): FORMAT.md §3 identity
+            object.__setattr__(self, "temperature", float(self.temperature))
+        if not (
+            isinstance(self.temperature, float)
+            and math.isfinite(self.temperature)
+            and self.temperature > 0
+        ):
             raise LogitStoreError(
                 f"temperature must be a finite number > 0, got {self.temperature}"
             )
