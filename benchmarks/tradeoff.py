@@ -235,14 +235,15 @@ def students(
             progress=False,
         )
     base = stores["topk-64 u8"]
-    plan = [
-        ("plain CE", "ce", None),
-        ("hard labels (teacher argmax)", "hard", base),
-        ("online KD, full logits", "online", None),
+    # (row label, mode, store, the store's config name): hard labels read topk-64 u8's ids
+    plan: list[tuple[str, str, Any, str | None]] = [
+        ("plain CE", "ce", None, None),
+        ("hard labels (teacher argmax)", "hard", base, "topk-64 u8"),
+        ("online KD, full logits", "online", None, None),
     ]
-    plan += [(f"KD from {n}", "store", stores[n]) for n in STUDENT_STORES]
+    plan += [(f"KD from {n}", "store", stores[n], n) for n in STUDENT_STORES]
     rows = []
-    for label, mode, store in plan:
+    for label, mode, store, store_name in plan:
         held = [
             train_student(recipe, mode, store, base, eval_store, teacher, seed)
             for seed in range(args.seeds)
@@ -250,7 +251,7 @@ def students(
         row = {
             "student": label,
             "mode": mode,
-            "store": None if store is None else label[8:],
+            "store": store_name,
             "held_out_ce": statistics.mean(held),
             "seeds": held,
             "train_positions": len(seqs.input_ids),
@@ -416,7 +417,7 @@ def report(
             (
                 r
                 for r in flat
-                if s.get("store") and r["config"] == s["store"] and r["temperature"] == 1.0
+                if s["mode"] == "store" and r["config"] == s["store"] and r["temperature"] == 1.0
             ),
             None,
         )
