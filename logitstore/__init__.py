@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "FormatError": "logitstore.errors",
     "GenerationSettings": "logitstore.write.generate",
     "IncompleteStoreError": "logitstore.errors",
+    "KDConfig": "logitstore.train.hf",
+    "KDTrainer": "logitstore.train.hf",
     "InputError": "logitstore.errors",
     "Layout": "logitstore.format.metadata",
     "LogitDataset": "logitstore.read.dataset",
@@ -58,11 +60,13 @@ _EXPORTS: dict[str, str] = {
     "codistill": "logitstore.train.codistillation",
     "codistillation_step": "logitstore.train.codistillation",
     "collate": "logitstore.read.dataset",
+    "collate_for_trainer": "logitstore.train.hf",
     "copy_store": "logitstore.tools.copy",
     "encode_rows": "logitstore.write.encode",
     "export_jsonl": "logitstore.tools.export",
     "fold_to_vocab": "logitstore.read.dataset",
     "generate": "logitstore.write.generate",
+    "kd_trainer_class": "logitstore.train.hf",
     "load_teacher": "logitstore.write.teacher",
     "losses": "logitstore.train.losses",
     "open": "logitstore.read",
@@ -91,6 +95,8 @@ __all__ = [
     "GenerationSettings",
     "IncompleteStoreError",
     "InputError",
+    "KDConfig",
+    "KDTrainer",
     "Layout",
     "LogitDataset",
     "LogitStore",
@@ -116,11 +122,13 @@ __all__ = [
     "codistill",
     "codistillation_step",
     "collate",
+    "collate_for_trainer",
     "copy_store",
     "encode_rows",
     "export_jsonl",
     "fold_to_vocab",
     "generate",
+    "kd_trainer_class",
     "load_teacher",
     "losses",
     "open",
@@ -178,6 +186,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .tools.info import store_info
     from .tools.verify import VerifyReport, verify
     from .train import losses
+    from .train.hf import KDConfig, KDTrainer, collate_for_trainer, kd_trainer_class
     from .train.codistillation import (
         CodistillStep,
         Recording,
