@@ -55,13 +55,9 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    enc = info["encoding"]
-    what = {
-        "topk": f"top-{enc['k']}",
-        "sampled": f"sampled n={enc['samples']}",
-        "full": "full",
-        "none": "tokens only (no teacher distributions)",
-    }
+    from ..format.metadata import Encoding
+
+    enc = Encoding.from_dict(info["encoding"])
     rows = [
         ("store", info["path"]),
         (
@@ -69,12 +65,7 @@ def _info(args: argparse.Namespace) -> int:
             f"{info['state']} ({info['shards']['committed']}/{info['shards']['total']} shards)",
         ),
         ("format", f"logitstore {info['format_version']}"),
-        (
-            "encoding",
-            what["none"]
-            if enc["kind"] == "none"
-            else f"{what[enc['kind']]}, values {enc['values']}, temperature {enc['temperature']}",
-        ),
+        ("encoding", enc.describe()),
         (
             "teacher",
             f"{info['teacher'].get('name')} (revision {info['teacher'].get('revision')}, "

@@ -192,6 +192,13 @@ class Encoding:
             return "uint8"  # no values array; width 0
         return VALUE_DTYPES[self.values]
 
+    def describe(self) -> str:
+        """One line for people: ``top-64, values u8, temperature 1.0``."""
+        if self.kind == "none":
+            return "tokens only (no teacher distributions)"
+        what = {"topk": f"top-{self.k}", "sampled": f"sampled n={self.samples}", "full": "full"}
+        return f"{what[self.kind]}, values {self.values}, temperature {self.temperature}"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
