@@ -306,11 +306,19 @@
       const isNext = c.id === nextId;
       listed ||= isNext;
       const row = barRow(isNext ? "next" : "", visible(c.text), c.p, c.id);
-      row.title = `id ${c.id}, p = ${c.p}`;
+      row.title = `id ${c.id}, p = ${c.p}` + (isNext ? " · the next token in the data" : "");
       box.append(row);
     }
-    if (d.rest > 0) box.append(barRow("rest", `${d.stored - d.candidates.length} more stored`, d.rest));
-    if (d.kind === "topk") box.append(barRow("residual", "outside the top-k (residual)", d.residual));
+    if (d.rest > 0) {
+      const rest = barRow("rest", `+${d.stored - d.candidates.length} stored`, d.rest);
+      rest.title = `${d.stored - d.candidates.length} more stored candidates, together`;
+      box.append(rest);
+    }
+    if (d.kind === "topk") {
+      const res = barRow("residual", "residual", d.residual);
+      res.title = "mass outside the stored top-k candidates";
+      box.append(res);
+    }
     if (nextId !== null && !listed) {
       const p = document.createElement("p");
       p.className = "cand-sub next-missing";
@@ -385,7 +393,7 @@
     const t = info.teacher || {};
     const rows = [
       ["encoding", e.kind === "none" ? kind : `${kind}, values ${e.values}, T = ${e.temperature}`],
-      ["teacher", `${t.name ?? "?"} (revision ${t.revision ?? "?"}, ${t.dtype ?? "?"})`],
+      ["teacher", `${t.name ?? "–"} (revision ${t.revision ?? "–"}, ${t.dtype ?? "–"})`],
       ["tokenizer", info.tokenizer ? `${info.tokenizer.name ?? "?"} (${String(info.tokenizer.vocab_hash ?? "").slice(0, 19)}…)` : "none stored"],
       ["vocabulary", info.vocab_size.toLocaleString("en")],
       ["positions", `${info.num_positions.toLocaleString("en")} in ${info.num_sequences.toLocaleString("en")} sequences`],
