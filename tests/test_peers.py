@@ -17,7 +17,7 @@ import torch
 import logitstore
 from logitstore.cli.main import main
 from logitstore.errors import InputError
-from logitstore.format.peers import ZERO_LOGPROB
+from logitstore.format.peers import DATA_FILE, ZERO_LOGPROB
 from logitstore.tools.peers import export_peer
 from logitstore.write.peer_import import import_peer
 
@@ -104,11 +104,12 @@ def test_the_schemas_are_what_the_peers_read(tmp_path: Path) -> None:
     src = _store(tmp_path / "s.zarr")
     export_peer(logitstore.open(src), "axolotl", tmp_path / "ax")
     export_peer(logitstore.open(src), "distillkit", tmp_path / "dk")
-    ax = pq.read_schema(tmp_path / "ax" / "data.parquet")
+    ax = pq.read_schema(tmp_path / "ax" / DATA_FILE)
     assert ax.field("target_token_ids").type == pa.list_(pa.list_(pa.int64()))
     assert ax.field("logprobs").type == pa.list_(pa.list_(pa.float32()))
-    dk = datasets.load_dataset("parquet", data_files=str(tmp_path / "dk" / "data.parquet"))
-    row = dk["train"][1]
+    # as DistillKit's HfRepoDataset loads it: the directory, whose JSON files must not count
+    dk = datasets.load_dataset(str(tmp_path / "dk"), split="train")
+    row = dk[1]
     assert set(row) >= {"input_ids", "labels", "token_ids", "top_values"}
     assert len(row["token_ids"]) == len(row["input_ids"]) == 12
     assert len(row["token_ids"][0]) == 8
@@ -261,3 +262,12 @@ def test_axolotl_rows_align_with_the_last_tokens(tmp_path: Path) -> None:
     assert b.loss_mask.tolist() == [False, False, True, True]
     assert b.ids[2].tolist() == [1, 2] and b.residual[0] == 1.0
     assert ZERO_LOGPROB < -50
+
+
+def test_a_saved_hugging_face_dataset_imports(tmp_path: Path) -> None:
+    """DistillKit's LocalDataset form: a ``save_to_disk`` folder."""
+    import datasets
+
+    datasets.Dataset.from_list([_good_row(), _good_row(5)]).save_to_disk(tmp_path / "ds")
+    md = import_peer(tmp_path / "ds", "distillkit", tmp_path / "s.zarr", vocab_size=10)
+    assert md.num_positions == 8 and md.num_sequences == 2

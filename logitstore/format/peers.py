@@ -75,8 +75,10 @@ IGNORE_LABEL = -100
 #: re-logging keeps it finite. Import reads exactly this value back as 0.
 ZERO_LOGPROB = -80.0
 #: What an export directory holds: the rows, what logitstore knows about them (vocabulary,
-#: temperature, provenance), and the teacher's tokenizer when the store keeps one.
-DATA_FILE = "data.parquet"
+#: temperature, provenance), and the teacher's tokenizer when the store keeps one. The rows
+#: sit where ``datasets.load_dataset(DIR)`` looks for a train split, so it reads them and
+#: not the JSON files beside them (DistillKit loads a directory that way).
+DATA_FILE = "data/train-00000-of-00001.parquet"
 SIDECAR = "logitstore.json"
 SIDECAR_TOKENIZER = "tokenizer.json"
 

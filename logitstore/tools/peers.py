@@ -159,7 +159,7 @@ def export_peer(
     progress: bool = False,
 ) -> PeerExport:
     """Write ``store`` as a ``fmt`` (``axolotl`` or ``distillkit``) dataset into directory
-    ``out``: ``data.parquet``, the peer's config snippet (``axolotl.yaml`` or
+    ``out``: ``data/train-00000-of-00001.parquet``, the peer's config snippet (``axolotl.yaml`` or
     ``distillkit.yaml``), ``logitstore.json`` (vocabulary, temperature, provenance, what is
     lost) and the store's ``tokenizer.json`` if it keeps one.
 
@@ -187,7 +187,8 @@ def export_peer(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     md, width = store.metadata, store.metadata.layout.width
-    tmp = out / f".{DATA_FILE}.partial"
+    (out / DATA_FILE).parent.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"{DATA_FILE}.partial"
     writer: pq.ParquetWriter | None = None
     residual_sum, residual_max, positions = 0.0, 0.0, 0
     bar = tqdm(total=len(store), unit="pos", desc=f"export {fmt}", disable=not progress)

@@ -57,7 +57,11 @@ def _tables(src: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
         _require_columns(src, missing, table.column_names)
         yield 0, table.select([c for c in columns if c in table.column_names])
         return
-    files = sorted(src.glob("*.parquet")) if src.is_dir() else [src]
+    files = (
+        (sorted(src.glob("*.parquet")) or sorted(src.glob("data/*.parquet")))
+        if src.is_dir()
+        else [src]
+    )
     if not files or not all(f.is_file() for f in files):
         raise InputError(
             f"{str(src)!r}: expected a .parquet file, a directory of them (an export holds "
@@ -284,6 +288,8 @@ def import_peer(
     if not src.exists():
         raise InputError(f"{str(src)!r} does not exist")
     base = src if src.is_dir() else src.parent
+    if not src.is_dir() and src.parent.name == "data" and (src.parent.parent / SIDECAR).exists():
+        base = src.parent.parent  # the data file of an export
     side: dict[str, Any] = {}
     if (base / SIDECAR).exists():
         side = json.loads((base / SIDECAR).read_text())
