@@ -15,7 +15,9 @@ of their group is done, which bounds a group by the bytes of its encoded rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,12 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import TeacherError
+from ..errors import LogitStoreError, TeacherError
 from ..format.metadata import Encoding
 from ..format.provenance import tokenizer_identity
 from .checks import check_sequences
+from .distributed import Ranks, assign_shards, join, shard_costs
 from .encode import EncodedRows, cat_rows, encode_rows, split_rows
 from .inputs import Sequences
+from .lock import store_lock
 from .teacher import Teacher
 from .writer import StoreWriter
 
@@ -161,27 +165,21 @@ def capture(
     tok_ident, tok_json = (None, None)
     if teacher.tokenizer is not None:
         tok_ident, tok_json = tokenizer_identity(teacher.tokenizer)
-    writer = StoreWriter(
-        out,
-        encoding=encoding,
-        vocab_size=teacher.vocab_size,
-        input_ids=sequences.input_ids,
-        offsets=sequences.offsets,
-        seq_len=seq_len,
-        seed=seed,
-        teacher=teacher.provenance(),
-        tokenizer=tok_ident,
-        tokenizer_json=tok_json,
-        chunk_positions=chunk_positions,
-        shard_positions=shard_positions,
-        overwrite=overwrite,
-        loss_mask=loss_mask,
-        generation=generation,
-    )
-    if encoding.kind == "none":  # tokens only: everything was written at creation
-        with writer:
-            pass
-        return Path(out)
+    settings: dict[str, Any] = {
+        "encoding": encoding,
+        "vocab_size": teacher.vocab_size,
+        "input_ids": sequences.input_ids,
+        "offsets": sequences.offsets,
+        "seq_len": seq_len,
+        "seed": seed,
+        "teacher": teacher.provenance(),
+        "tokenizer": tok_ident,
+        "tokenizer_json": tok_json,
+        "chunk_positions": chunk_positions,
+        "shard_positions": shard_positions,
+        "loss_mask": loss_mask,
+        "generation": generation,
+    }
     vocab = teacher.vocab_size
     row_bytes = 5 + encoding.width(vocab) * (
         (2 if vocab <= 65536 else 4) + np.dtype(encoding.value_dtype).itemsize
@@ -189,39 +187,142 @@ def capture(
     budget = batch_size * int(lengths.max())  # as plan_batches
     group = max(budget, min(budget * _GROUP_BATCHES, _REORDER_BYTES // row_bytes))
     plan = plan_batches(lengths, batch_size, batching, group_positions=group)
-    offsets = sequences.offsets
-    resume = writer.resume_position
-    # The first sequence with uncommitted positions (S when the store is complete).
-    first = int(np.searchsorted(offsets, resume, side="right")) - 1
-    bar = tqdm(
-        total=int(offsets[-1]),
-        initial=resume,
+    job = join()
+    if job is None:
+        with store_lock(out):
+            writer = StoreWriter(out, overwrite=overwrite, **settings)
+            with _bar(out, writer, progress) as bar:
+                _fill(teacher, sequences, writer, plan, encoding, seed, bar.update)
+        return Path(out)
+    ranks = job.scope("capture")
+    try:
+        _capture_ranks(ranks, teacher, sequences, out, plan, settings, overwrite, progress)
+    except LogitStoreError as e:
+        if str(e).startswith("rank "):
+            raise
+        raise type(e)(f"{ranks}: {e}") from e
+    return Path(out)
+
+
+def _capture_ranks(
+    ranks: Ranks,
+    teacher: Teacher,
+    sequences: Sequences,
+    out: str | os.PathLike[str],
+    plan: list[np.ndarray],
+    settings: dict[str, Any],
+    overwrite: bool,
+    progress: bool,
+) -> None:
+    """One rank's part of a torchrun job: rank 0 creates or resumes the store (holding its
+    lock), every rank writes the shards :func:`assign_shards` gives it, and rank 0 marks the
+    store complete once every rank has committed its own."""
+    with contextlib.ExitStack() as stack:
+        writer: StoreWriter | None = None
+
+        def create() -> np.ndarray:
+            nonlocal writer
+            stack.enter_context(store_lock(out))
+            writer = StoreWriter(out, overwrite=overwrite, **settings)
+            return writer.committed
+
+        committed = ranks.lead("created", create)
+        if writer is None:
+            writer = StoreWriter(out, attach=True, **settings)
+        md = writer.metadata
+        lengths = np.diff(sequences.offsets)  # (S,)
+        widths = np.zeros(len(sequences), dtype=np.int64)  # (S,) padded width of each's batch
+        for seqs in plan:
+            widths[seqs] = int(lengths[seqs].max())
+        cost = shard_costs(sequences.offsets, widths, md.layout.shard_positions, md.num_shards)
+        owner = assign_shards(cost, ~committed, ranks.world)
+        writer.claim(np.flatnonzero(owner == ranks.rank))
+        ranges = [md.shard_range(int(i)) for i in np.flatnonzero(committed)]
+        initial = sum(b - a for a, b in ranges)  # positions committed before this run
+        with _bar(out, writer, progress and ranks.rank == 0, initial) as bar:
+
+            def show() -> None:  # the whole job's progress, on rank 0 only
+                bar.update(initial + ranks.add("positions", 0) - bar.n)
+
+            def report(n: int) -> None:
+                ranks.add("positions", n)
+                if ranks.rank == 0:
+                    show()
+
+            _fill(teacher, sequences, writer, plan, settings["encoding"], settings["seed"], report)
+            ranks.barrier("written", tick=show if ranks.rank == 0 else None)
+            show()
+        ranks.lead("complete", writer.mark_complete)
+
+
+def _bar(
+    out: str | os.PathLike[str], writer: StoreWriter, progress: bool, initial: int | None = None
+) -> tqdm[Any]:
+    return tqdm(
+        total=writer.metadata.num_positions,
+        initial=writer.resume_position if initial is None else initial,
         unit="pos",
         unit_scale=True,
         desc=f"write {Path(out).name}",
         disable=not progress,
         dynamic_ncols=True,
     )
+
+
+def _fill(
+    teacher: Teacher,
+    sequences: Sequences,
+    writer: StoreWriter,
+    plan: list[np.ndarray],
+    encoding: Encoding,
+    seed: int,
+    report: Callable[[int], Any],
+) -> None:
+    """Run the batches of ``plan`` that hold a sequence with positions in a shard ``writer``
+    is to write, and hand it those sequences' rows in position order. Every other batch is
+    skipped: nothing committed is recomputed. ``report`` gets the positions each batch
+    added to the writer's shards."""
+    offsets = sequences.offsets
+    md = writer.metadata
+    sp, ns = md.layout.shard_positions, md.num_shards
+    todo = writer.todo  # (ns,)
+    # Sequence s needs running iff a shard it touches is to be written.
+    first_shard = offsets[:-1] // sp  # (S,)
+    last_shard = (offsets[1:] - 1) // sp  # (S,)
+    c = np.concatenate([[0], np.cumsum(todo)])  # (ns + 1,)
+    needed = c[last_shard + 1] - c[first_shard] > 0  # (S,)
+    # Positions of each sequence in shards to write: the progress bar's unit.
+    sizes = np.diff(np.minimum(np.arange(ns + 1) * sp, md.num_positions))  # (ns,)
+    before = np.concatenate([[0], np.cumsum(sizes * todo)])  # (ns + 1,)
+
+    def owned_before(p: np.ndarray) -> np.ndarray:
+        s = np.minimum(p // sp, ns - 1)
+        n: np.ndarray = before[s] + np.clip(p - s * sp, 0, sizes[s]) * todo[s]
+        return n
+
+    counts = owned_before(offsets[1:]) - owned_before(offsets[:-1])  # (S,)
+    need = np.flatnonzero(needed).tolist()
     ids_all = torch.from_numpy(sequences.input_ids)
     done: dict[int, EncodedRows] = {}  # encoded sequences waiting for an earlier one
-    nxt = first  # the next sequence the writer takes
-    with writer, bar, torch.inference_mode():
+    j = 0  # need[j] is the next sequence the writer takes
+    with writer, torch.inference_mode():
         for seqs in plan:
-            if int(seqs.max()) < first:
-                continue  # every row is committed; no other batch depends on this one
+            if not needed[seqs].any():
+                continue
             pieces = _run_batch(teacher, ids_all, offsets, seqs, encoding, seed)
             for i, piece in zip(seqs.tolist(), pieces, strict=True):
-                if i >= first:
+                if needed[i]:
                     done[i] = piece
-            run = []
-            while nxt in done:  # hand over every sequence now complete in position order
-                run.append(done.pop(nxt))
-                nxt += 1
+            run: list[EncodedRows] = []  # consecutive sequences, handed over in one write
+            while j < len(need) and need[j] in done:
+                if run and need[j] != need[j - 1] + 1:
+                    writer.write(int(offsets[need[j - len(run)]]), cat_rows(run))
+                    run = []
+                run.append(done.pop(need[j]))
+                j += 1
             if run:
-                writer.write(int(offsets[nxt - len(run)]), cat_rows(run))
-            starts = np.maximum(offsets[seqs], resume)
-            bar.update(int(np.maximum(offsets[seqs + 1] - starts, 0).sum()))
-    return Path(out)
+                writer.write(int(offsets[need[j - len(run)]]), cat_rows(run))
+            report(int(counts[seqs].sum()))
 
 
 def _run_batch(
@@ -248,10 +349,12 @@ def _run_batch(
             f"the teacher returned logits of shape {tuple(logits.shape)}; expected "
             f"({len(seqs)}, {width}, {teacher.vocab_size})"
         )
-    flat = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1).bool()]  # (R, V), R = Σ lens
+    # With --device-map auto the logits come from the model's last device, not its first.
+    keep = mask.reshape(-1).bool().to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])[keep]  # (R, V), R = Σ lens
     # Each row's global position (seeds `sampled` draws): the sequences' ranges, in batch order.
     within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # (R,)
-    positions = torch.from_numpy(np.repeat(offsets[seqs], lens) + within).to(teacher.device)
+    positions = torch.from_numpy(np.repeat(offsets[seqs], lens) + within).to(logits.device)
     rows_per_step = max(1, _ENCODE_ELEMENTS // teacher.vocab_size)
     encoded = [
         encode_rows(

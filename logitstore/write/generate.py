@@ -17,6 +17,7 @@ two phases, each resumable:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,8 +37,10 @@ from ..format.provenance import prompts_digest, tokenizer_identity
 from .capture import capture
 from .chat import ChatTemplate
 from .checks import check_target
+from .distributed import Ranks, assign_shards, join
 from .inputs import Sequences
-from .journal import JOURNAL_VERSION, journal_key, journal_path, read_journal
+from .journal import JOURNAL_VERSION, journal_key, journal_path, journal_paths, read_journal
+from .lock import store_lock
 from .prompts import Prompt, check_prompts, read_prompts
 from .teacher import Teacher
 
@@ -156,7 +159,6 @@ def generate(
     tokenizer = teacher.tokenizer
     prompt_ids = _tokenize_prompts(items, tokenizer, teacher, settings)
     eos = _eos_ids(teacher.model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     tok_ident, _ = tokenizer_identity(tokenizer)
     generation = {
         **asdict(settings),
@@ -179,38 +181,152 @@ def generate(
     batches = [
         order[b : b + settings.batch_size] for b in range(0, len(order), settings.batch_size)
     ]
-    journal = journal_path(out)
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    done = read_journal(journal, key, [len(b) for b in batches], discard_other=overwrite)
-    completions: dict[int, list[int]] = {}
-    for b, got in done.items():
-        completions.update(zip(batches[b], got, strict=True))
+    job = join()
+    ranks = None if job is None else job.scope("generate")
+    with contextlib.ExitStack() as stack:
+        if ranks is None:
+            stack.enter_context(store_lock(out))
+        completions = _complete_all(
+            teacher,
+            prompt_ids,
+            rows,
+            batches,
+            settings,
+            out,
+            key,
+            overwrite,
+            progress,
+            ranks,
+            stack,
+        )
+        path = _store(
+            teacher,
+            prompt_ids,
+            rows,
+            completions,
+            out,
+            settings,
+            soft,
+            overwrite,
+            progress,
+            chunk_positions,
+            shard_positions,
+            generation,
+        )
+        if ranks is None or ranks.rank == 0:
+            for journal in journal_paths(out):
+                journal.unlink(missing_ok=True)
+    return path
+
+
+def _complete_all(
+    teacher: Teacher,
+    prompt_ids: list[list[int]],
+    rows: list[tuple[int, int]],
+    batches: list[list[int]],
+    settings: GenerationSettings,
+    out: str | os.PathLike[str],
+    key: str,
+    overwrite: bool,
+    progress: bool,
+    ranks: Ranks | None,
+    stack: contextlib.ExitStack,
+) -> dict[int, list[int]]:
+    """Every row's completion: those the journals hold, and the rest generated now (under
+    torchrun, each rank a contiguous, cost-balanced run of the missing batches, appended to
+    its own journal)."""
+    sizes = [len(b) for b in batches]
+
+    def read_all() -> dict[int, list[list[int]]]:
+        done: dict[int, list[list[int]]] = {}
+        for path in journal_paths(out):
+            done.update(read_journal(path, key, sizes, discard_other=overwrite))
+        return done
+
+    if ranks is None:
+        journal_path(out).parent.mkdir(parents=True, exist_ok=True)
+        done = read_all()
+    else:
+        repaired: dict[int, list[list[int]]] = {}
+
+        def repair() -> None:  # rank 0 alone cuts torn lines, before anyone reads
+            stack.enter_context(store_lock(out))
+            journal_path(out).parent.mkdir(parents=True, exist_ok=True)
+            repaired.update(read_all())
+
+        ranks.lead("journals", repair)
+        done = repaired if ranks.rank == 0 else read_all()
+        ranks.barrier("read")  # nobody appends while another rank still reads
+    pending = np.array([b not in done for b in range(len(batches))], dtype=bool)
+    width = settings.max_new_tokens
+    cost = np.array([len(b) * (len(prompt_ids[rows[b[0]][0]]) + width) for b in batches])
+    owner = np.where(pending, 0, -1) if ranks is None else assign_shards(cost, pending, ranks.world)
+    rank = 0 if ranks is None else ranks.rank
+    journal = journal_path(out, rank)
+    initial = sum(len(got) for got in done.values())
     bar = tqdm(
         total=len(rows),
-        initial=len(completions),
+        initial=initial,
         unit="completion",
         desc=f"generate {Path(out).name}",
-        disable=not progress,
+        disable=not progress or rank != 0,
         dynamic_ncols=True,
     )
+
+    def show() -> None:  # the whole job's completions, on rank 0
+        if ranks is not None:
+            bar.update(initial + ranks.add("completions", 0) - bar.n)
+
+    tokenizer = teacher.tokenizer
+    eos = _eos_ids(teacher.model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     stopper = _StopStrings(tokenizer, settings.stop) if settings.stop else None
     with bar, journal.open("a", encoding="utf-8") as log:
         if journal.stat().st_size == 0:
             log.write(json.dumps({"logitstore_generate": JOURNAL_VERSION, "key": key}) + "\n")
             log.flush()
         generated = 0
-        for b, batch in enumerate(batches):
-            if b in done:
-                continue
+        for b in np.flatnonzero(owner == rank).tolist():
+            batch = batches[b]
             got = _generate_batch(
                 teacher, [prompt_ids[rows[r][0]] for r in batch], settings, b, pad, eos, stopper
             )
             log.write(json.dumps({"batch": b, "completions": got}) + "\n")
             log.flush()
-            completions.update(zip(batch, got, strict=True))
+            done[b] = got
             generated += sum(map(len, got))
-            bar.update(len(batch))
+            if ranks is None:
+                bar.update(len(batch))
+            else:
+                ranks.add("completions", len(batch))
+                show()
             bar.set_postfix(tokens=generated, refresh=False)
+        if ranks is not None:
+            ranks.barrier("generated", tick=show if rank == 0 else None)
+            show()
+    if ranks is not None:
+        done = read_all()  # every rank's batches, now that none is appending
+    completions: dict[int, list[int]] = {}
+    for b, got in done.items():
+        completions.update(zip(batches[b], got, strict=True))
+    return completions
+
+
+def _store(
+    teacher: Teacher,
+    prompt_ids: list[list[int]],
+    rows: list[tuple[int, int]],
+    completions: dict[int, list[int]],
+    out: str | os.PathLike[str],
+    settings: GenerationSettings,
+    soft: Encoding | None,
+    overwrite: bool,
+    progress: bool,
+    chunk_positions: int | None,
+    shard_positions: int | None,
+    generation: dict[str, Any],
+) -> Path:
+    """Prompt + completion sequences and their loss mask into the store (phase 2)."""
     pieces, mask_pieces = [], []
     for r, (i, _) in enumerate(rows):
         p, c = prompt_ids[i], completions[r]
@@ -221,7 +337,7 @@ def generate(
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in pieces], out=offsets[1:])
     sequences = Sequences(np.concatenate(pieces), offsets)
-    path = capture(
+    return capture(
         teacher,
         sequences,
         out,
@@ -235,8 +351,6 @@ def generate(
         loss_mask=np.concatenate(mask_pieces),
         generation=generation,
     )
-    journal.unlink(missing_ok=True)
-    return path
 
 
 def _prompt(p: str | Prompt | list[dict[str, Any]], i: int) -> Prompt:

@@ -1,9 +1,12 @@
 """The journal of ``logitstore generate``: finished batches are appended to
 ``OUT.generating.jsonl`` as they complete, so an interrupted run resumes where it stopped and
-gives the store an uninterrupted run gives."""
+gives the store an uninterrupted run gives. Under torchrun rank ``r > 0`` appends to its own
+``OUT.generating.rank<r>.jsonl`` (one writer per file); a resumed run, with any number of
+ranks, reads them all."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -13,16 +16,32 @@ from typing import Any
 from ..errors import ResumeMismatchError
 from .teacher import Teacher
 
-__all__ = ["JOURNAL_VERSION", "journal_entry", "journal_key", "journal_path", "read_journal"]
+__all__ = [
+    "JOURNAL_VERSION",
+    "journal_entry",
+    "journal_key",
+    "journal_path",
+    "journal_paths",
+    "read_journal",
+]
 
 
 JOURNAL_VERSION = 1
 
 
-def journal_path(out: str | os.PathLike[str]) -> Path:
-    """Where :func:`generate` keeps the completions of an unfinished run."""
+def journal_path(out: str | os.PathLike[str], rank: int = 0) -> Path:
+    """Where :func:`generate` (or its torchrun rank ``rank``) keeps the completions of an
+    unfinished run."""
     out = Path(out)
-    return out.parent / f"{out.name}.generating.jsonl"
+    tail = "" if rank == 0 else f".rank{rank}"
+    return out.parent / f"{out.name}.generating{tail}.jsonl"
+
+
+def journal_paths(out: str | os.PathLike[str]) -> list[Path]:
+    """Every journal of an unfinished run at ``out`` (one per rank that wrote one)."""
+    out = Path(out)
+    ranks = sorted(out.parent.glob(f"{glob.escape(out.name)}.generating.rank*.jsonl"))
+    return [p for p in [journal_path(out), *ranks] if p.exists()]
 
 
 def journal_key(

@@ -79,28 +79,43 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_teacher(
-    name_or_path: str, device: str | torch.device | None = None, dtype: str | None = None
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: str | None = None,
+    *,
+    device_map: str | None = None,
 ) -> Teacher:
     """Load a Hugging Face causal LM and its tokenizer as a :class:`Teacher`.
 
-    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. ``device_map="auto"`` spreads
+    a model too large for one GPU over every visible GPU (then CPU memory) with Hugging Face
+    accelerate, layer by layer; ``device`` must then be unset. The layers run one after
+    another, so one GPU computes at a time: it makes a large teacher fit, not run faster.
 
     Raises:
-        TeacherError: the model or tokenizer cannot be loaded, or the tokenizer produces ids
-            the model's output layer does not have.
+        TeacherError: the model or tokenizer cannot be loaded, the tokenizer produces ids
+            the model's output layer does not have, or ``device_map`` is asked for without
+            accelerate installed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = _check_device_map(device_map, device)
     dev = resolve_device(device)
     dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     if dtype not in _DTYPES:
         raise TeacherError(f"unknown --dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model: Any = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=_DTYPES[dtype], **placement
+        )
     except (OSError, ValueError) as e:
         raise TeacherError(f"cannot load teacher {name_or_path!r}: {e}") from None
-    model.to(dev).eval()
+    if placement:  # inputs go where the embeddings are; the logits come from the last device
+        dev = model.get_input_embeddings().weight.device
+        model.eval()
+    else:
+        model.to(dev).eval()
     out = model.get_output_embeddings()
     vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
     if len(tokenizer) > vocab_size:
@@ -136,6 +151,33 @@ def load_teacher(
             ),
         },
     )
+
+
+def _check_device_map(device_map: str | None, device: str | torch.device | None) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that place a model by ``device_map``."""
+    if device_map is None:
+        return {}
+    if device_map != "auto":
+        raise TeacherError(f"unknown --device-map {device_map!r}: expected auto")
+    if device is not None:
+        raise TeacherError(
+            f"--device-map auto places the model itself; drop --device {device} "
+            "(choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise TeacherError(
+            "--device-map auto spreads one teacher over every GPU, and under torchrun each "
+            "rank already has its own GPU: use one or the other (a teacher that fits one GPU: "
+            "torchrun; one that does not: a single process with --device-map auto)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise TeacherError(
+            "--device-map auto needs Hugging Face accelerate, which is not installed: "
+            "pip install 'logitstore[multigpu]' (or pip install accelerate)"
+        )
+    return {"device_map": "auto"}
 
 
 def weights_digest(directory: str | os.PathLike[str]) -> str | None:
