@@ -87,6 +87,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             progress=False,
             loss_mask=mask if name == "topk" else None,
         )
+    for name, enc in (  # the encodings without a residual, and without distributions
+        ("sampled", Encoding("sampled", "count", samples=32)),
+        ("tokens", Encoding("none", "none")),
+    ):
+        out[name] = logitstore.capture(
+            _teacher(3.0), seqs, root / name, enc, progress=False, loss_mask=mask
+        )
     shifted = logitstore.sequences_from_token_ids([(d + 1) % 280 for d in docs], 2048)
     out["shifted"] = logitstore.capture(  # other text: refused by compare
         _teacher(3.0), shifted, root / "shifted", Encoding("topk", "u8", k=16), progress=False
@@ -144,9 +151,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(stores: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tokens = tmp_path_factory.mktemp("tok") / "tokens"
-    tokens.write_text(TOKEN + "\n")
-    srv = Server(list(stores.values()), tokens)
+    srv = Server(list(stores.values()), _token_file(tmp_path_factory.mktemp("tok")))
     yield srv
     srv.stop()
 
@@ -245,6 +250,63 @@ def test_stats_are_histograms_over_a_sample(server: Server, stores) -> None:
     for key in ("entropy", "residual", "top1"):
         h = got[key]
         assert sum(h["counts"]) == got["positions"] and len(h["edges"]) == len(h["counts"]) + 1
+
+
+def test_stores_without_a_residual_or_without_distributions(server: Server, stores) -> None:
+    store = logitstore.open(stores["sampled"])
+    got = server.json("/v1/stores/sampled/view/tokens?start=0&stop=50")
+    b = store.read(0, 50)
+    for i in range(49):  # a next token no sample drew has no surprisal to show
+        hit = (b.ids[i] == b.input_ids[i + 1]) & (b.probs[i] > 0)
+        assert got["next_stored"][i] == bool(hit.any())
+        if not hit.any():
+            assert got["surprisal"][i] is None
+    assert got["residual"] == [0] * 50
+    kl = server.json("/v1/stores/topk/view/compare?other=sampled&start=0&stop=50")["kl"]
+    assert all(np.isfinite(kl)) and min(kl) >= 0
+    tokens = server.json("/v1/stores/tokens/view/tokens?start=0&stop=50")
+    assert tokens["kind"] == "none" and "entropy" not in tokens
+    assert (
+        tokens["loss_mask"]
+        == logitstore.open(stores["tokens"]).read_tokens(0, 50)[1].astype(int).tolist()
+    )
+    one = server.json("/v1/stores/tokens/view/position/3")
+    assert one["kind"] == "none" and "candidates" not in one
+    assert server.json("/v1/stores/tokens/view/stats")["positions"] == 0
+    status, _, body = server.get("/v1/stores/tokens/view/compare?other=topk&start=0&stop=3")
+    assert status == 400 and "tokens-only" in json.loads(body)["error"]["message"]
+
+
+def test_tokens_are_decoded_with_the_stores_own_tokenizer(
+    teacher: logitstore.Teacher, data_file: Path, tmp_path: Path
+) -> None:
+    # a byte-level BPE tokenizer, as real teachers have, stored by the writer
+    seqs = logitstore.tokenize(logitstore.read_documents([data_file]), teacher.tokenizer, 64)
+    path = logitstore.capture(
+        teacher, seqs, tmp_path / "bpe", Encoding("topk", "u8", k=8), progress=False
+    )
+    tok = logitstore.open(path).tokenizer()
+    assert tok is not None
+    srv = Server([path], _token_file(tmp_path))
+    try:
+        got = srv.json("/v1/stores/bpe/view/tokens?start=0&stop=64")
+        assert got["text"] == [tok.decode([i], skip_special_tokens=False) for i in got["input_ids"]]
+        one = srv.json("/v1/stores/bpe/view/position/0?limit=8")
+        assert [c["text"] for c in one["candidates"]] == [
+            tok.decode([c["id"]], skip_special_tokens=False) for c in one["candidates"]
+        ]
+        assert (
+            "def" in "".join(got["text"])
+            and srv.json("/v1/stores/bpe/view/search?q=DEF%20add")["matches"][0]["position"] == 0
+        )
+    finally:
+        srv.stop()
+
+
+def _token_file(folder: Path) -> Path:
+    path = folder / "tokens"
+    path.write_text(TOKEN + "\n")
+    return path
 
 
 # ---- the page, in a real browser --------------------------------------------------------
@@ -427,7 +489,7 @@ def test_a_wrong_token_brings_the_prompt_back(server: Server, tab: Page) -> None
     page.fill("#token", TOKEN)
     page.click("#auth button")
     tab.ready()
-    assert page.locator("#store-list a").count() == 5
+    assert page.locator("#store-list a").count() == 7
     # the token is kept for the session: a second page asks no more
     page.goto(f"{server.base}/v1/stores/other/view")
     tab.ready()
@@ -491,3 +553,18 @@ def test_view_command_serves_one_store_and_prints_its_url(stores) -> None:
         proc.wait(timeout=30)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_view_refuses_a_store_it_cannot_open(tmp_path: Path, capsys) -> None:
+    from logitstore.cli import main
+
+    assert main(["view", str(tmp_path / "nope.zarr")]) == 2
+    assert "logitstore view: error:" in capsys.readouterr().err
+
+
+def test_the_viewing_server_never_loads_torch(server: Server) -> None:
+    # Last in the file: by now the module's server has answered every view route.
+    maps = Path(f"/proc/{server.proc.pid}/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc")
+    assert "/torch/" not in maps.read_text()
