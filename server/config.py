@@ -65,7 +65,8 @@ class ServerConfig:
         the command with the reader's error instead of failing requests later.
 
         Args:
-            stores: store directories; the URL name of each is its directory's name.
+            stores: store directories or object-storage URLs (``s3://bucket/prefix/x.zarr``);
+                the URL name of each is its last component.
             token_file: a file of bearer tokens, one per line (``None``: no token needed).
             max_positions, block_positions: as the attributes.
 
@@ -80,14 +81,16 @@ class ServerConfig:
         """
         named: dict[str, str] = {}
         for path in stores:
-            logitstore.LogitStore(path)  # refuses incomplete or damaged metadata now
-            resolved = Path(path).resolve()
-            if resolved.name in named:
+            opened = logitstore.LogitStore(path)  # refuses incomplete or damaged metadata now
+            # A directory by its absolute path; an object-storage URL (s3://...) as it is.
+            where = opened.path if isinstance(opened.path, str) else str(Path(path).resolve())
+            name = where.rsplit("/", 1)[-1]
+            if name in named:
                 raise logitstore.LogitStoreError(
-                    f"two stores are named {resolved.name!r} (the directory name is the URL "
+                    f"two stores are named {name!r} (the directory name is the URL "
                     "name); rename one"
                 )
-            named[resolved.name] = str(resolved)
+            named[name] = where
         tokens = _read_tokens(token_file) if token_file else ()
         resolved_file = str(Path(token_file).resolve()) if token_file else None
         return cls(named, tokens, max_positions, block_positions, resolved_file)

@@ -39,7 +39,13 @@ async def store_file(name: str, key: str, state: AppState) -> StoreFile:
             digits, ``_ . -`` and ``/`` without ``.`` or ``..`` segments; ``no_such_key``
             for a key that is not a file of the store.
     """
-    root = Path(state.get(name).store.path).resolve()
+    where = state.get(name).store.path
+    if isinstance(where, str):  # a store in object storage: its keys are read there
+        raise ApiError(
+            "no_such_key",
+            f"store {name!r} is kept in object storage ({where}); read its raw keys there",
+        )
+    root = Path(where).resolve()
     if len(key) > _MAX_KEY or not _KEY.match(key) or any(p in (".", "..") for p in key.split("/")):
         raise ApiError(
             "bad_key",

@@ -33,7 +33,12 @@ def add_parsers(sub: Any) -> None:
         "what `logitstore.open` and LogitDataset take on the client side.",
         epilog=EPILOG,
     )
-    sv.add_argument("stores", nargs="+", metavar="STORE", help="store directories to serve")
+    sv.add_argument(
+        "stores",
+        nargs="+",
+        metavar="STORE",
+        help="store directories or object-storage URLs (s3://bucket/prefix/store.zarr) to serve",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     sv.add_argument("--workers", type=int, default=1, help="server processes (default 1)")

@@ -71,7 +71,23 @@ def _storage_options(scheme: str) -> dict[str, Any]:
         "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "6")),
         "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
     }
-    return {"config_kwargs": {"retries": retries, "connect_timeout": 10, "read_timeout": 60}}
+    opts: dict[str, Any] = {
+        "config_kwargs": {"retries": retries, "connect_timeout": 10, "read_timeout": 60}
+    }
+    # botocore would read these itself; passing them makes them part of the key under which
+    # fsspec caches file systems, so a changed environment gets a new client, not a stale one.
+    env = os.environ
+    for option, names in (
+        ("endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+        ("key", ("AWS_ACCESS_KEY_ID",)),
+        ("secret", ("AWS_SECRET_ACCESS_KEY",)),
+        ("token", ("AWS_SESSION_TOKEN",)),
+        ("profile", ("AWS_PROFILE",)),
+    ):
+        value = next((env[n] for n in names if env.get(n)), None)
+        if value is not None:
+            opts[option] = value
+    return opts
 
 
 class ObjectLocation:
