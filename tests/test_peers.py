@@ -271,3 +271,36 @@ def test_a_saved_hugging_face_dataset_imports(tmp_path: Path) -> None:
     datasets.Dataset.from_list([_good_row(), _good_row(5)]).save_to_disk(tmp_path / "ds")
     md = import_peer(tmp_path / "ds", "distillkit", tmp_path / "s.zarr", vocab_size=10)
     assert md.num_positions == 8 and md.num_sequences == 2
+
+
+def test_an_axolotl_file_of_conversations_is_tokenised_with_the_chat_template(
+    tmp_path: Path,
+) -> None:
+    """axolotl's own datasets hold `messages`, not tokens: --tokenizer renders them as
+    `logitstore write` does, and the rows align with the last tokens."""
+    from tests.chatkit import CONVERSATIONS, make_chat_teacher
+
+    from logitstore.write.chat import ChatTemplate, load_tokenizer
+
+    teacher = make_chat_teacher(tmp_path / "teacher")
+    chat = ChatTemplate(load_tokenizer(str(teacher)))
+    conv = CONVERSATIONS[0]
+    ids, learn = chat.encode(conv, "test")
+    n = len(ids) - 2  # two leading positions without rows
+    row = {
+        "messages": conv,
+        "target_token_ids": [[1, 2] for _ in range(n)],
+        "logprobs": [[-0.1, -3.0] for _ in range(n)],
+    }
+    f = _peer_file(tmp_path / "p.parquet", [row])
+    with pytest.raises(InputError, match="needs --tokenizer"):
+        import_peer(f, "axolotl", tmp_path / "s.zarr", vocab_size=500)
+    md = import_peer(f, "axolotl", tmp_path / "s.zarr", vocab_size=500, tokenizer=str(teacher))
+    assert md.tokenizer is not None and "chat_template_hash" in md.tokenizer
+    b = logitstore.open(tmp_path / "s.zarr").read(0, len(ids))
+    assert b.input_ids.tolist() == ids.tolist()
+    expected = np.zeros(len(ids), dtype=bool)
+    expected[:-1] = learn[1:]
+    expected[:2] = False  # no rows there
+    assert b.loss_mask.tolist() == expected.tolist()
+    assert b.residual[:2].tolist() == [1.0, 1.0] and b.ids[2].tolist() == [1, 2]

@@ -63,6 +63,8 @@ def _import(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         temperature=args.temperature,
         teacher=args.teacher,
+        tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -109,6 +111,20 @@ def add_parsers(sub: Any) -> None:
         help="temperature the log-probabilities were taken at (default: the export's, else 1)",
     )
     p.add_argument("--teacher", default=None, help="teacher name to record in provenance")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="axolotl files with `messages` but no input_ids: the teacher's tokenizer "
+        "(directory or hub id) whose chat template renders them, as `write` does "
+        "(assistant turns learned); the rows align with the last tokens",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template replacing the tokenizer's (as for write)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_import)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..format.peers import (
     DATA_FILE,
     INPUT_IDS_COLUMN,
     LOSS_MASK_COLUMN,
+    MESSAGES_COLUMN,
     RESIDUAL_COLUMN,
     SIDECAR,
     SIDECAR_TOKENIZER,
@@ -42,6 +43,10 @@ __all__ = ["import_peer", "read_peer_rows"]
 
 #: a log-probability above this is a probability above 1 (beyond float32 rounding)
 _MAX_LOGPROB = 1e-4
+#: a marker in the wanted columns: a tokenizer is at hand, so messages may stand for tokens
+_TOKENIZING = "\0tokenizing"
+#: (messages, where) → the conversation's tokens and which of them are learned
+Tokenize = Callable[[Any, str], tuple[np.ndarray, np.ndarray]]
 
 
 def _tables(src: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
@@ -81,18 +86,20 @@ def _tables(src: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
             row += table.num_rows
 
 
-_OPTIONAL = {RESIDUAL_COLUMN, LOSS_MASK_COLUMN}
+_OPTIONAL = {RESIDUAL_COLUMN, LOSS_MASK_COLUMN, MESSAGES_COLUMN}
 
 
 def _require_columns(where: Path, missing: list[str], found: list[str]) -> None:
-    missing = [c for c in missing if c not in _OPTIONAL]
+    if INPUT_IDS_COLUMN in missing and MESSAGES_COLUMN in found and _TOKENIZING in missing:
+        missing = [c for c in missing if c != INPUT_IDS_COLUMN]
+    missing = [c for c in missing if c not in _OPTIONAL and c != _TOKENIZING]
     if missing:
         raise InputError(
             f"{str(where)!r}: column(s) {', '.join(repr(c) for c in missing)} missing; found "
             f"{', '.join(repr(c) for c in found) or 'none'}. Check --format (the axolotl "
             "layout has input_ids, target_token_ids, logprobs; DistillKit's input_ids, "
-            "token_ids, top_values, labels); files with only `messages` must be tokenised "
-            "first (axolotl does it at training time)"
+            "token_ids, top_values, labels); an axolotl file with `messages` and no "
+            "input_ids needs --tokenizer (the teacher's, with its chat template)"
         )
 
 
@@ -101,11 +108,16 @@ def _column(table: Any, name: str) -> list[Any] | None:
 
 
 def read_peer_rows(
-    src: Path, schema: PeerSchema, vocab_size: int, zero_logprob: float = ZERO_LOGPROB
+    src: Path,
+    schema: PeerSchema,
+    vocab_size: int,
+    zero_logprob: float = ZERO_LOGPROB,
+    tokenize: Tokenize | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Each row (sequence) of ``src`` checked and decoded: ``input_ids`` ``(n,)``, ``ids`` and
     ``probs`` ``(n, m)`` (padding slots id 0, probability 0), ``residual`` ``(n,)`` or None,
-    ``mask`` ``(n,)`` bool or None.
+    ``mask`` ``(n,)`` bool or None. With ``tokenize``, a row without ``input_ids`` is
+    tokenised from its ``messages`` (and its mask is the learned tokens').
 
     Raises:
         InputError: naming the row, position and column at fault.
@@ -113,8 +125,14 @@ def read_peer_rows(
     cols = [*schema.required, RESIDUAL_COLUMN, LOSS_MASK_COLUMN]
     if schema.labels is not None:
         cols.append(schema.labels)
+    if tokenize is not None:
+        cols += [MESSAGES_COLUMN, _TOKENIZING]
     for first, table in _tables(src, cols):
-        data = {c: _column(table, c) for c in cols}
+        data = {c: _column(table, c) for c in cols if c != _TOKENIZING}
+        if tokenize is not None and data[INPUT_IDS_COLUMN] is None:
+            data[INPUT_IDS_COLUMN], data[LOSS_MASK_COLUMN] = _tokenize_all(
+                tokenize, data[MESSAGES_COLUMN], first, src
+            )
         for i in range(table.num_rows):
             yield _check_row(
                 first + i,
@@ -123,6 +141,23 @@ def read_peer_rows(
                 vocab_size,
                 zero_logprob,
             )
+
+
+def _tokenize_all(
+    tokenize: Tokenize, messages: list[Any] | None, first: int, src: Path
+) -> tuple[list[Any], list[Any]]:
+    """Tokens and loss masks of each row's conversation: prediction ``t`` counts when token
+    ``t + 1`` is learned, as ``logitstore write`` stores chats."""
+    if messages is None:
+        raise InputError(f"{str(src)!r}: no input_ids and no messages column to tokenise")
+    tokens, masks = [], []
+    for i, m in enumerate(messages):
+        ids, learn = tokenize(m, f"row {first + i}, column {MESSAGES_COLUMN!r}")
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[:-1] = learn[1:]
+        tokens.append(ids.tolist())
+        masks.append(mask)
+    return tokens, masks
 
 
 def _check_row(
@@ -204,6 +239,8 @@ def _check_row(
     mask = row.get(LOSS_MASK_COLUMN)
     labels = row.get(schema.labels) if schema.labels is not None else None
     out_mask = None
+    if mask is not None and len(mask) == len(tokens) != n and schema.name == "axolotl":
+        mask = mask[len(tokens) - n :]  # a tokenised conversation's: align with the rows
     if mask is not None:
         out_mask = np.asarray(mask[:n], dtype=bool)
     elif labels is not None:
@@ -270,6 +307,8 @@ def import_peer(
     vocab_size: int | None = None,
     temperature: float | None = None,
     teacher: str | None = None,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> StoreMetadata:
@@ -277,7 +316,10 @@ def import_peer(
 
     ``vocab_size`` and ``temperature`` default to what an export's ``logitstore.json``
     says; a peer's own files need ``vocab_size`` (ids are checked against it) and have
-    temperature 1 unless told. The tokenizer of an export comes along.
+    temperature 1 unless told. The tokenizer of an export comes along. ``tokenizer`` (a
+    Hugging Face tokenizer directory or hub id, with ``chat_template`` as for ``write``)
+    tokenises the ``messages`` of axolotl rows that have no ``input_ids``, as ``logitstore
+    write`` would (assistant turns learned); the rows then align with the last tokens.
 
     Raises:
         InputError: a bad row (row, position and column named), or no vocabulary size.
@@ -301,9 +343,24 @@ def import_peer(
         )
     T = float(temperature if temperature is not None else side.get("temperature", 1.0))
     zero = float(side.get("zero_logprob", ZERO_LOGPROB))
+    tokenize: Tokenize | None = None
+    tok_prov = side.get("tokenizer")
+    tok_json = base / SIDECAR_TOKENIZER if side else None
+    tok_raw = tok_json.read_bytes() if tok_json is not None and tok_json.exists() else None
+    if tokenizer is not None:
+        from ..format.provenance import tokenizer_identity
+        from .chat import ChatTemplate, check_messages, load_tokenizer
+
+        hf = load_tokenizer(tokenizer, chat_template)
+        chat = ChatTemplate(hf)
+        tok_prov, tok_raw = tokenizer_identity(hf)
+
+        def tokenize(messages: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+            return chat.encode(check_messages(messages, where), where)
+
     # pass 1: check every row, collect the tokens (the writer needs them up front)
     tokens, lengths, masks, width, exact = [], [], [], 1, True
-    for row in read_peer_rows(src, schema, int(vocab), zero):
+    for row in read_peer_rows(src, schema, int(vocab), zero, tokenize):
         tokens.append(row["input_ids"])
         lengths.append(len(row["input_ids"]))
         masks.append(row["mask"])
@@ -331,7 +388,6 @@ def import_peer(
     if teacher is not None or not prov:
         prov["name"] = teacher or f"unknown ({schema.name} import)"
     prov["imported"] = imported
-    tok_json = base / SIDECAR_TOKENIZER if side else None
     encoding = Encoding("topk", "fp32", temperature=T, k=width)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -342,14 +398,14 @@ def import_peer(
         input_ids=np.concatenate(tokens),
         offsets=offsets,
         teacher=prov,
-        tokenizer=side.get("tokenizer"),
-        tokenizer_json=tok_json.read_bytes() if tok_json and tok_json.exists() else None,
+        tokenizer=tok_prov,
+        tokenizer_json=tok_raw,
         loss_mask=loss_mask,
         overwrite=overwrite,
     ) as w:
         pos = 0
         bar = tqdm(total=int(offsets[-1]), unit="pos", desc=f"import {fmt}", disable=not progress)
-        for row in read_peer_rows(src, schema, int(vocab), zero):
+        for row in read_peer_rows(src, schema, int(vocab), zero, tokenize):
             n, m = row["ids"].shape
             ids = np.zeros((n, width), dtype=np.int64)
             probs = np.zeros((n, width), dtype=np.float32)
