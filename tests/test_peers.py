@@ -278,9 +278,8 @@ def test_an_axolotl_file_of_conversations_is_tokenised_with_the_chat_template(
 ) -> None:
     """axolotl's own datasets hold `messages`, not tokens: --tokenizer renders them as
     `logitstore write` does, and the rows align with the last tokens."""
-    from tests.chatkit import CONVERSATIONS, make_chat_teacher
-
     from logitstore.write.chat import ChatTemplate, load_tokenizer
+    from tests.chatkit import CONVERSATIONS, make_chat_teacher
 
     teacher = make_chat_teacher(tmp_path / "teacher")
     chat = ChatTemplate(load_tokenizer(str(teacher)))
