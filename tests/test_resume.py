@@ -117,8 +117,11 @@ def test_complete_store_is_not_overwritten_without_flag(teacher, tmp_path) -> No
         teacher, seqs, tmp_path / "s", Encoding("topk", "u8", k=4), progress=False
     )
     before = _files(out)
+    # The same write again (a scheduler's rerun) finds it complete: nothing changes.
+    logitstore.capture(teacher, seqs, out, Encoding("topk", "u8", k=4), progress=False)
+    assert _files(out) == before
     with pytest.raises(logitstore.StoreExistsError, match="--overwrite"):
-        logitstore.capture(teacher, seqs, out, Encoding("topk", "u8", k=4), progress=False)
+        logitstore.capture(teacher, seqs, out, Encoding("topk", "u7", k=4), progress=False)
     assert _files(out) == before
     logitstore.capture(
         teacher, seqs, out, Encoding("topk", "fp16", k=4), progress=False, overwrite=True

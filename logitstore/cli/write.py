@@ -44,7 +44,7 @@ def _write(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.seq_len is not None and args.seq_len < 2:
         raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
-    check_target(args.out, args.overwrite)  # before the teacher is loaded
+    done = check_target(args.out, args.overwrite, allow_complete=True)  # before the teacher
     # The tokenizer alone first: all input is read, rendered and checked before the model
     # takes its memory (a bad row fails in seconds, not after the model has loaded).
     tokenizer = load_tokenizer(args.teacher, args.chat_template)
@@ -82,7 +82,7 @@ def _write(args: argparse.Namespace) -> int:
         chunk_positions=args.chunk_positions,
         loss_mask=sequences.loss_mask,
     )
-    print(f"wrote {out}", file=sys.stderr)
+    print(_wrote(out, done), file=sys.stderr)
     return 0
 
 
@@ -329,3 +329,11 @@ def add_parsers(sub: Any) -> None:
     )
     _add_store_args(g, "replace a complete store at --out (an unfinished run is resumed)")
     g.set_defaults(func=_generate)
+
+
+def _wrote(out: object, before: object) -> str:
+    """The last line of ``write``: what it did. A finished store rerun with the same data,
+    teacher and settings is not an error (a scheduler may rerun a job that succeeded)."""
+    if getattr(before, "state", None) == "complete":
+        return f"{out} is already complete (same data, teacher and settings): nothing to do"
+    return f"wrote {out}"

@@ -5,6 +5,7 @@ Checked before a teacher is loaded, so a bad command fails in seconds, not hours
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -36,17 +37,28 @@ def check_sequences(input_ids: np.ndarray, offsets: np.ndarray, vocab_size: int)
         )
 
 
-def check_target(path: str | os.PathLike[str], overwrite: bool) -> StoreMetadata | None:
+def check_target(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    identity: str | None = None,
+    *,
+    allow_complete: bool = False,
+) -> StoreMetadata | None:
     """Check ``path`` (a directory or an object-storage URL) before any work: returns an
     interrupted store's metadata (to resume), or ``None`` when a new store may be created
-    there.
+    there. A complete store's metadata is returned when its identity is ``identity`` (a
+    rerun of a finished write: nothing to do), or, with ``allow_complete``, whatever its
+    identity (an early check, before the identity is known; the writer decides).
 
     Raises:
-        StoreExistsError: a complete store is there and ``overwrite`` is false, or something
-            that is not a logitstore store (never touched, even with ``overwrite``).
+        StoreExistsError: a complete store of another identity is there and ``overwrite`` is
+            false, or something that is not a logitstore store (never touched, even with
+            ``overwrite``).
         StorageError: (object storage) no such bucket, access denied, endpoint unreachable.
     """
     path = store_path(path)
+    if isinstance(path, Path):
+        _check_local_target(path)
     state = target_state(path)
     if state == "foreign":
         raise StoreExistsError(
@@ -64,12 +76,39 @@ def check_target(path: str | os.PathLike[str], overwrite: bool) -> StoreMetadata
         ) from None
     if overwrite:
         return None
-    if existing.state == "complete":
+    if existing.state == "complete" and not (allow_complete or existing.identity == identity):
         raise StoreExistsError(
-            f"{str(path)!r} already holds a complete store; pass --overwrite "
+            f"{str(path)!r} already holds a complete store written from other data or "
+            "settings; pass --overwrite (overwrite=True) to replace it, or choose another --out"
+            if identity is not None
+            else f"{str(path)!r} already holds a complete store; pass --overwrite "
             "(overwrite=True) to replace it, or choose another --out"
         )
     return existing
+
+
+def _check_local_target(path: Path) -> None:
+    """A directory can be made and written at ``path``: not a symbolic link (``--overwrite``
+    would replace the link's target), under directories only, writable."""
+    if path.is_symlink():
+        raise InputError(
+            f"--out {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); logitstore "
+            "writes a store only at its real path: pass that path instead"
+        )
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(
+            f"--out {str(path)!r}: {str(ancestor)!r} is a file, not a directory; choose "
+            "another --out"
+        )
+    writable = path if path.is_dir() else ancestor
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {str(path)!r}: cannot write in {str(writable)!r} (a read-only file system, "
+            "or no permission); choose another --out"
+        )
 
 
 def check_loss_mask(loss_mask: np.ndarray, num_positions: int) -> np.ndarray:

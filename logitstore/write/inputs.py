@@ -139,6 +139,8 @@ def read_sequences(
     ) as bar:
         for batch in _batches(paths, fields or Fields(), split, batch_rows):
             texts = [r for r in batch if r.text is not None]
+            for r in texts:
+                _check_text(r.text, r.where)
             encoded = iter(
                 tokenizer([r.text for r in texts], add_special_tokens=True)["input_ids"]
                 if texts
@@ -218,6 +220,30 @@ def _batches(
 def _records(paths: list[Path], fields: Fields, split: str | None) -> Iterable[Record]:
     for batch in _batches(paths, fields, split, 1024):
         yield from batch
+
+
+#: The longest document tokenised at once, in characters (docs: `logitstore write --help`).
+#: A Rust tokenizer holds ~100 bytes per character while it works, and aborts the process
+#: without a message when memory runs out (a 200 MB document did): longer ones are refused.
+MAX_DOCUMENT_CHARS = 1 << 24
+
+
+def _check_text(text: Any, where: str) -> None:
+    """A document's text is tokenisable: not over :data:`MAX_DOCUMENT_CHARS`, and valid
+    Unicode (JSON can escape a lone surrogate, which no UTF-8 tokenizer takes)."""
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise InputError(
+            f"{where}: the document has {len(text):,} characters; at most "
+            f"{MAX_DOCUMENT_CHARS:,} are tokenised at once: split it into several documents "
+            "(at paragraphs, functions or files): each is split into sequences anyway"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{where}: the text holds a lone surrogate (\\u{ord(text[e.start]):04x} at character "
+            f"{e.start}), which is not valid Unicode; fix its JSON escape or drop the document"
+        ) from None
 
 
 def _check_length(n: int, where: str) -> None:

@@ -48,9 +48,11 @@ from ..format.storage import (
     open_group,
     read_all,
     shard_file,
+    shard_key,
     write_metadata,
 )
 from .checks import check_loss_mask, check_sequences, check_target
+from .durable import local_key, sync_file, sync_tree
 from .encode import EncodedRows
 
 __all__ = ["StoreWriter"]
@@ -114,6 +116,9 @@ class StoreWriter:
             the next token is one a student should learn, e.g. a completion's). Stored as
             the ``loss_mask`` array (format 1.1).
         generation: how the text was generated (``logitstore generate``), kept as metadata.
+        fsync: force each shard file, then its commit record, then the completed metadata to
+            stable storage before the next step (file and directory ``fsync``), so a commit
+            survives a power loss, not only a kill (FORMAT.md §6.4). Local stores only.
         overwrite: replace an existing store instead of refusing or resuming.
 
     Raises:
@@ -142,11 +147,13 @@ class StoreWriter:
         chunk_positions: int | None = None,
         shard_positions: int | None = None,
         overwrite: bool = False,
+        fsync: bool = True,
         queue_depth: int = 4,
         loss_mask: np.ndarray | None = None,
         generation: dict[str, Any] | None = None,
     ) -> None:
         encoding.check_vocab(vocab_size)
+        self._fsync = fsync
         input_ids = np.asarray(input_ids)
         offsets = np.asarray(offsets, dtype=np.int64)
         check_sequences(input_ids, offsets, vocab_size)
@@ -198,6 +205,10 @@ class StoreWriter:
         self.group, self.metadata = self._create_or_resume(
             md, input_ids, offsets, tokenizer_json, overwrite, loss_mask
         )
+        if fsync and self.metadata is md:  # just created: its files and its name, durable
+            sync_tree(self.path)
+        #: a complete store of the same identity was there: nothing is written (a rerun)
+        self.already_complete = self.metadata.state == "complete"
         commits = read_all(self.group, COMMITS)
         self._committed = commits.astype(bool)
         pending = np.flatnonzero(~self._committed)
@@ -228,7 +239,7 @@ class StoreWriter:
         loss_mask: np.ndarray | None,
     ) -> tuple[zarr.Group, StoreMetadata]:
         path = self.path
-        existing = check_target(path, overwrite)
+        existing = check_target(path, overwrite, identity=md.identity)
         if existing is not None:
             if existing.identity != md.identity:
                 raise ResumeMismatchError(
@@ -305,8 +316,12 @@ class StoreWriter:
                 f"(first: shard {first}, from position {self.metadata.shard_range(first)[0]}); "
                 "every position must be supplied before the store can be complete"
             )
+        if self.metadata.state == "complete":  # a finished store rerun: nothing changes
+            return
         self.metadata = self.metadata.with_state("complete")
         write_metadata(self.group, self.metadata)
+        if self._fsync:
+            sync_file(local_key(self.path, "zarr.json"))
 
     def _put(self, q: queue.Queue[Any], item: Any) -> None:
         """Put without blocking forever: give up once a pipeline thread has failed."""
@@ -416,7 +431,11 @@ class StoreWriter:
                     # of the array: remove it first.
                     shard_file(self.path, name, buf.ndim, s).unlink(missing_ok=True)
                     self._arrays[name][s0:s1] = buf
+                    if self._fsync:  # the shard is on disk before its commit record says so
+                        sync_file(local_key(self.path, shard_key(name, buf.ndim, s)))
                 commits[s] = 1
+                if self._fsync:
+                    sync_file(local_key(self.path, f"{COMMITS}/c/{s}"))
                 self._committed[s] = True
         except BaseException as e:
             self._fail(e)
