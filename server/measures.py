@@ -168,6 +168,38 @@ def _dense(batch: logitstore.Batch, vocab: int, full: bool) -> np.ndarray:
     return dense[:, :vocab] if n else np.zeros((0, vocab))
 
 
+def _real(batch: logitstore.Batch) -> np.ndarray:
+    # (n, m): which candidate slots hold a stored token (padding decodes to id 0, p 0)
+    col = np.arange(batch.ids.shape[1])
+    out: np.ndarray = ~((batch.ids == 0) & (batch.probs == 0) & (col > 0))
+    return out
+
+
+def _kl_sparse(a: logitstore.Batch, b: logitstore.Batch, vocab: int) -> np.ndarray:
+    # The same sum as over _dense rows, without building them: the tokens a stores, the
+    # tokens only b stores, and all the others (each side at its residual's even share).
+    ra, rb = _real(a), _real(b)  # (n, ma), (n, mb)
+    same = (a.ids[:, :, None] == b.ids[:, None, :]) & ra[:, :, None] & rb[:, None, :]
+    base_a = (a.residual / np.maximum(vocab - ra.sum(1), 1)).astype(np.float64)  # (n,)
+    base_b = (b.residual / np.maximum(vocab - rb.sum(1), 1)).astype(np.float64)  # (n,)
+    pa = np.where(ra, a.probs, 0).astype(np.float64)  # (n, ma)
+    pb = np.where(rb, b.probs, 0).astype(np.float64)  # (n, mb)
+    in_b = same.any(axis=2)  # (n, ma)
+    qa = np.where(in_b, (same * pb[:, None, :]).sum(axis=2), base_b[:, None])  # (n, ma)
+
+    def term(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.where(
+            p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(np.where(q > 0, q, EPS))), 0
+        )
+
+    kl = term(pa, qa).sum(axis=1)
+    only_b = rb & ~same.any(axis=1)  # (n, mb): stored by b alone
+    kl += np.where(only_b, term(base_a[:, None], pb), 0).sum(axis=1)
+    others = vocab - ra.sum(1) - only_b.sum(1)  # (n,): stored by neither
+    out: np.ndarray = kl + others * term(base_a, base_b)
+    return out
+
+
 def kl_between(
     a: logitstore.StoreBase, b: logitstore.StoreBase, start: int, stop: int
 ) -> list[float]:
@@ -175,14 +207,24 @@ def kl_between(
     each store's residual spread evenly over the tokens it did not store, ``b``'s zeros
     taken as :data:`EPS`."""
     vocab = a.vocab_size
-    step = max(1, CHUNK_ELEMENTS // (vocab + 1))
+    dense = "full" in (a.encoding.kind, b.encoding.kind)
+    width = (
+        vocab + 1
+        if dense
+        else (a.encoding.k or a.encoding.samples or 1) * (b.encoding.k or b.encoding.samples or 1)
+    )
+    step = max(1, CHUNK_ELEMENTS // width)
     out: list[float] = []
     for lo in range(start, stop, step):
         hi = min(lo + step, stop)
-        p = _dense(a.read(lo, hi), vocab, a.encoding.kind == "full")  # (n, V)
-        q = _dense(b.read(lo, hi), vocab, b.encoding.kind == "full")  # (n, V)
-        logp = np.log(np.where(p > 0, p, 1))
-        kl = (p * (logp - np.log(np.where(q > 0, q, EPS)))).sum(axis=1)
+        ba, bb = a.read(lo, hi), b.read(lo, hi)
+        if dense:
+            p = _dense(ba, vocab, a.encoding.kind == "full")  # (n, V)
+            q = _dense(bb, vocab, b.encoding.kind == "full")  # (n, V)
+            logp = np.log(np.where(p > 0, p, 1))
+            kl = (p * (logp - np.log(np.where(q > 0, q, EPS)))).sum(axis=1)
+        else:
+            kl = _kl_sparse(ba, bb, vocab)
         out.extend(round(max(v, 0.0), 6) for v in kl.tolist())
     return out
 

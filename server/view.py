@@ -36,6 +36,7 @@ LIST_MAX = 256
 #: most positions one ``search`` request reads before it answers with where to go on
 SEARCH_POSITIONS = 1 << 20
 SEARCH_MATCHES = 20
+READ_BLOCK = 1 << 16
 
 ASSETS = Path(__file__).parent / "viewer"
 _PAGE_PATH = re.compile(r"/v1/stores/[^/]+/view")
@@ -183,20 +184,33 @@ def search(
     ``next_sequence`` is where to go on (``None``: the end of the store was reached)."""
     store = served.store
     text, needle = _texts(request, served), q.casefold()
+    offsets = store.offsets
     matches: list[dict[str, Any]] = []
-    seq, read = from_sequence, 0
-    while seq < store.num_sequences and read < SEARCH_POSITIONS and len(matches) < SEARCH_MATCHES:
-        s0, s1 = int(store.offsets[seq]), int(store.offsets[seq + 1])
-        pieces = text(store.read_tokens(s0, s1)[0])
-        read += s1 - s0
-        folded = [p.casefold() for p in pieces]  # (casefolding may change lengths)
-        at = "".join(folded).find(needle)
-        if at >= 0:
-            ends = np.cumsum([len(p) for p in folded])  # where each token's text ends
-            token = int(np.searchsorted(ends, at, side="right"))
-            snippet = "".join(pieces[max(0, token - 8) : token + 16])
-            matches.append({"sequence": seq, "position": s0 + token, "snippet": snippet})
-        seq += 1
+    seq = first = min(from_sequence, store.num_sequences)
+    while seq < store.num_sequences and len(matches) < SEARCH_MATCHES:
+        budget = int(offsets[first]) + SEARCH_POSITIONS - int(offsets[seq])
+        if budget <= 0:
+            break
+        # whole sequences, at most READ_BLOCK positions per read (a read costs ~1 ms), and
+        # never past the budget (unless one sequence alone is longer)
+        end = int(offsets[seq]) + min(READ_BLOCK, budget)
+        last = int(np.searchsorted(offsets, end, side="right")) - 1
+        last = min(max(last, seq + 1), store.num_sequences)
+        base = int(offsets[seq])
+        block = text(store.read_tokens(base, int(offsets[last]))[0])
+        for s in range(seq, last):
+            s0, s1 = int(offsets[s]), int(offsets[s + 1])
+            pieces = block[s0 - base : s1 - base]
+            folded = [p.casefold() for p in pieces]  # (casefolding may change lengths)
+            at = "".join(folded).find(needle)
+            if at >= 0:
+                ends = np.cumsum([len(p) for p in folded])  # where each token's text ends
+                token = int(np.searchsorted(ends, at, side="right"))
+                snippet = "".join(pieces[max(0, token - 8) : token + 16])
+                matches.append({"sequence": s, "position": s0 + token, "snippet": snippet})
+            seq = s + 1
+            if len(matches) == SEARCH_MATCHES:
+                break
     return {
         "matches": matches,
         "next_sequence": seq if seq < store.num_sequences else None,
