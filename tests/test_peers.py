@@ -303,3 +303,27 @@ def test_an_axolotl_file_of_conversations_is_tokenised_with_the_chat_template(
     expected[:2] = False  # no rows there
     assert b.loss_mask.tolist() == expected.tolist()
     assert b.residual[:2].tolist() == [1.0, 1.0] and b.ids[2].tolist() == [1, 2]
+
+
+def test_distillkit_compressed_rows_are_refused_with_the_way_out(tmp_path: Path) -> None:
+    row = {"input_ids": [1, 2], "compressed_logprobs": [[1, 2]], "bytepacked_indices": [[3]]}
+    f = _peer_file(tmp_path / "p.parquet", [row])
+    with pytest.raises(InputError, match="decompress_to_sparse"):
+        import_peer(f, "distillkit", tmp_path / "s.zarr", vocab_size=10)
+
+
+def test_export_axolotl_with_the_conversations(tmp_path: Path, capsys: Any) -> None:
+    src = _store(tmp_path / "s.zarr")
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+             for i in range(4)]  # fmt: skip
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    args = ["export", str(src), "--format", "axolotl", "--out", str(tmp_path / "x"),
+            "--no-progress"]  # fmt: skip
+    assert main([*args, "--messages", str(data)]) == 0
+    table = pq.read_table(tmp_path / "x" / DATA_FILE)
+    assert table.column("messages").to_pylist()[2] == convs[2]
+    assert "axolotl.yaml" in capsys.readouterr().err
+    data.write_text(json.dumps({"messages": convs[0]}) + "\n")
+    assert main([*args, "--overwrite", "--messages", str(data)]) == 2
+    assert "holds 1 conversation(s), but the store has 4" in capsys.readouterr().err

@@ -93,6 +93,14 @@ def _require_columns(where: Path, missing: list[str], found: list[str]) -> None:
     if INPUT_IDS_COLUMN in missing and MESSAGES_COLUMN in found and _TOKENIZING in missing:
         missing = [c for c in missing if c != INPUT_IDS_COLUMN]
     missing = [c for c in missing if c not in _OPTIONAL and c != _TOKENIZING]
+    compressed = {"compressed_logprobs", "packed_indices"} & set(found)
+    if missing and compressed:
+        raise InputError(
+            f"{str(where)!r} holds DistillKit's compressed rows ({', '.join(sorted(compressed))}"
+            "), which import does not decode: decompress them to token_ids/top_values with "
+            "DistillKit's LogprobCompressor.decompress_to_sparse (and the capture's "
+            "compressor config) first"
+        )
     if missing:
         raise InputError(
             f"{str(where)!r}: column(s) {', '.join(repr(c) for c in missing)} missing; found "
