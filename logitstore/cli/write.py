@@ -81,6 +81,7 @@ def _write(args: argparse.Namespace) -> int:
         shard_positions=args.shard_positions,
         chunk_positions=args.chunk_positions,
         loss_mask=sequences.loss_mask,
+        fsync=args.fsync,
     )
     print(_wrote(out, done), file=sys.stderr)
     return 0
@@ -265,6 +266,14 @@ def add_parsers(sub: Any) -> None:
     )
     w.add_argument("--seed", type=int, default=0, help="seed for sampled draws (default 0)")
     _add_store_args(w, "replace an existing store at --out")
+    w.add_argument(
+        "--fsync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="force each shard and its commit record to disk (file and directory fsync) "
+        "before the next, so committed shards survive a power loss, not only a kill "
+        "(default on; --no-fsync saves its cost: benchmarks/results/write.md)",
+    )
     w.set_defaults(func=_write)
 
     g = sub.add_parser(

@@ -131,6 +131,7 @@ def capture(
     shard_positions: int | None = None,
     loss_mask: np.ndarray | None = None,
     generation: dict[str, Any] | None = None,
+    fsync: bool = True,
 ) -> Path:
     """Run ``teacher`` over ``sequences`` and write (or resume) the store at ``out``.
 
@@ -142,6 +143,7 @@ def capture(
     did. (A sequence's logits may differ at float rounding between batchings, as between
     batch sizes.) ``loss_mask`` and ``generation`` are stored as :class:`StoreWriter`
     describes; an encoding of kind ``none`` stores the tokens without running the teacher.
+    ``fsync`` (default on) forces each commit to disk (:class:`StoreWriter`).
 
     Raises:
         InputError, TeacherError, StoreExistsError, ResumeMismatchError: checked before the
@@ -179,6 +181,7 @@ def capture(
         "shard_positions": shard_positions,
         "loss_mask": loss_mask,
         "generation": generation,
+        "fsync": fsync,
     }
     vocab = teacher.vocab_size
     row_bytes = 5 + encoding.width(vocab) * (
