@@ -455,6 +455,16 @@ def test_navigation_by_sequence_position_search_and_scrolling(
             break
     assert page.locator("#tokens .tok").count() == s1 - s0
     assert page.inner_text("#more") == "(end of sequence)"
+    # a position deep in it: the page starts near it and loads earlier positions on demand
+    page.fill("#pos", str(s0 + 1000))
+    page.click("#pos-form button")
+    page.wait_for_selector(f"#tokens .tok.focus[data-pos='{s0 + 1000}']")
+    assert first() == s0 + 1000 - 64
+    page.click("#earlier")
+    page.wait_for_selector(f"#tokens > .tok:first-child[data-pos='{s0 + 1000 - 64 - 512}']")
+    page.click("#earlier")
+    page.wait_for_selector(f"#tokens > .tok:first-child[data-pos='{s0}']")
+    assert page.locator("#earlier").is_hidden()
     assert tab.errors == []
 
 
@@ -527,6 +537,8 @@ def test_hostile_tokens_render_as_text(server: Server, stores, tab: Page) -> Non
     page.wait_for_selector("#matches .match")
     assert page.locator("#matches script").count() == 0
     assert page.evaluate("window.__pwned") is None
+    if SHOTS:
+        page.screenshot(path=str(Path(SHOTS) / "viewer-hostile.png"))
     assert tab.errors == []
 
 

@@ -40,6 +40,7 @@
         asking = null;
         resolve();
       };
+      dialog.oncancel = (ev) => ev.preventDefault(); // Escape: the page has nothing to show without a token
       dialog.showModal();
     });
     return asking;
