@@ -120,6 +120,9 @@ class StoreWriter:
             stable storage before the next step (file and directory ``fsync``), so a commit
             survives a power loss, not only a kill (FORMAT.md §6.4). Local stores only.
         overwrite: replace an existing store instead of refusing or resuming.
+        attach: join a store another writer of the same job created (a torchrun rank other
+            than 0): open it, check it is the same store, and neither create nor clean up.
+            Such a writer writes only the shards it is given with :meth:`claim`.
 
     Raises:
         StoreExistsError: a complete store is already at ``path`` (pass ``overwrite``).
@@ -151,6 +154,7 @@ class StoreWriter:
         queue_depth: int = 4,
         loss_mask: np.ndarray | None = None,
         generation: dict[str, Any] | None = None,
+        attach: bool = False,
     ) -> None:
         encoding.check_vocab(vocab_size)
         self._fsync = fsync
@@ -203,7 +207,7 @@ class StoreWriter:
             generation=None if generation is None else dict(generation),
         )
         self.group, self.metadata = self._create_or_resume(
-            md, input_ids, offsets, tokenizer_json, overwrite, loss_mask
+            md, input_ids, offsets, tokenizer_json, overwrite, loss_mask, attach
         )
         if fsync and self.metadata is md:  # just created: its files and its name, durable
             sync_tree(self.path)
@@ -211,11 +215,10 @@ class StoreWriter:
         self.already_complete = self.metadata.state == "complete"
         commits = read_all(self.group, COMMITS)
         self._committed = commits.astype(bool)
-        pending = np.flatnonzero(~self._committed)
-        #: the first position a caller still has to supply; earlier rows are committed.
-        self.resume_position = (
-            self.metadata.shard_range(int(pending[0]))[0] if len(pending) else md.num_positions
-        )
+        self._owns_all = not attach
+        self._todo = ~self._committed if self._owns_all else np.zeros_like(self._committed)
+        #: the first position a caller still has to supply; rows of other shards are dropped.
+        self.resume_position = self._first_todo()
         teacher_columns = TEACHER_COLUMNS[self.metadata.encoding.kind]
         self._arrays: dict[str, zarr.Array[Any]] = {
             name: array(self.group, name, writable=True) for name in teacher_columns
@@ -227,6 +230,37 @@ class StoreWriter:
         self._threads: list[threading.Thread] = []
         self._closed = False
 
+    def _first_todo(self) -> int:
+        pending = np.flatnonzero(self._todo)
+        return (
+            self.metadata.shard_range(int(pending[0]))[0]
+            if len(pending)
+            else self.metadata.num_positions
+        )
+
+    @property
+    def committed(self) -> np.ndarray:
+        """``(num_shards,)`` bool: the shards committed when this writer opened the store."""
+        return self._committed.copy()
+
+    @property
+    def todo(self) -> np.ndarray:
+        """``(num_shards,)`` bool: the shards this writer is to write."""
+        return self._todo.copy()
+
+    def claim(self, shards: np.ndarray) -> None:
+        """Write only ``shards`` (indices), this writer's share of a job whose writers write
+        disjoint sets of whole shards (FORMAT.md §6.5); rows of other shards are dropped.
+        Committed shards stay committed. Call before the ``with`` block. Closing such a
+        writer checks its own shards; :meth:`mark_complete` finishes the store."""
+        if self._threads:
+            raise LogitStoreError("StoreWriter.claim() must come before its `with` block")
+        mine = np.zeros_like(self._committed)
+        mine[np.asarray(shards, dtype=np.int64)] = True
+        self._owns_all = bool(mine.all())
+        self._todo = mine & ~self._committed
+        self.resume_position = self._cursor = self._first_todo()
+
     # -- creation and resume -------------------------------------------------------------
 
     def _create_or_resume(
@@ -237,9 +271,15 @@ class StoreWriter:
         tokenizer_json: bytes | None,
         overwrite: bool,
         loss_mask: np.ndarray | None,
+        attach: bool = False,
     ) -> tuple[zarr.Group, StoreMetadata]:
         path = self.path
-        existing = check_target(path, overwrite, identity=md.identity)
+        existing = check_target(path, overwrite and not attach, identity=md.identity)
+        if attach and existing is None:
+            raise IncompleteStoreError(
+                f"{str(path)!r} holds no store being written, though the writer that "
+                "creates it said it had; is --out on a file system every rank shares?"
+            )
         if existing is not None:
             if existing.identity != md.identity:
                 raise ResumeMismatchError(
@@ -248,7 +288,8 @@ class StoreWriter:
                     "rerun the original command to resume it, or pass --overwrite to "
                     "start again"
                 )
-            _remove_partials(path)
+            if not attach:  # an attached writer's peers may be writing already
+                _remove_partials(path)
             return open_group(path, mode="r+"), existing
         # Build the new store beside its destination and rename it into place, so a crash
         # during creation leaves nothing that looks like a store.
@@ -308,20 +349,36 @@ class StoreWriter:
         if abort:
             return
         self._raise_if_failed()
+        if self._owns_all:
+            self.mark_complete()
+            return
+        missing = self._todo & ~read_all(self.group, COMMITS).astype(bool)
+        if missing.any():
+            self._incomplete(missing, "of its own ")
+
+    def mark_complete(self) -> None:
+        """Mark the store complete: every shard must be committed (by any writer).
+
+        Raises:
+            IncompleteStoreError: a shard is not committed.
+        """
         commits = read_all(self.group, COMMITS).astype(bool)
         if not commits.all():
-            first = int(np.flatnonzero(~commits)[0])
-            raise IncompleteStoreError(
-                f"the writer was closed with {int((~commits).sum())} shard(s) not written "
-                f"(first: shard {first}, from position {self.metadata.shard_range(first)[0]}); "
-                "every position must be supplied before the store can be complete"
-            )
+            self._incomplete(~commits, "")
         if self.metadata.state == "complete":  # a finished store rerun: nothing changes
             return
         self.metadata = self.metadata.with_state("complete")
         write_metadata(self.group, self.metadata)
         if self._fsync:
             sync_file(local_key(self.path, "zarr.json"))
+
+    def _incomplete(self, missing: np.ndarray, whose: str) -> None:
+        first = int(np.flatnonzero(missing)[0])
+        raise IncompleteStoreError(
+            f"the writer was closed with {int(missing.sum())} {whose}shard(s) not written "
+            f"(first: shard {first}, from position {self.metadata.shard_range(first)[0]}); "
+            "every position must be supplied before the store can be complete"
+        )
 
     def _put(self, q: queue.Queue[Any], item: Any) -> None:
         """Put without blocking forever: give up once a pipeline thread has failed."""
@@ -378,6 +435,8 @@ class StoreWriter:
                 if item is _STOP:
                     break
                 start, rows = item
+                if start > self._cursor and not self._todo_between(self._cursor, start):
+                    self._cursor = start  # the rows between belong to no shard of ours
                 if start > self._cursor:
                     raise LogitStoreError(
                         f"rows must be written in position order without gaps: expected "
@@ -391,7 +450,7 @@ class StoreWriter:
                     s = pos // md.layout.shard_positions
                     s0, s1 = md.shard_range(s)
                     take = min(n - lo, s1 - pos)
-                    if not self._committed[s]:
+                    if self._todo[s]:
                         if s != shard:
                             shard = s
                             buffers = {
@@ -413,9 +472,15 @@ class StoreWriter:
             with contextlib.suppress(_Failed):
                 self._put(self._commit_queue, _STOP)
 
+    def _todo_between(self, lo: int, hi: int) -> bool:
+        """Whether positions ``[lo, hi)`` touch a shard this writer still has to write."""
+        sp = self.metadata.layout.shard_positions
+        return bool(self._todo[lo // sp : (hi - 1) // sp + 1].any())
+
     def _run_commit(self) -> None:
         """Writes each full shard (arrays first, commit record last)."""
         commits = array(self.group, COMMITS)
+        s, key = -1, ""
         try:
             while True:
                 item = self._commit_queue.get()
@@ -426,6 +491,7 @@ class StoreWriter:
                 s, buffers = item
                 s0, s1 = self.metadata.shard_range(s)
                 for name, buf in buffers.items():
+                    key = f"{name}/c/{s}"
                     # An uncommitted file from an interrupted run may be damaged, and zarr
                     # reads the old file when it rewrites a shard that is cut short by the end
                     # of the array: remove it first.
@@ -433,12 +499,20 @@ class StoreWriter:
                     self._arrays[name][s0:s1] = buf
                     if self._fsync:  # the shard is on disk before its commit record says so
                         sync_file(local_key(self.path, shard_key(name, buf.ndim, s)))
+                key = f"{COMMITS}/c/{s}"
                 commits[s] = 1
                 if self._fsync:
                     sync_file(local_key(self.path, f"{COMMITS}/c/{s}"))
                 self._committed[s] = True
         except BaseException as e:
-            self._fail(e)
+            self._fail(
+                LogitStoreError(
+                    f"writing shard {s} ({key!r}) of {str(self.path)!r} failed: {e!r}; the "
+                    "shards committed before it are kept, so the same command resumes"
+                )
+                if isinstance(e, OSError)
+                else e
+            )
 
 
 class _Failed(Exception):
