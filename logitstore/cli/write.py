@@ -38,10 +38,10 @@ def _write(args: argparse.Namespace) -> int:
     from ..write.checks import check_target
     from ..write.inputs import read_sequences
     from ..write.sources import Fields
-    from ..write.teacher import load_teacher, resolve_device
 
     encoding = _checked_encoding(args, args.encoding, args.temperature)
-    device = resolve_device(args.device)
+    ranks, device = _place(args)
+    say = _say(ranks)
     if args.seq_len is not None and args.seq_len < 2:
         raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
     done = check_target(args.out, args.overwrite, allow_complete=True)  # before the teacher
@@ -54,19 +54,20 @@ def _write(args: argparse.Namespace) -> int:
         fields=Fields(args.text_field, args.messages_field),
         split=args.split,
         train_on=args.train_on,
-        progress=not args.no_progress,
+        progress=not args.no_progress and say is not None,
     )
     documents = len(sequences)
-    teacher = load_teacher(args.teacher, device, args.dtype)
+    teacher = _load(args, device)
     teacher = dataclasses.replace(teacher, tokenizer=tokenizer)  # with --chat-template's
     encoding.check_vocab(teacher.vocab_size)
     seq_len = args.seq_len or teacher.max_length
     sequences = sequences.split(seq_len)
     masked = "" if sequences.loss_mask is None else f" ({int(sequences.loss_mask.sum())} learned)"
-    print(
+    _print(
+        say,
         f"{documents} document(s) → {len(sequences)} sequence(s), "
-        f"{len(sequences.input_ids)} positions{masked}; teacher {teacher.name} on {device}",
-        file=sys.stderr,
+        f"{len(sequences.input_ids)} positions{masked}; teacher {teacher.name} on "
+        f"{teacher.device}{_ranks_note(ranks)}",
     )
     out = capture(
         teacher,
@@ -83,7 +84,7 @@ def _write(args: argparse.Namespace) -> int:
         loss_mask=sequences.loss_mask,
         fsync=args.fsync,
     )
-    print(_wrote(out, done), file=sys.stderr)
+    _print(say, _wrote(out, done))
     return 0
 
 
@@ -96,10 +97,9 @@ def _generate(args: argparse.Namespace) -> int:
         GenerationSettings,
         check_prompts,
         generate,
-        journal_path,
         read_prompts,
     )
-    from ..write.teacher import load_teacher, resolve_device
+    from ..write.journal import journal_paths
 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -112,7 +112,8 @@ def _generate(args: argparse.Namespace) -> int:
     )
     # Checked before hours of generation, not after.
     soft = _checked_encoding(args, args.soft or "none", args.soft_temperature)
-    device = resolve_device(args.device)
+    ranks, device = _place(args)
+    say = _say(ranks)
     check_target(args.out, args.overwrite)  # before the teacher is loaded
     prompts = read_prompts(
         args.prompts,
@@ -123,13 +124,14 @@ def _generate(args: argparse.Namespace) -> int:
     # Conversations are rendered with the tokenizer alone, before the model is loaded.
     tokenizer = load_tokenizer(args.teacher, args.chat_template)
     check_prompts(prompts, tokenizer)
-    teacher = load_teacher(args.teacher, device, args.dtype)
+    teacher = _load(args, device)
     teacher = dataclasses.replace(teacher, tokenizer=tokenizer)  # with --chat-template's
-    resuming = journal_path(args.out).exists()
-    print(
+    resuming = bool(journal_paths(args.out))
+    _print(
+        say,
         f"{len(prompts)} prompt(s) × {settings.num_samples} sample(s); teacher {teacher.name} "
-        f"on {device}{'; found the journal of an unfinished run' if resuming else ''}",
-        file=sys.stderr,
+        f"on {teacher.device}{_ranks_note(ranks)}"
+        f"{'; found the journal of an unfinished run' if resuming else ''}",
     )
     out = generate(
         teacher,
@@ -142,14 +144,57 @@ def _generate(args: argparse.Namespace) -> int:
         chunk_positions=args.chunk_positions,
         shard_positions=args.shard_positions,
     )
-    print(f"wrote {out}", file=sys.stderr)
+    _print(say, f"wrote {out}")
     return 0
+
+
+def _place(args: argparse.Namespace) -> tuple[Any, Any]:
+    """This process's rank in a torchrun job (or None) and its teacher's device (None with
+    --device-map, which places the model itself)."""
+    from ..write.distributed import join, rank_device
+    from ..write.teacher import resolve_device
+
+    ranks = join()
+    if args.device_map is not None:
+        return ranks, None
+    return ranks, resolve_device(rank_device(args.device, ranks))
+
+
+def _load(args: argparse.Namespace, device: Any) -> Any:
+    from ..write.teacher import load_teacher
+
+    return load_teacher(args.teacher, device, args.dtype, device_map=args.device_map)
+
+
+def _say(ranks: Any) -> Any:
+    """Where messages go: stderr alone or on rank 0; nowhere on the other ranks."""
+    return sys.stderr if ranks is None or ranks.rank == 0 else None
+
+
+def _print(to: Any, message: str) -> None:
+    if to is not None:
+        print(message, file=to)
+
+
+def _ranks_note(ranks: Any) -> str:
+    return "" if ranks is None else f" (rank 0 of {ranks.world} ranks, each on its own device)"
 
 
 def _add_teacher_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="Hugging Face model directory or hub id")
     p.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if available); under torchrun each rank "
+        "uses cuda:LOCAL_RANK (or the CPU with --device cpu)",
+    )
+    p.add_argument(
+        "--device-map",
+        choices=["auto"],
+        default=None,
+        help="auto: spread a teacher too large for one GPU over all visible GPUs (Hugging "
+        "Face accelerate; pip install 'logitstore[multigpu]'). One process, layers run in "
+        "turn: it makes the model fit, not faster. Not with --device or torchrun",
     )
     p.add_argument(
         "--dtype",
