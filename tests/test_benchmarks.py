@@ -33,6 +33,7 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
         ["vs memmap, same workers", "vs CE only"],
     ),
     "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP"]),
+    "bench_ranks.py": (["--out", "{out}/ranks"], "ranks.md", ["vs 1 × 1"]),
     "probe_server.py": (["--out", "{out}/probe"], "probe.md", ["growth / 50 MiB limit"]),
     "tradeoff.py": (
         ["--out-dir", "{out}"],
