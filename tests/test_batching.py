@@ -214,3 +214,34 @@ def test_a_run_killed_inside_a_group_resumes_to_the_same_bytes(tmp_path: Path) -
         **sizes,
     )
     assert _files(other) != _files(ref)  # the test can see a change of batches
+
+
+def test_the_cli_runs_the_batching_it_is_given(teacher_dir: Path, tmp_path: Path) -> None:
+    # `write --batching sequential` gives the bytes of capture(batching="sequential"): the
+    # shipped-size GPT-2's rounding depends on its batches, so the stores say which ran.
+    from logitstore.cli import main
+
+    data = tmp_path / "d.jsonl"
+    rng = np.random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta"]
+    data.write_text(
+        "".join(
+            '{"text": "' + " ".join(rng.choice(words, int(n))) + '"}\n'
+            for n in _chat_lengths(12, seed=2) // 6 + 1
+        )
+    )
+    torch.set_num_threads(1)
+    args = ["--batch-size", "3", "--seq-len", "64", "--shard-positions", "64"]
+    args += ["--chunk-positions", "16"]
+    for batching in ("sequential", "length"):
+        out = tmp_path / f"cli-{batching}"
+        argv = ["write", "--teacher", str(teacher_dir), "--data", str(data), "--out", str(out)]
+        assert main([*argv, *args, "--batching", batching, "--no-progress"]) == 0
+        t = logitstore.load_teacher(str(teacher_dir), "cpu")
+        seqs = logitstore.tokenize(logitstore.read_documents([data]), t.tokenizer, 64)
+        ref = logitstore.capture(
+            t, seqs, tmp_path / f"api-{batching}", Encoding("topk", "u8", k=64),
+            batch_size=3, batching=batching, seq_len=64, shard_positions=64, chunk_positions=16,
+            progress=False,
+        )  # fmt: skip
+        assert _files(out) == _files(ref), batching

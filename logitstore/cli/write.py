@@ -75,6 +75,7 @@ def _write(args: argparse.Namespace) -> int:
         args.out,
         encoding,
         batch_size=args.batch_size,
+        batching=args.batching,
         seed=args.seed,
         seq_len=seq_len,
         overwrite=args.overwrite,
@@ -308,6 +309,14 @@ def add_parsers(sub: Any) -> None:
     )
     w.add_argument(
         "--batch-size", type=int, default=8, help="sequences per forward pass (default 8)"
+    )
+    w.add_argument(
+        "--batching",
+        choices=["length", "sequential"],
+        default="length",
+        help="length (default): sequences of similar length share a forward pass, so little "
+        "of it is padding; sequential: --batch-size consecutive sequences, padded to the "
+        "longest. Stored bytes do not depend on it for a batch-invariant teacher",
     )
     w.add_argument("--seed", type=int, default=0, help="seed for sampled draws (default 0)")
     _add_store_args(w, "replace an existing store at --out")
