@@ -66,11 +66,13 @@ class Ranks:
         if self.rank == 0:
             try:
                 result = fn()
-            except LogitStoreError as e:
-                self.store.set(key, pickle.dumps((False, e)))
-                raise
             except BaseException as e:
-                failed = LogitStoreError(f"rank 0 failed: {e!r}")
+                # The other ranks raise rank 0's error, named as rank 0's.
+                failed = (
+                    type(e)(f"{self}: {e}")
+                    if isinstance(e, LogitStoreError)
+                    else LogitStoreError(f"{self} failed: {e!r}")
+                )
                 self.store.set(key, pickle.dumps((False, failed)))
                 raise
             self.store.set(key, pickle.dumps((True, result)))
@@ -87,10 +89,14 @@ class Ranks:
 
     def barrier(self, key: str, tick: Callable[[], None] | None = None) -> None:
         """Wait until every rank has arrived at ``key``, calling ``tick`` while waiting."""
-        self.add(key, 1)
-        while self.add(key, 0) < self.world:
-            if tick is not None:
-                tick()
+        everyone = f"{key}/all"
+        if self.add(key, 1) == self.world:  # the last to arrive lets everyone go
+            self.store.set(everyone, b"1")
+        if tick is None:
+            self.store.wait([everyone], _WAIT)
+            return
+        while not self.store.check([everyone]):
+            tick()
             time.sleep(_POLL_S)
 
 
