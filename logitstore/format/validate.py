@@ -33,6 +33,7 @@ __all__ = [
     "MAX_OFFSETS_CHUNK",
     "check_array",
     "check_arrays",
+    "check_offsets",
     "check_shard_index",
     "inner_chunks",
     "read_offsets",
@@ -224,6 +225,26 @@ def read_offsets(arr: Any, md: StoreMetadata, where: str) -> np.ndarray:
             f"{where}: offsets end at {prev}, expected num_positions = {md.num_positions}"
         )
     return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+def check_offsets(offsets: np.ndarray, md: StoreMetadata, where: str) -> np.ndarray:
+    """Offsets received whole (from a server): the rule of :func:`read_offsets`.
+
+    Raises:
+        CorruptStoreError: wrong length, or not strictly increasing from 0 to N.
+    """
+    if offsets.shape != (md.num_sequences + 1,):
+        raise CorruptStoreError(
+            f"{where}: {offsets.shape[0]} offsets, expected num_sequences + 1 = "
+            f"{md.num_sequences + 1}"
+        )
+    steps = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != md.num_positions or (steps < 1).any():
+        raise CorruptStoreError(
+            f"{where}: offsets must strictly increase from 0 to num_positions = "
+            f"{md.num_positions} (FORMAT.md §4)"
+        )
+    return offsets
 
 
 def inner_chunks(col: Column, md: StoreMetadata, shard: int) -> tuple[int, int]:

@@ -19,10 +19,19 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import LogitStoreError, PositionError, ProtocolError, RemoteError, StoreNotFoundError
+from ..errors import (
+    CorruptStoreError,
+    LogitStoreError,
+    PositionError,
+    ProtocolError,
+    RemoteError,
+    StoreNotFoundError,
+)
+from ..format.chunks import CHUNKS_MEDIA_TYPE, ChunkParser
 from ..format.metadata import StoreMetadata
 from ..format.protocol import ERROR_TYPES, StreamParser
 from ..format.schema import StoredRows, empty_rows
+from ..format.validate import check_offsets
 from .store import StoreBase, check_range
 
 if TYPE_CHECKING:
@@ -44,6 +53,9 @@ class RemoteStore(StoreBase):
         retries: attempts after a failure (connection refused or reset, a 5xx without a known
             error code, a broken stream), with exponential backoff from ``backoff`` seconds.
             A refusal with a known code (PROTOCOL.md §4) is final, and raises at once.
+        compressed: ask for the compressed stream (PROTOCOL.md §2.1): the store's own
+            chunks, decoded here, which spares the server's CPU and the network. A server
+            that cannot send it answers with the row stream; both give the same bits.
     """
 
     def __init__(
@@ -54,6 +66,7 @@ class RemoteStore(StoreBase):
         timeout: float = 60.0,
         retries: int = 6,
         backoff: float = 0.25,
+        compressed: bool = True,
     ) -> None:
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -63,19 +76,32 @@ class RemoteStore(StoreBase):
         self._base = parts.path
         self._token = token if token is not None else os.environ.get("LOGITSTORE_TOKEN")
         self._timeout, self._retries, self._backoff = timeout, retries, backoff
+        self._accept = f"{CHUNKS_MEDIA_TYPE}, */*" if compressed else "*/*"
         #: failed attempts that were retried (connection refused or reset, unknown 5xx, cut stream)
         self.retried = 0
         self._local = threading.local()
         self._conns: list[http.client.HTTPConnection] = []
         self._conns_lock = threading.Lock()
-        info = json.loads(self._get(""))
+        try:
+            info = json.loads(self._get(""))
+            meta = info["metadata"]
+        except (ValueError, KeyError, TypeError):  # JSON, but not a logitstore answer
+            raise RemoteError(
+                f"{self.path} does not answer as a logitstore store (no JSON metadata); is "
+                "it the URL `logitstore serve` printed?"
+            ) from None
         self.info: dict[str, Any] = info
-        self.metadata = StoreMetadata.from_dict(info["metadata"])
+        self.metadata = StoreMetadata.from_dict(meta)
         # Ask in pieces the server accepts (it answers 413 above its cap).
         self._request_positions = min(
             int(info.get("server", {}).get("max_positions", 1 << 20)), 1 << 20
         )
-        self.offsets = np.frombuffer(self._get("/offsets"), dtype="<i8").astype(np.int64)
+        raw = self._get("/offsets")
+        if len(raw) % 8:
+            raise CorruptStoreError(f"{self.path}/offsets: {len(raw)} bytes, not int64s")
+        self.offsets = check_offsets(
+            np.frombuffer(raw, dtype="<i8").astype(np.int64), self.metadata, f"{self.path}"
+        )
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -130,9 +156,9 @@ class RemoteStore(StoreBase):
             with self._conns_lock:
                 self._conns = [c for c in self._conns if c is not conn]
 
-    def _request(self, path: str) -> http.client.HTTPResponse:
+    def _request(self, path: str, accept: str = "*/*") -> http.client.HTTPResponse:
         """``GET path``; a refusal raises the exception its JSON code names (ERROR_TYPES)."""
-        headers = {"Accept": "*/*"}
+        headers = {"Accept": accept}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         conn = self._connection()
@@ -189,7 +215,7 @@ class RemoteStore(StoreBase):
 
         def attempt(stop: int) -> None:
             nonlocal position
-            resp = self._request(f"/positions?start={position}&stop={stop}")
+            resp = self._request(f"/positions?start={position}&stop={stop}", self._accept)
 
             def read_exactly(n: int) -> bytes:
                 buf = bytearray(n)
@@ -201,8 +227,12 @@ class RemoteStore(StoreBase):
                     got += k
                 return buf  # type: ignore[return-value]  # writable, so arrays are too
 
-            parser = StreamParser(read_exactly, self.metadata, position, stop)
-            for block_start, rows in parser.blocks():
+            # The server chose: its compressed chunks (PROTOCOL.md §2.1), or rows (§2).
+            if (resp.getheader("Content-Type") or "").startswith(CHUNKS_MEDIA_TYPE):
+                blocks = ChunkParser(read_exactly, self.metadata, position, stop).rows()
+            else:
+                blocks = StreamParser(read_exactly, self.metadata, position, stop).blocks()
+            for block_start, rows in blocks:
                 parts.append(rows)  # verified: a retry resumes after it
                 position = block_start + len(rows.input_ids)
             if resp.read(1):  # the end record is the last byte; reading on frees the connection
