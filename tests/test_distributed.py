@@ -202,32 +202,6 @@ def test_device_map_without_accelerate_or_with_a_device_is_a_clear_error(
 # -- real torchrun jobs --------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_two_ranks_write_the_single_process_store(
-    teacher_dir: Path, data: Path, reference: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "two.zarr"
-    logs = tmp_path / "logs"
-    _run(
-        _torchrun(
-            2,
-            _write_args(teacher_dir, data, out),
-            "--standalone",
-            "--log-dir",
-            str(logs),
-            "-r",
-            "3",
-        )
-    )
-    assert _files(out) == _files(reference)
-    assert logitstore.verify(out).ok
-    # One progress bar, the whole job's, on rank 0; rank 1 prints nothing.
-    err = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
-    assert set(err) == {"0", "1"}
-    assert "write two.zarr: 100%" in err["0"]  # both ranks' positions, counted on rank 0
-    assert err["1"].strip() == ""
-
-
 def _worker(torchrun_pid: int, rank: int) -> int | None:
     """The pid of the torchrun worker process of ``rank`` (from /proc)."""
     for entry in Path("/proc").iterdir():
@@ -278,8 +252,25 @@ def test_a_killed_rank_loses_only_uncommitted_shards_and_three_ranks_finish_the_
         for name in ("ids", "values"):
             assert (out / name / "c" / str(s) / "0").read_bytes() == ref[f"{name}/c/{s}/0"]
     # Resume with another number of ranks: only what was not committed is written.
-    _run(_torchrun(3, [*_write_args(teacher_dir, data, out), "--no-progress"]))
+    logs = tmp_path / "logs"
+    _run(
+        _torchrun(
+            3,
+            _write_args(teacher_dir, data, out),
+            "--standalone",
+            "--log-dir",
+            str(logs),
+            "-r",
+            "3",
+        )
+    )
     assert _files(out) == _files(reference)
+    assert logitstore.verify(out).ok
+    # One progress bar, the whole job's, on rank 0; the other ranks print nothing.
+    err = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    assert set(err) == {"0", "1", "2"}
+    assert "write killed.zarr: 100%" in err["0"]  # every rank's positions, counted on rank 0
+    assert err["1"].strip() == "" and err["2"].strip() == ""
 
 
 def _free_port() -> int:
@@ -317,9 +308,11 @@ def test_two_nodes_joined_by_c10d_write_one_store(
 
 
 @pytest.mark.slow
-def test_generate_under_torchrun_equals_one_process(teacher_dir: Path, tmp_path: Path) -> None:
+def test_generate_under_torchrun_killed_and_resumed_equals_one_process(
+    teacher_dir: Path, tmp_path: Path
+) -> None:
     prompts = tmp_path / "prompts.jsonl"
-    texts = [c[: 8 + 3 * i] for i, c in enumerate(CORPUS * 3)]
+    texts = [c[: 8 + 2 * i] for i, c in enumerate(CORPUS * 5)]
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
 
     def args(out: Path) -> list[str]:
@@ -332,11 +325,11 @@ def test_generate_under_torchrun_equals_one_process(teacher_dir: Path, tmp_path:
             "--out",
             str(out),
             "--max-new-tokens",
-            "12",
+            "16",
             "--num-samples",
             "2",
             "--batch-size",
-            "3",
+            "2",
             "--soft",
             "topk",
             "--k",
@@ -347,6 +340,25 @@ def test_generate_under_torchrun_equals_one_process(teacher_dir: Path, tmp_path:
 
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     _run([sys.executable, "-m", "logitstore", *args(one)])
-    _run(_torchrun(2, args(two)))
+    # Two ranks, each appending finished batches to its own journal; rank 1 is killed.
+    job = subprocess.Popen(
+        _torchrun(2, args(two)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    journal = tmp_path / "two.zarr.generating.rank1.jsonl"
+    deadline, killed = time.monotonic() + 240, None
+    while time.monotonic() < deadline and job.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 3:  # header + 2 batches
+            killed = _worker(job.pid, 1)
+            if killed is not None:
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    job.communicate(timeout=120)
+    assert killed is not None, "generation finished before a rank could be killed"
+    assert job.returncode != 0 and not two.exists()
+    kept = [p.read_bytes().count(b"\n") - 1 for p in tmp_path.glob("two.zarr.generating*")]
+    assert len(kept) == 2 and sum(kept) >= 2  # the finished batches are kept
+    # Three ranks take over what is left, from both journals; the store is the one-process one.
+    _run(_torchrun(3, args(two)))
     assert _files(two) == _files(one)
     assert not list(tmp_path.glob("*.generating*"))  # every rank's journal is gone
