@@ -169,22 +169,32 @@ def make_store(work: Path, commands: list[str]) -> tuple[Path, Path, Path]:
          "--overwrite", "--no-progress"], commands, cwd=REPO_ROOT)  # fmt: skip
     for fmt in ("axolotl", "distillkit"):
         extra = ["--messages", str(convs)] if fmt == "axolotl" else []
-        run([*cli, "export", store, "--format", fmt, "--out", work / fmt, *extra,
+        proc = run([*cli, "export", store, "--format", fmt, "--out", work / fmt, *extra,
              "--overwrite", "--no-progress"], commands, cwd=REPO_ROOT)  # fmt: skip
+        (work / fmt / "export-warnings.txt").write_text(
+            "\n".join(x for x in proc.stderr.splitlines() if x.startswith("WARNING"))
+        )
     return teacher, convs, store
 
 
 def ensure_env(env: Path, python: str, groups: list[list[str]], commands: list[str]) -> Path:
+    """The virtual environment at ``env``, created with ``groups`` of packages (the first with
+    dependencies, the rest without) unless it exists; the commands that created it are kept
+    in it and copied into the results either way."""
     py = env / "bin" / "python"
+    record = env / "logitstore-peers-install.txt"
     if not py.exists():
-        run([python, "-m", "venv", env], commands)
+        made: list[str] = []
+        run([python, "-m", "venv", env], made)
         for i, pkgs in enumerate(groups):
             nodeps = ["--no-deps"] if i else []
-            run([py, "-m", "pip", "install", "-q", *nodeps, *pkgs], commands)
+            run([py, "-m", "pip", "install", "-q", *nodeps, *pkgs], made)
+        record.write_text("\n".join(made) + "\n")
+        commands += made
     else:
-        commands.append(
-            f"# reused the existing environment {env} (its pip freeze is in peers.json)"
-        )
+        made = record.read_text().splitlines() if record.exists() else ["(not recorded)"]
+        commands.append(f"# reused {env}, which was created by:")
+        commands += [f"#   {c}" for c in made]
     return py
 
 
@@ -290,6 +300,9 @@ def main() -> None:
     ):
         names = set(pq.read_schema(work / fmt / "data" / "train-00000-of-00001.parquet").names)
         assert cols <= names, f"{fmt} export lacks {cols - names}"
+    warnings = {
+        f: (work / f / "export-warnings.txt").read_text() for f in ("axolotl", "distillkit")
+    }
     result: dict[str, Any] = {
         "store": str(store_path),
         "positions": len(store),
@@ -328,6 +341,7 @@ def main() -> None:
             dk = json.loads((work / "distillkit.json").read_text())
             result["distillkit_env"] = freeze(py)
     result["checks"] = compare(store, ax, dk)
+    result["export_warnings"] = warnings
     result["commands"] = commands
     result["seconds"] = round(time.time() - t0, 1)
     rows = [[peer, check, str(v)] for peer, d in result["checks"].items() for check, v in d.items()]
@@ -345,6 +359,10 @@ def main() -> None:
         "example tokenizer (no ChatML special tokens, eos <|endoftext|>) axolotl does not "
         "train the `<|im_end|>` text either (it warns: set `eot_tokens`), which the store "
         "counts as part of the assistant's turn.",
+        "",
+        "What `export` printed (axolotl; DistillKit's adds nothing for a T = 1 store):",
+        "",
+        *[f"    {line}" for line in warnings["axolotl"].splitlines()],
         "",
         "Commands run:",
         "",
