@@ -185,7 +185,9 @@ def _check_row(
             f"has {len(logps)} position(s) but {schema.ids!r} has {n}: the lists must be parallel",
         )
     if not n:
-        raise fail(schema.ids, "is empty: a sequence needs at least one position")
+        raise fail(
+            schema.ids, "is empty: a store has no empty sequences; drop the row from the file"
+        )
     if len(tokens) < n:
         raise fail(
             schema.ids,
