@@ -39,6 +39,7 @@ __all__ = [
     "alpha_schedule",
     "codistillation_loss",
     "cross_entropy",
+    "distillation_loss",
     "forward_kl",
     "logit_kl",
     "reverse_kl",
@@ -284,9 +285,23 @@ def codistillation_loss(
     mask: torch.Tensor | None = None,
     **kl_kwargs: object,
 ) -> torch.Tensor:
-    """``alpha · forward_kl + (1 − alpha) · cross_entropy`` — the co-distillation mix."""
+    """``alpha · forward_kl + (1 − alpha) · cross_entropy`` — the co-distillation mix.
+
+    With the default token-mean reduction this is :func:`distillation_loss` (fused: one
+    log-softmax, the gradient written in the forward pass)."""
     if not 0.0 <= alpha <= 1.0:
         raise LogitStoreError(f"alpha must be in [0, 1], got {alpha}")
+    if kl_kwargs.get("reduction", "token_mean") == "token_mean":
+        return distillation_loss(
+            student_logits,
+            labels,
+            ids,
+            probs,
+            residual,
+            mask,
+            alpha=alpha,
+            **kl_kwargs,  # type: ignore[arg-type]
+        )
     kd = forward_kl(student_logits, ids, probs, residual, mask, **kl_kwargs)  # type: ignore[arg-type]
     ce = cross_entropy(student_logits, labels, mask)
     return alpha * kd + (1 - alpha) * ce
@@ -347,3 +362,7 @@ def alpha_schedule(kind: str, alpha: float, steps: int) -> Callable[[int], float
     if kind == "cosine":
         return CosineSchedule(0.0, alpha, steps)
     raise LogitStoreError(f"unknown schedule {kind!r}: expected one of {', '.join(SCHEDULES)}")
+
+
+# Last, because the fused loss builds on the helpers above (and is re-exported from here).
+from .fused import distillation_loss  # noqa: E402
