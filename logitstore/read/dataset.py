@@ -27,7 +27,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -72,15 +72,32 @@ def fold_to_vocab(batch: Batch, vocab_size: int, *, full: bool = False) -> Batch
     return batch._replace(ids=ids, probs=probs, residual=residual)
 
 
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(
+    samples: list[dict[str, torch.Tensor]], *, pin_memory: bool = False
+) -> dict[str, torch.Tensor]:
     """Stack samples into a batch, trimmed to the longest real window in it.
 
     Shapes: ``input_ids``, ``labels``, ``attention_mask``, ``loss_mask`` ``(B, T)``;
     ``ids`` ``(B, T, m)`` int32 (half the bytes of int64 to move; the losses accept it),
     ``probs`` ``(B, T, m)``; ``residual`` ``(B, T)``.
+
+    With ``pin_memory`` (a CUDA trainer reading with ``num_workers=0``) the batch is stacked
+    straight into page-locked memory, ready for ``.to("cuda", non_blocking=True)``: one
+    copy, where ``DataLoader(pin_memory=True)`` stacks and then copies again. Pass it as
+    ``collate_fn=functools.partial(collate, pin_memory=True)``. (Worker processes cannot
+    hand pinned memory over: with workers, use the DataLoader's own ``pin_memory``.)
     """
     longest = max(int(s["attention_mask"].sum()) for s in samples)
-    return {key: torch.stack([s[key][:longest] for s in samples]) for key in samples[0]}
+    out = {}
+    for key in samples[0]:
+        parts = [s[key][:longest] for s in samples]
+        if pin_memory:
+            shape = (len(parts), *parts[0].shape)
+            buf = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+            out[key] = torch.stack(parts, out=buf)
+        else:
+            out[key] = torch.stack(parts)
+    return out
 
 
 class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
@@ -180,7 +197,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             ends.append(np.minimum(w + seq_len, s1))
         self._starts = np.concatenate(starts)
         self._ends = np.concatenate(ends)
-        self._seq_end = np.repeat(offsets[1:], [len(w) for w in starts])  # (W,)
+        self._offsets = np.asarray(offsets, dtype=np.int64)  # (S + 1,) sequence starts
         self.epoch = 0
         self._yielded = 0  # samples yielded by the current iteration of this worker
         self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
@@ -297,35 +314,71 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             start + self.block_positions + self.seq_len + 1, self.metadata.num_positions
         )
 
-    def _sample(self, w: int, reader: _BlockReader) -> dict[str, torch.Tensor]:
-        a, e, seq_end = int(self._starts[w]), int(self._ends[w]), int(self._seq_end[w])
-        base, data = reader.get(a // self.block_positions)
-        n, lo = e - a, a - base
-        real = slice(lo, lo + n)
-        has_next = min(e + 1, seq_end) - a - 1  # positions whose next token is in the sequence
-        labels = torch.full((n,), -100, dtype=torch.long)
-        labels[:has_next] = torch.from_numpy(data.input_ids[lo + 1 : lo + 1 + has_next])
+    def _prepare(self, start: int, data: Batch) -> _Block:
+        """A decoded block as torch tensors, its labels computed once for all its windows."""
+        n = len(data.input_ids)
         assert data.loss_mask is not None
-        loss_mask = torch.from_numpy(data.loss_mask[real]).clone()
-        labels[~loss_mask] = -100  # e.g. prompt tokens of a generated store: not learned
-        # Copies, not views: a view would pin (and ship to the main process) the whole block.
+        input_ids = torch.from_numpy(data.input_ids)  # (L,) int64, shares the block's memory
+        loss_mask = torch.from_numpy(data.loss_mask)  # (L,) bool
+        # labels[t] = the next token; -100 at the block's end, where the next position starts
+        # another sequence, and where the store's mask excludes the position.
+        labels = torch.full((n,), -100, dtype=torch.long)
+        labels[:-1] = input_ids[1:]
+        offsets = self._offsets
+        starts = offsets[np.searchsorted(offsets, start + 1) : np.searchsorted(offsets, start + n)]
+        labels[torch.from_numpy(starts - start - 1)] = -100
+        labels[~loss_mask] = -100
+        # A full store's ids are a read-only broadcast view: each sample copies its rows.
+        ids = torch.from_numpy(data.ids) if data.ids.strides[0] else data.ids
+        return _Block(
+            start,
+            input_ids,
+            labels,
+            loss_mask,
+            ids,
+            torch.from_numpy(data.probs),
+            torch.from_numpy(data.residual),
+        )
+
+    def _sample(self, w: int, reader: _BlockReader) -> dict[str, torch.Tensor]:
+        a, e = int(self._starts[w]), int(self._ends[w])
+        block = reader.get(a // self.block_positions)
+        n, lo = e - a, a - block.start
+        real = slice(lo, lo + n)
+        ids = block.ids[real]
         sample = {
-            "input_ids": torch.from_numpy(data.input_ids[real]).clone(),  # (n,)
-            "labels": labels,  # (n,) next token, -100 where there is none
+            "input_ids": block.input_ids[real],  # (n,)
+            "labels": block.labels[real],  # (n,) next token, -100 where there is none
             "attention_mask": torch.ones(n, dtype=torch.long),  # (n,)
-            "loss_mask": loss_mask,  # (n,) bool: rows that count (the store's mask, FORMAT §4)
-            # (n, m) int32: half the bytes. A copy by NumPy: a full store's ids are a
-            # read-only broadcast view, which torch.from_numpy warns about.
-            "ids": torch.from_numpy(np.array(data.ids[real])),
-            "probs": torch.from_numpy(data.probs[real]).clone(),  # (n, m)
-            "residual": torch.from_numpy(data.residual[real]).clone(),  # (n,)
+            "loss_mask": block.loss_mask[real],  # (n,) bool: rows that count (FORMAT §4)
+            # (n, m) int32: half the bytes of int64.
+            "ids": ids if isinstance(ids, torch.Tensor) else torch.from_numpy(np.array(ids)),
+            "probs": block.probs[real],  # (n, m)
+            "residual": block.residual[real],  # (n,)
         }
         if n < self.seq_len:  # pad every field to (T, ...) with zeros (labels with -100)
             pad = self.seq_len - n
             for key, t in sample.items():
                 fill = -100 if key == "labels" else 0
                 sample[key] = torch.cat([t, t.new_full((pad, *t.shape[1:]), fill)])
+        elif get_worker_info() is not None:
+            # In a worker, copies: a view would pin the whole block, and ship it to the main
+            # process if the loader does not collate (batch_size=None). In the main process
+            # collate's stack is the one copy.
+            sample = {key: t.clone() for key, t in sample.items()}
         return sample
+
+
+class _Block(NamedTuple):
+    """A decoded block, as tensors over its ``L`` positions from ``start``."""
+
+    start: int
+    input_ids: torch.Tensor  # (L,) int64
+    labels: torch.Tensor  # (L,) int64: the next token or -100
+    loss_mask: torch.Tensor  # (L,) bool
+    ids: Any  # (L, m) int32 tensor; a full store's read-only broadcast ndarray
+    probs: torch.Tensor  # (L, m) float32
+    residual: torch.Tensor  # (L,) float32
 
 
 class _BlockReader:
@@ -337,8 +390,8 @@ class _BlockReader:
         self.ds = ds
         order = [int(b) for b in blocks_in_order]
         self.next = dict(itertools.pairwise(order))
-        self.cache: OrderedDict[int, tuple[int, Batch]] = OrderedDict()
-        self.pending: dict[int, Future[tuple[int, Batch]]] = {}
+        self.cache: OrderedDict[int, _Block] = OrderedDict()
+        self.pending: dict[int, Future[_Block]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitstore-prefetch")
 
     def __enter__(self) -> _BlockReader:
@@ -349,11 +402,13 @@ class _BlockReader:
         if self.ds._store is not None:
             self.ds._store.close()  # e.g. the read-ahead thread's HTTP connection
 
-    def _load(self, b: int) -> tuple[int, Batch]:
+    def _load(self, b: int) -> _Block:
         start, stop = self.ds._block_range(b)
-        return start, self.ds._for_student(start, self.ds._read_block(start, stop))
+        return self.ds._prepare(
+            start, self.ds._for_student(start, self.ds._read_block(start, stop))
+        )
 
-    def get(self, b: int) -> tuple[int, Batch]:
+    def get(self, b: int) -> _Block:
         hit = self.cache.get(b)
         if hit is not None:
             self.cache.move_to_end(b)
