@@ -72,7 +72,10 @@ def _storage_options(scheme: str) -> dict[str, Any]:
         "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
     }
     opts: dict[str, Any] = {
-        "config_kwargs": {"retries": retries, "connect_timeout": 10, "read_timeout": 60}
+        "config_kwargs": {"retries": retries, "connect_timeout": 10, "read_timeout": 60},
+        # Other processes (ranks, resumed jobs, copies) change the objects: never answer
+        # "does this key exist" from a listing cached earlier.
+        "use_listings_cache": False,
     }
     # botocore would read these itself; passing them makes them part of the key under which
     # fsspec caches file systems, so a changed environment gets a new client, not a stale one.

@@ -313,7 +313,7 @@ def record_teacher(teacher: torch.nn.Module, record: Recording, step: int) -> Pa
     was_training = teacher.training
     teacher.eval()
     try:
-        return capture(
+        capture(
             wrapped,
             record.sequences,
             out,
@@ -323,6 +323,7 @@ def record_teacher(teacher: torch.nn.Module, record: Recording, step: int) -> Pa
             # A complete store of other weights is from an earlier run of this directory.
             overwrite=existing is not None,
         )
+        return out
     finally:
         teacher.train(was_training)
 

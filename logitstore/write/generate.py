@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError, ResumeMismatchError, TeacherError
 from ..format.metadata import Encoding
 from ..format.provenance import prompts_digest, tokenizer_identity
+from ..format.storage import StorePath
 from .capture import capture
 from .chat import ChatTemplate
 from .checks import check_target
@@ -115,7 +116,7 @@ def generate(
     progress: bool = True,
     chunk_positions: int | None = None,
     shard_positions: int | None = None,
-) -> Path:
+) -> StorePath:
     """Generate completions of ``prompts`` with ``teacher`` and write (or resume) the store at
     ``out``: prompt + completion per sequence, a loss mask over the completion, and with
     ``soft`` the teacher's distributions at every position.
@@ -325,7 +326,7 @@ def _store(
     chunk_positions: int | None,
     shard_positions: int | None,
     generation: dict[str, Any],
-) -> Path:
+) -> StorePath:
     """Prompt + completion sequences and their loss mask into the store (phase 2)."""
     pieces, mask_pieces = [], []
     for r, (i, _) in enumerate(rows):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ResumeMismatchError
+from ..format.storage import is_object_url, store_path
 from .teacher import Teacher
 
 __all__ = [
@@ -29,17 +30,29 @@ __all__ = [
 JOURNAL_VERSION = 1
 
 
+def _beside(out: str | os.PathLike[str]) -> Path:
+    """The local path journals sit beside: the store's directory, or, for a store in object
+    storage (where a file cannot be appended to), a name in ``LOGITSTORE_JOURNAL_DIR``
+    (default ``~/.cache/logitstore/journals``) derived from the URL."""
+    if not is_object_url(out):
+        return Path(out)
+    url = str(store_path(out))
+    default = Path.home() / ".cache" / "logitstore" / "journals"
+    base = Path(os.environ.get("LOGITSTORE_JOURNAL_DIR") or default)
+    return base / f"{url.rsplit('/', 1)[-1]}.{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
 def journal_path(out: str | os.PathLike[str], rank: int = 0) -> Path:
     """Where :func:`generate` (or its torchrun rank ``rank``) keeps the completions of an
     unfinished run."""
-    out = Path(out)
+    out = _beside(out)
     tail = "" if rank == 0 else f".rank{rank}"
     return out.parent / f"{out.name}.generating{tail}.jsonl"
 
 
 def journal_paths(out: str | os.PathLike[str]) -> list[Path]:
     """Every journal of an unfinished run at ``out`` (one per rank that wrote one)."""
-    out = Path(out)
+    out = _beside(out)
     ranks = sorted(out.parent.glob(f"{glob.escape(out.name)}.generating.rank*.jsonl"))
     return [p for p in [journal_path(out), *ranks] if p.exists()]
 

@@ -3,7 +3,7 @@
 Object stores have no ``flock``, but they have conditional writes: the job that writes a store
 puts ``.logitstore-writer.json`` under the store's prefix with ``If-None-Match: *``, so of two
 jobs started on one store exactly one gets it; the other is refused with the holder's host,
-process and the time its lease runs out. The holder renews the lease every third of its
+process and the time its lease runs out. The holder renews the lease every quarter of its
 length; a job that was killed stops renewing it, and once it has run out (default 60 s,
 ``LOGITSTORE_LEASE_SECONDS``) the next run takes it over and resumes. Leaving normally, or
 with an error, deletes it, so a rerun resumes at once.
@@ -92,7 +92,7 @@ class _Lease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        while not self._stop.wait(self.ttl / 4):
             with contextlib.suppress(LogitStoreError):  # a missed renewal is retried next time
                 held = self.loc.read_json(WRITER_KEY)
                 if not (isinstance(held, dict) and held.get("job") == self.job):

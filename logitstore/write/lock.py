@@ -4,8 +4,9 @@ silently writing the same shards (FORMAT.md §6.5: two writers of one shard lose
 
 The lock is ``flock`` on a local file: the kernel releases it when its process dies, so a
 killed job never leaves a stale lock behind and the next run resumes at once. Under torchrun
-rank 0 holds it for the whole job. On object storage there is no such lock; there a second
-concurrent job is not detected (see README "Scale out").
+rank 0 holds it for the whole job. On object storage, where there is no ``flock``, the job
+holds a lease object under the store's prefix instead (:mod:`.lease`): taken with a
+conditional put, renewed while the job runs, run out some time after a kill.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreExistsError
+from ..format.storage import store_path
+from .lease import object_lease
 
 __all__ = ["lock_path", "store_lock"]
 
@@ -44,12 +47,17 @@ def store_lock(out: str | os.PathLike[str]) -> Iterator[None]:
             that took it, and when).
     """
     path = lock_path(out)
-    if path is None:
-        yield
-        return
-    key = str(path.resolve())
+    key = str(store_path(out)) if path is None else str(path.resolve())
     if key in _HELD:
         yield
+        return
+    if path is None:  # object storage: a lease object instead of a flock (FORMAT.md §6.6)
+        _HELD.add(key)
+        try:
+            with object_lease(key):
+                yield
+        finally:
+            _HELD.discard(key)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
