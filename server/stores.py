@@ -63,13 +63,21 @@ async def tokenizer(served: Store) -> Response:
 
 @router.get("/v1/stores/{name}/positions", summary="Positions [start, stop), streamed")
 async def positions(
-    span: Annotated[Span, Depends(position_range)], state: AppState, metrics: AppMetrics
+    request: Request,
+    span: Annotated[Span, Depends(position_range)],
+    state: AppState,
+    metrics: AppMetrics,
 ) -> StreamingResponse:
-    return stream_response(span, state.config.block_positions, metrics)
+    accept = request.headers.get("accept", "")  # the compressed stream, if asked for
+    return stream_response(span, state.config.block_positions, metrics, accept)
 
 
 @router.get("/v1/stores/{name}/sequences/{index}", summary="One sequence, streamed")
 async def sequence(
-    span: Annotated[Span, Depends(sequence_range)], state: AppState, metrics: AppMetrics
+    request: Request,
+    span: Annotated[Span, Depends(sequence_range)],
+    state: AppState,
+    metrics: AppMetrics,
 ) -> StreamingResponse:
-    return stream_response(span, state.config.block_positions, metrics)
+    accept = request.headers.get("accept", "")
+    return stream_response(span, state.config.block_positions, metrics, accept)

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 from fastapi.responses import StreamingResponse
 
 import logitstore
+from logitstore.format.chunks import CHUNKS_MEDIA_TYPE
 from logitstore.format.protocol import encode_block, encode_end, encode_error, encode_header
 
+from .chunks import chunk_response, chunk_stream_layout
 from .deps import Span
 from .metrics import Metrics, mark_failed
 
@@ -34,12 +36,19 @@ _BYTES_LABEL = "/v1/stores/{name}/positions"
 log = logging.getLogger("logitstore.server")
 
 
-def stream_response(span: Span, block_positions: int, metrics: Metrics) -> StreamingResponse:
-    """``span`` as a stream of blocks of at most ``block_positions`` rows."""
+def stream_response(
+    span: Span, block_positions: int, metrics: Metrics, accept: str = ""
+) -> StreamingResponse:
+    """``span`` as a stream of blocks of at most ``block_positions`` rows; as the compressed
+    stream (chunks.py, PROTOCOL.md §2.1) when ``accept`` asks for it and the store allows."""
+    if CHUNKS_MEDIA_TYPE in accept:
+        layout = chunk_stream_layout(span.store)
+        if layout is not None:
+            return chunk_response(span, layout, metrics)
     return StreamingResponse(
         _body(span.store, span.start, span.stop, block_positions, metrics),
         media_type=MEDIA_TYPE,
-        headers={"X-Logitstore-Positions": f"{span.start}-{span.stop}"},
+        headers={"X-Logitstore-Positions": f"{span.start}-{span.stop}", "Vary": "Accept"},
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import crc32c
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = [
     "encode_end",
     "encode_error",
     "encode_header",
+    "read_error_record",
 ]
 
 MAGIC = b"LGSTRM01"
@@ -61,6 +62,7 @@ ERROR_TYPES: dict[str, type[LogitStoreError]] = {
     "unknown_store": StoreNotFoundError,
     "no_such_key": StoreNotFoundError,
     "no_tokenizer": StoreNotFoundError,
+    "unknown_sequence": StoreNotFoundError,
     "not_found": StoreNotFoundError,
     "bad_range": PositionError,
     "range_not_satisfiable": PositionError,
@@ -184,19 +186,7 @@ class StreamParser:
             self.position = start + n
 
     def _error(self) -> None:
-        """The server failed mid-stream and said why: raise that code's error (final)."""
-        (size,) = struct.unpack("<I", self._read(4))
-        if size > 1 << 16:
-            raise ProtocolError(f"stream error record of {size} bytes is implausibly large")
-        try:
-            err = json.loads(self._read(size))["error"]
-            code, message = str(err["code"]), str(err["message"])
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ProtocolError(f"stream error record is malformed: {e}") from None
-        cls = ERROR_TYPES.get(code)
-        if cls is None:  # not a code this client knows: retried like a cut stream
-            raise ProtocolError(f"the server stopped the stream at {self.position}: {message}")
-        raise cls(f"the server stopped the stream at position {self.position} ({code}): {message}")
+        read_error_record(self._read, self.position)
 
     def _rows(self, payload: bytes, n: int) -> StoredRows:
         buf = memoryview(payload)
@@ -208,3 +198,20 @@ class StreamParser:
             arrays[col.name] = np.frombuffer(buf[at : at + size], dtype=dtype).reshape(col.shape(n))
             at += size
         return rows_from_columns(self.md, arrays, n)
+
+
+def read_error_record(read_exactly: Callable[[int], bytes], position: int) -> NoReturn:
+    """The rest of an ``ERR0`` record: the server failed mid-stream at ``position`` and said
+    why. Raises that code's error (final), or ProtocolError (retried) for an unknown code."""
+    (size,) = struct.unpack("<I", read_exactly(4))
+    if size > 1 << 16:
+        raise ProtocolError(f"stream error record of {size} bytes is implausibly large")
+    try:
+        err = json.loads(read_exactly(size))["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ProtocolError(f"stream error record is malformed: {e}") from None
+    cls = ERROR_TYPES.get(code)
+    if cls is None:  # not a code this client knows: retried like a cut stream
+        raise ProtocolError(f"the server stopped the stream at {position}: {message}")
+    raise cls(f"the server stopped the stream at position {position} ({code}): {message}")

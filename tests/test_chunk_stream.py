@@ -1,0 +1,190 @@
+"""The compressed stream (PROTOCOL.md §2.1) over a real socket: negotiated, bit-identical to
+local reads for ranges that cut chunks, resumable after a dropped connection, and old clients
+keep the row stream."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import logitstore
+from logitstore import Encoding
+from logitstore.format.chunks import CHUNKS_MAGIC, CHUNKS_MEDIA_TYPE
+from logitstore.format.protocol import MAGIC
+from tests.test_server import Server
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chunked")
+    rng = np.random.default_rng(3)
+    seqs = logitstore.sequences_from_token_ids(
+        [rng.integers(0, VOCAB, rng.integers(2, 300)) for _ in range(60)], 128
+    )
+    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(2)) * 3
+    teacher = logitstore.Teacher(
+        fn=lambda ids, mask: table[ids], vocab_size=VOCAB, device=torch.device("cpu")
+    )
+    mask = rng.integers(0, 2, len(seqs.input_ids)).astype(np.uint8)
+    out = {}
+    for name, enc in (
+        ("topk", Encoding("topk", "u8", k=16)),
+        ("full", Encoding("full", "fp16")),
+        ("sampled", Encoding("sampled", "count", samples=32)),
+        ("tokens", Encoding("none", "none")),
+    ):
+        out[name] = logitstore.capture(
+            teacher,
+            seqs,
+            root / name,
+            enc,
+            progress=False,
+            chunk_positions=256,
+            shard_positions=2048,
+            loss_mask=mask if name == "tokens" else None,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(stores: dict[str, Path]) -> Iterator[Server]:
+    srv = Server(list(stores.values())).start()
+    yield srv
+    srv.stop()
+
+
+def _same(a: logitstore.Batch, b: logitstore.Batch) -> bool:
+    # Bits, not values: NaN == NaN and -0.0 != 0.0 here.
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_stream_is_negotiated_and_old_clients_keep_rows(server: Server) -> None:
+    path = "/v1/stores/topk/positions?start=10&stop=300"
+    status, headers, body = server.get(path, {"Accept": CHUNKS_MEDIA_TYPE}, token=None)
+    assert status == 200 and headers["content-type"] == CHUNKS_MEDIA_TYPE
+    assert body.startswith(CHUNKS_MAGIC)
+    status, headers, body = server.get(path, {"Accept": "*/*"}, token=None)
+    assert status == 200 and headers["content-type"].startswith("application/x-logitstore-stream")
+    assert body.startswith(MAGIC)
+    status, _, body = server.get(path, token=None)  # no Accept at all: rows
+    assert status == 200 and body.startswith(MAGIC)
+    for name in ("full", "sampled", "tokens"):  # every encoding's arrays travel as chunks
+        status, headers, _ = server.get(
+            f"/v1/stores/{name}/positions?start=0&stop=5", {"Accept": CHUNKS_MEDIA_TYPE}
+        )
+        assert headers["content-type"] == CHUNKS_MEDIA_TYPE, name
+
+
+@pytest.mark.parametrize("name", ["topk", "full", "sampled", "tokens"])
+def test_compressed_reads_are_bit_identical_to_local_and_to_rows(
+    server: Server, stores: dict[str, Path], name: str
+) -> None:
+    local = logitstore.open(stores[name])
+    chunked = logitstore.RemoteStore(server.url(name))
+    rows = logitstore.RemoteStore(server.url(name), compressed=False)
+    n = len(local)
+    rng = np.random.default_rng(4)
+    # Ranges that cut inner chunks (256) and shards (2048), single positions, the end, empty.
+    spans = [(0, n), (255, 257), (2047, 2049), (n - 1, n), (300, 300), (1, 2048 * 2 + 3)]
+    spans += [tuple(sorted(int(x) for x in rng.integers(0, n + 1, 2))) for _ in range(8)]
+    for a, b in spans:
+        want = local.read(a, b)
+        assert _same(chunked.read(a, b), want), (name, a, b)
+        assert _same(rows.read(a, b), want), (name, a, b)
+    assert _same(chunked.sequence(3), local.sequence(3))
+
+
+class CuttingProxy:
+    """A TCP proxy that cuts the first position stream after ``cut`` bytes of its answer."""
+
+    def __init__(self, port: int, cut: int) -> None:
+        self.target, self.cut, self.cuts = port, cut, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            state = {"streaming": False}
+            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
+
+    def _up(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
+        try:
+            while data := src.recv(65536):
+                if b"/positions" in data:
+                    state["streaming"] = True
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def _down(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                if state["streaming"] and self.cuts == 0:
+                    sent += len(data)
+                    if sent > self.cut:
+                        self.cuts += 1
+                        dst.sendall(data[: len(data) - (sent - self.cut)])
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_dropped_connection_resumes_from_the_last_verified_rows(
+    server: Server, stores: dict[str, Path]
+) -> None:
+    local = logitstore.open(stores["full"])  # the largest: chunks of 256 x 300 fp16
+    n = len(local)
+    proxy = CuttingProxy(server.port, cut=400_000)
+    try:
+        url = f"http://127.0.0.1:{proxy.port}/v1/stores/full"
+        remote = logitstore.RemoteStore(url, backoff=0.01)
+        got = remote.read(0, n)
+        assert proxy.cuts == 1 and remote.retried >= 1  # it was cut, and resumed
+        assert _same(got, local.read(0, n))
+    finally:
+        proxy.close()
+
+
+def test_a_damaged_chunk_is_caught_by_its_checksum(tmp_path: Path, stores) -> None:
+    import shutil
+
+    path = tmp_path / "topk"
+    shutil.copytree(stores["topk"], path)
+    shard = path / "values" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # inside the first inner chunk: the shard index stays intact
+    shard.write_bytes(bytes(data))
+    srv = Server([path]).start()
+    try:
+        remote = logitstore.RemoteStore(srv.url("topk"), retries=1, backoff=0.01)
+        with pytest.raises(logitstore.LogitStoreError, match="CRC-32C"):
+            remote.read(0, 10)
+    finally:
+        srv.stop()
