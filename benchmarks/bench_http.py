@@ -1,9 +1,12 @@
 """HTTP benchmark: one `logitstore serve` process on loopback, read by one client and by 8 and
-32 concurrent clients, beside raw bytes of the same size over the same loopback.
+32 concurrent clients, beside raw bytes of the same size over the same loopback, for both
+streams: the row stream (PROTOCOL.md §2) and the compressed stream (§2.1).
 
 The store is top-64 u8 rows of the shipped teacher (held-out stdlib text), tiled to
-``--positions``. Baseline: a plain TCP socket on 127.0.0.1 sends the same number of bytes a
-stream of the whole store takes, to a client that receives them into a buffer, in the same run.
+``--positions``. Baselines, in the same run: a plain TCP socket on 127.0.0.1 sending as many
+bytes as the larger stream of the whole store takes, to a client that receives them into a
+buffer; and the row stream beside the compressed one. The server's CPU time is read from
+/proc around each measurement.
 
     python benchmarks/bench_http.py            # default: a couple of minutes on 2 cores
     python benchmarks/bench_http.py --quick
@@ -12,6 +15,7 @@ stream of the whole store takes, to a client that receives them into a buffer, i
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import statistics
@@ -28,7 +32,7 @@ from benchlib.report import md_table, one_thread_if_quick, results_dir, run_meta
 from benchlib.stores import add_store_args, build_store
 
 import logitstore
-from logitstore.format.schema import StoredRows
+from logitstore.format.chunks import CHUNKS_MEDIA_TYPE
 
 
 def raw_loopback(nbytes: int) -> float:
@@ -104,19 +108,44 @@ def raw_keys(port: int, store: Path, repeats: int) -> dict[str, Any]:
     }
 
 
-def clients(url: str, n_clients: int, n_positions: int, span: int, decode: bool) -> float:
-    """Aggregate positions/s of ``n_clients`` threads, each reading ``span``-position ranges
-    until ``n_positions`` positions have been read in total."""
+STREAMS = {"rows": False, "chunks": True}  # RemoteStore(compressed=...)
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the server process has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wire_rate(port: int, n: int, accept: str) -> tuple[float, int]:
+    """Bytes/s and bytes of one stream of the whole store, read into a buffer unparsed."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("GET", f"/v1/stores/store/positions?start=0&stop={n}", headers={"Accept": accept})
+    resp = conn.getresponse()
+    buf = memoryview(bytearray(1 << 20))
+    t0, total = time.perf_counter(), 0
+    while k := resp.readinto(buf):
+        total += k
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return total / elapsed, total
+
+
+def clients(url: str, n_clients: int, n_positions: int, span: int, compressed: bool) -> float:
+    """Aggregate decoded positions/s of ``n_clients`` threads, each reading ``span``-position
+    ranges with ``read`` until ``n_positions`` positions have been read in total."""
     per_client = max(n_positions // n_clients, span)
     done = [0] * n_clients
 
     def run(i: int) -> None:
-        store = logitstore.open(url)
-        assert isinstance(store, logitstore.RemoteStore)
+        store = logitstore.RemoteStore(url, compressed=compressed)
         rng = np.random.default_rng(i)
         while done[i] < per_client:
             a = int(rng.integers(0, len(store) - span))
-            (store.read if decode else store.read_stored)(a, a + span)
+            store.read(a, a + span)
             done[i] += span
         store.close()
 
@@ -137,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     add_store_args(p)
     p.add_argument("--span", type=int, default=1 << 16, help="positions per concurrent request")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32])
     p.add_argument("--tmp", type=Path, default=None)
+    p.add_argument("--store", type=Path, help="serve this store instead of building one")
     p.add_argument(
         "--out",
         type=Path,
@@ -149,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.positions, args.sample_positions, args.repeats = 1 << 18, 1 << 13, 1
+        args.clients = [1, 8]
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "http"
     one_thread_if_quick(args.quick)
-    rows: list[dict[str, Any]] = []
+    one: list[dict[str, Any]] = []
+    many: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        store_path = build_store(args, Path(tmp))
+        store_path = args.store or build_store(args, Path(tmp))
         local = logitstore.open(store_path)
         n = len(local)
         with socket.socket() as s:
@@ -163,81 +196,134 @@ def main(argv: list[str] | None = None) -> int:
         proc = serve(store_path, port)
         try:
             url = f"http://127.0.0.1:{port}/v1/stores/store"
-            remote = logitstore.open(url)
-            assert isinstance(remote, logitstore.RemoteStore)
-            remote.read_stored(0, 4096)  # warm-up
-            stream_bytes = 0
-            for decode in (False, True):
-                times = []
+            for name, compressed in STREAMS.items():
+                accept = CHUNKS_MEDIA_TYPE if compressed else "*/*"
+                wire_rate(port, min(n, 4096), accept)  # warm-up
+                rates, nbytes = [], 0
                 for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    got = remote.read(0, n) if decode else remote.read_stored(0, n)
+                    rate, nbytes = wire_rate(port, n, accept)
+                    rates.append(rate)
+                remote = logitstore.RemoteStore(url, compressed=compressed)
+                remote.read(0, 4096)
+                times, cpu = [], []
+                for _ in range(args.repeats):
+                    c0, t0 = server_cpu(proc.pid), time.perf_counter()
+                    remote.read(0, n)
                     times.append(time.perf_counter() - t0)
-                if not decode:
-                    assert isinstance(got, StoredRows)
-                    stream_bytes = sum(a.nbytes for a in got if a is not None)
-                t = statistics.median(times)
-                rows.append(
+                    cpu.append(server_cpu(proc.pid) - c0)
+                remote.close()
+                one.append(
                     {
-                        "clients": 1,
-                        "what": "read (decoded)" if decode else "read_stored",
-                        "positions_per_s": n / t,
-                        "mb_per_s": stream_bytes / t / 1e6,
+                        "stream": name,
+                        "wire_bytes_per_position": nbytes / n,
+                        "mb_per_s": statistics.median(rates) / 1e6,
+                        "decoded_positions_per_s": n / statistics.median(times),
+                        "server_cpu_s_per_m": statistics.median(cpu) / n * 1e6,
                     }
                 )
-            remote.close()
-            raw = statistics.median(raw_loopback(stream_bytes) for _ in range(args.repeats))
-            rows.append(
-                {
-                    "clients": 1,
-                    "what": "raw TCP, same bytes",
-                    "mb_per_s": raw / 1e6,
-                    "positions_per_s": raw / (stream_bytes / n),
-                }
-            )
-            rows.append(raw_keys(port, store_path, args.repeats))
-            for k in (8, 32):
-                rate = clients(url, k, n, min(args.span, n // 2), decode=False)
-                rows.append(
-                    {
-                        "clients": k,
-                        "what": "read_stored, aggregate",
-                        "positions_per_s": rate,
-                        "mb_per_s": rate * stream_bytes / n / 1e6,
-                    }
-                )
+            wire = max(r["wire_bytes_per_position"] for r in one) * n
+            raw = statistics.median(raw_loopback(int(wire)) for _ in range(args.repeats))
+            for r in one:
+                r["vs_raw"] = r["mb_per_s"] * 1e6 / raw
+            keys = raw_keys(port, store_path, args.repeats)
+            for k in args.clients:
+                for name, compressed in STREAMS.items():
+                    c0 = server_cpu(proc.pid)
+                    rate = clients(url, k, n, min(args.span, n // 2), compressed)
+                    used = server_cpu(proc.pid) - c0
+                    many.append(
+                        {
+                            "clients": k,
+                            "stream": name,
+                            "decoded_positions_per_s": rate,
+                            # clients() reads k × max(n // k, span) positions in all
+                            "server_cpu_s_per_m": used
+                            / (k * max(n // k, min(args.span, n // 2)))
+                            * 1e6,
+                        }
+                    )
+                rows_rate = many[-2]["decoded_positions_per_s"]
+                many[-1]["vs_rows"] = many[-1]["decoded_positions_per_s"] / rows_rate
+                many[-2]["vs_rows"] = 1.0
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
-    for r in rows:
+    for r in one:
         print(
-            f"[http] {r['clients']:>2} client(s) {r['what']}: {r['positions_per_s']:,.0f} pos/s, "
-            f"{r['mb_per_s']:,.0f} MB/s",
+            f"[http] {r['stream']}: {r['mb_per_s']:,.0f} MB/s on the wire ({r['vs_raw']:.2f}x raw),"
+            f" {r['decoded_positions_per_s']:,.0f} decoded pos/s, server "
+            f"{r['server_cpu_s_per_m']:.2f} CPU s per 1M positions",
             file=sys.stderr,
         )
-    write(args.out, rows, argv, raw)
+    for r in many:
+        print(
+            f"[http] {r['clients']:>2} client(s) {r['stream']}: "
+            f"{r['decoded_positions_per_s']:,.0f} decoded pos/s ({r['vs_rows']:.2f}x rows)",
+            file=sys.stderr,
+        )
+    write(args.out, one, many, keys, argv, raw)
     return 0
 
 
-def write(out: Path, rows: list[dict[str, Any]], argv: list[str], raw: float) -> None:
+def write(
+    out: Path,
+    one: list[dict[str, Any]],
+    many: list[dict[str, Any]],
+    keys: dict[str, Any],
+    argv: list[str],
+    raw: float,
+) -> None:
     body = [
-        "Server and clients share the machine's 2 cores.",
+        "Server and clients share the machine's 2 cores (and, on a busy machine, other "
+        "work: compare within a run). `rows` is the row stream (PROTOCOL.md §2, what clients "
+        "before 0.3 read: the server decompresses and ships rows as stored); `chunks` is the "
+        "compressed stream (§2.1: the shards' own chunks, decoded by the client).",
+        "",
+        "## One stream",
         "",
         *md_table(
-            ["clients", "what", "positions/s", "MB/s", "vs raw TCP"],
+            [
+                "stream",
+                "wire bytes/position",
+                "MB/s on the wire",
+                "vs raw TCP",
+                "decoded positions/s",
+                "server CPU s per 1M positions",
+            ],
+            [
+                [
+                    r["stream"],
+                    f"{r['wire_bytes_per_position']:.1f}",
+                    f"{r['mb_per_s']:,.0f}",
+                    f"{r['vs_raw']:.2f}",
+                    f"{r['decoded_positions_per_s']:,.0f}",
+                    f"{r['server_cpu_s_per_m']:.3f}",
+                ]
+                for r in one
+            ],
+        ),
+        "",
+        f"Raw TCP on 127.0.0.1, same run: {raw / 1e6:,.0f} MB/s. Raw keys (every shard file "
+        f"fetched whole from /zarr/KEY): {keys['mb_per_s']:,.0f} MB/s.",
+        "",
+        "## Many clients (threads of one process, each reading random ranges, decoded)",
+        "",
+        *md_table(
+            ["clients", "stream", "decoded positions/s", "vs rows", "server CPU s per 1M"],
             [
                 [
                     str(r["clients"]),
-                    r["what"],
-                    f"{r['positions_per_s']:,.0f}",
-                    f"{r['mb_per_s']:,.0f}",
-                    f"{r['mb_per_s'] * 1e6 / raw:.2f}",
+                    r["stream"],
+                    f"{r['decoded_positions_per_s']:,.0f}",
+                    f"{r['vs_rows']:.2f}",
+                    f"{r['server_cpu_s_per_m']:.3f}",
                 ]
-                for r in rows
+                for r in many
             ],
         ),
     ]
-    write_results(out, "HTTP", run_meta("bench_http.py", argv), {"rows": rows}, body)
+    data = {"one_stream": one, "clients": many, "raw_keys": keys, "raw_tcp_bytes_per_s": raw}
+    write_results(out, "HTTP", run_meta("bench_http.py", argv), data, body)
 
 
 if __name__ == "__main__":

@@ -87,12 +87,19 @@ def loader_rate(ds: LogitDataset, workers: int, batch: int, limit: int) -> float
         collate_fn=collate,
         prefetch_factor=4 if workers else None,
     )
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     for b in loader:
         n += int(b["attention_mask"].sum())
         if n >= limit:
             break
+    # With 0 workers, the process's CPU time (main thread + read-ahead thread) is the whole
+    # cost: positions per CPU-second is the rate on an idle core, whatever the neighbours do.
+    if workers == 0:
+        CPU_RATES.append(n / (time.process_time() - c0))
     return n / (time.perf_counter() - t0)
+
+
+CPU_RATES: list[float] = []  # loader_rate's positions per CPU-second of its 0-worker runs
 
 
 def bench_loading(args: argparse.Namespace, store: Path, raw: Path) -> list[dict[str, Any]]:
@@ -111,6 +118,9 @@ def bench_loading(args: argparse.Namespace, store: Path, raw: Path) -> list[dict
             rows.append(
                 {"workers": workers, "source": source, "positions_per_s": statistics.median(rates)}
             )
+            if workers == 0:
+                rows[-1]["positions_per_cpu_s"] = statistics.median(CPU_RATES)
+                CPU_RATES.clear()
             print(
                 f"[load] workers={workers} {source}: {rows[-1]['positions_per_s']:,.0f} pos/s",
                 file=sys.stderr,
@@ -203,12 +213,13 @@ def write_outputs(
         f"{steps[0]['batch'].split('x')[1]} positions)",
         "",
         *md_table(
-            ["workers", "source", "positions/s", "vs memmap, same workers"],
+            ["workers", "source", "positions/s", "positions per CPU s", "vs memmap, same workers"],
             [
                 [
                     str(r["workers"]),
                     r["source"],
                     f"{r['positions_per_s']:,.0f}",
+                    f"{r['positions_per_cpu_s']:,.0f}" if "positions_per_cpu_s" in r else "",
                     f"{r['positions_per_s'] / memmap[r['workers']]:.2f}"
                     if r["source"] == "logitstore"
                     else "",
@@ -269,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-embd", type=int, default=256)
     p.add_argument("--step-batch", type=int, default=8)
     p.add_argument("--tmp", type=Path, default=None, help="scratch directory")
+    p.add_argument("--store", type=Path, help="read this top-64 store instead of building one")
     p.add_argument(
         "--out",
         type=Path,
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = results_dir(args.quick) / "results" / "read"
     one_thread_if_quick(args.quick)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        store = build_store(args, Path(tmp))
+        store = args.store or build_store(args, Path(tmp))
         write_raw(store, Path(tmp) / "raw")
         load = bench_loading(args, store, Path(tmp) / "raw")
         steps = bench_step(args, store)

@@ -32,7 +32,8 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
         "read.md",
         ["vs memmap, same workers", "vs CE only"],
     ),
-    "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP"]),
+    "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP", "vs rows"]),
+    "bench_loss.py": (["--out", "{out}/loss"], "loss.md", ["vs CE only", "peak vs CE"]),
     "bench_ranks.py": (["--out", "{out}/ranks"], "ranks.md", ["vs 1 × 1"]),
     "probe_server.py": (["--out", "{out}/probe"], "probe.md", ["growth / 50 MiB limit"]),
     "tradeoff.py": (
