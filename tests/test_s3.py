@@ -445,3 +445,27 @@ def test_dataset_reads_s3_in_dataloader_workers(bucket: str, tmp_path: Path) -> 
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_one_s3_store(
+    s3: S3Server, bucket: str, teacher_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "docs.jsonl"
+    texts = [CORPUS[i % len(CORPUS)] * (1 + i % 4) for i in range(30)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    env = deterministic_env(**s3.env(SOURCE_DATE_EPOCH="1700000000"))
+    ref = tmp_path / "one.zarr"
+    subprocess.run(_write_cmd(teacher_dir, data, ref), env=env, check=True, capture_output=True)
+    url = f"s3://{bucket}/ranks.zarr"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    job = subprocess.run(
+        [*launch, "2", *_write_cmd(teacher_dir, data, url)[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert _objects(url) == _files(ref)  # no lease left, the bytes of one process
+    assert logitstore.verify(url).ok
