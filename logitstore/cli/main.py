@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import LogitStoreError
-from . import inspect, peers, serve, view, write
+from . import copy, inspect, peers, serve, view, write
 from .common import EPILOG, EXIT_INTERRUPTED, EXIT_OK, exit_code
 
 __all__ = ["build_parser", "main"]
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     write.add_parsers(sub)
     inspect.add_parsers(sub)
+    copy.add_parsers(sub)
     peers.add_parsers(sub)
     serve.add_parsers(sub)
     view.add_parsers(sub)
