@@ -15,10 +15,8 @@ import hashlib
 import json
 import os
 import queue
-import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,12 +41,14 @@ from ..format.metadata import (
 )
 from ..format.schema import COMMITS, IDS, RESIDUAL, TEACHER_COLUMNS, VALUES
 from ..format.storage import (
+    StorePath,
     array,
-    create_arrays,
+    create_store,
     open_group,
     read_all,
-    shard_file,
+    remove_shard,
     shard_key,
+    store_path,
     write_metadata,
 )
 from .checks import check_loss_mask, check_sequences, check_target
@@ -173,7 +173,7 @@ class StoreWriter:
         )
         # The lowest version that describes the store, so older readers read what they can.
         version = "1.1" if extensions or generation is not None else "1.0"
-        self.path = Path(path)
+        self.path: StorePath = store_path(path)  # a directory, or an object-storage URL
         layout = Layout.choose(encoding, vocab_size, chunk_positions, shard_positions)
         teacher = dict(teacher or {})
         settings = {
@@ -291,16 +291,8 @@ class StoreWriter:
             if not attach:  # an attached writer's peers may be writing already
                 _remove_partials(path)
             return open_group(path, mode="r+"), existing
-        # Build the new store beside its destination and rename it into place, so a crash
-        # during creation leaves nothing that looks like a store.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.creating-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:12]}"
-        create_arrays(tmp, md, input_ids, offsets, tokenizer_json, loss_mask)
-        if path.exists():  # an empty directory, or a store the caller asked to overwrite
-            shutil.rmtree(path)
-        tmp.rename(path)
+        # A crash during creation leaves nothing that looks like a store (FORMAT.md §6.6).
+        create_store(path, md, input_ids, offsets, tokenizer_json, loss_mask)
         return open_group(path, mode="r+"), md
 
     # -- the pipeline ----------------------------------------------------------------------
@@ -495,7 +487,7 @@ class StoreWriter:
                     # An uncommitted file from an interrupted run may be damaged, and zarr
                     # reads the old file when it rewrites a shard that is cut short by the end
                     # of the array: remove it first.
-                    shard_file(self.path, name, buf.ndim, s).unlink(missing_ok=True)
+                    remove_shard(self.path, name, buf.ndim, s)
                     self._arrays[name][s0:s1] = buf
                     if self._fsync:  # the shard is on disk before its commit record says so
                         sync_file(local_key(self.path, shard_key(name, buf.ndim, s)))
@@ -519,7 +511,9 @@ class _Failed(Exception):
     """A pipeline thread failed; the failure itself is in ``StoreWriter._error``."""
 
 
-def _remove_partials(path: Path) -> None:
+def _remove_partials(path: StorePath) -> None:
+    if not isinstance(path, Path):  # an object lands whole in one PUT: no temporary objects
+        return
     # Temporary files a killed writer left behind (zarr writes `<key>.<uuid>.partial`, renames).
     for p in path.rglob("*.partial"):
         p.unlink(missing_ok=True)
