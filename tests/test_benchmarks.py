@@ -35,6 +35,7 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
     "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP", "vs rows"]),
     "bench_loss.py": (["--out", "{out}/loss"], "loss.md", ["vs CE only", "peak vs CE"]),
     "bench_ranks.py": (["--out", "{out}/ranks"], "ranks.md", ["vs 1 × 1"]),
+    "bench_s3.py": (["--out", "{out}/s3"], "s3.md", ["S3 / disk", "vs disk → disk"]),
     "probe_server.py": (["--out", "{out}/probe"], "probe.md", ["growth / 50 MiB limit"]),
     "tradeoff.py": (
         ["--out-dir", "{out}"],
