@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import LogitStoreError, TeacherError
 from ..format.metadata import Encoding
 from ..format.provenance import tokenizer_identity
+from ..format.storage import StorePath, store_path
 from .checks import check_sequences
 from .distributed import Ranks, assign_shards, join, shard_costs
 from .encode import EncodedRows, cat_rows, encode_rows, split_rows
@@ -132,7 +133,7 @@ def capture(
     loss_mask: np.ndarray | None = None,
     generation: dict[str, Any] | None = None,
     fsync: bool = True,
-) -> Path:
+) -> StorePath:
     """Run ``teacher`` over ``sequences`` and write (or resume) the store at ``out``.
 
     ``batching`` chooses how sequences share forward passes (:func:`plan_batches`):
@@ -196,7 +197,7 @@ def capture(
             writer = StoreWriter(out, overwrite=overwrite, **settings)
             with _bar(out, writer, progress) as bar:
                 _fill(teacher, sequences, writer, plan, encoding, seed, bar.update)
-        return Path(out)
+        return store_path(out)
     ranks = job.scope("capture")
     try:
         _capture_ranks(ranks, teacher, sequences, out, plan, settings, overwrite, progress)
@@ -204,7 +205,7 @@ def capture(
         if str(e).startswith("rank "):
             raise
         raise type(e)(f"{ranks}: {e}") from e
-    return Path(out)
+    return store_path(out)
 
 
 def _capture_ranks(
