@@ -98,8 +98,59 @@ def _require_columns(where: Path, missing: list[str], found: list[str]) -> None:
         )
 
 
-def _column(table: Any, name: str) -> list[Any] | None:
-    return table.column(name).to_pylist() if name in table.column_names else None
+class _Lists:
+    """A list<…> or list<list<…>> column of one table as NumPy: per-row lengths (-1 for
+    null), per-position widths (-1 for null) and the flat values, with their offsets."""
+
+    def __init__(self, table: Any, name: str, nested: bool) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        self.name = name
+        arr = table.column(name).combine_chunks()
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+            raise InputError(f"column {name!r} is {arr.type}; expected a list per sequence")
+        self.lengths = _lengths(pc.list_value_length(arr))
+        inner = arr.flatten()
+        if nested:
+            if not (pa.types.is_list(inner.type) or pa.types.is_large_list(inner.type)):
+                raise InputError(
+                    f"column {name!r} is {arr.type}; expected a list of lists (one list of "
+                    "candidates per position)"
+                )
+            self.widths = _lengths(pc.list_value_length(inner))
+            values = inner.flatten()
+        else:
+            self.widths = np.ones(len(inner), dtype=np.int64)
+            values = inner
+        self.integer = pa.types.is_integer(values.type) or pa.types.is_boolean(values.type)
+        if not (self.integer or pa.types.is_floating(values.type)):
+            raise InputError(f"column {name!r} holds {values.type}; expected numbers")
+        self.null_values = values.null_count > 0
+        self.values: np.ndarray = values.to_numpy(zero_copy_only=False)
+        self.row_start = _starts(self.lengths)
+        self.value_start = _starts(self.widths)
+
+    def row(self, r: int) -> tuple[int, int]:
+        """Positions ``[a, b)`` of row ``r`` in :attr:`widths`."""
+        return int(self.row_start[r]), int(self.row_start[r + 1])
+
+    def flat(self, r: int) -> np.ndarray:
+        """The values of row ``r`` of a 1-D list column."""
+        a, b = self.row(r)
+        out: np.ndarray = self.values[self.value_start[a] : self.value_start[b]]
+        return out
+
+
+def _lengths(lengths: Any) -> np.ndarray:
+    out = lengths.to_numpy(zero_copy_only=False)
+    return np.where(np.isnan(out), -1, out).astype(np.int64) if out.dtype.kind == "f" else out
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.maximum(lengths, 0), out=out[1:])
+    return out
 
 
 def read_peer_rows(
@@ -123,19 +174,19 @@ def read_peer_rows(
     if tokenize is not None:
         cols += [MESSAGES_COLUMN, _TOKENIZING]
     for first, table in _tables(src, cols):
-        data = {c: _column(table, c) for c in cols if c != _TOKENIZING}
-        if tokenize is not None and data[INPUT_IDS_COLUMN] is None:
-            data[INPUT_IDS_COLUMN], data[LOSS_MASK_COLUMN] = _tokenize_all(
-                tokenize, data[MESSAGES_COLUMN], first, src
-            )
+        names = table.column_names
+        tokens: list[Any] | None = None
+        masks: list[Any] | None = None
+        if tokenize is not None and INPUT_IDS_COLUMN not in names:
+            messages = table.column(MESSAGES_COLUMN).to_pylist()
+            tokens, masks = _tokenize_all(tokenize, messages, first, src)
+        lists = {
+            c: _Lists(table, c, nested=c in (schema.ids, schema.logprobs))
+            for c in cols
+            if c in names and c not in (MESSAGES_COLUMN, _TOKENIZING)
+        }
         for i in range(table.num_rows):
-            yield _check_row(
-                first + i,
-                {c: (v[i] if v is not None else None) for c, v in data.items()},
-                schema,
-                vocab_size,
-                zero_logprob,
-            )
+            yield _check_row(first + i, i, lists, tokens, masks, schema, vocab_size, zero_logprob)
 
 
 def _tokenize_all(
@@ -156,20 +207,37 @@ def _tokenize_all(
 
 
 def _check_row(
-    r: int, row: dict[str, Any], schema: PeerSchema, vocab: int, zero: float
+    r: int,
+    i: int,
+    lists: dict[str, _Lists],
+    tokenized: list[Any] | None,
+    masks: list[Any] | None,
+    schema: PeerSchema,
+    vocab: int,
+    zero: float,
 ) -> dict[str, Any]:
     def fail(column: str, what: str) -> InputError:
         return InputError(f"row {r}, column {column!r}: {what}")
 
-    tokens, ids, logps = row[INPUT_IDS_COLUMN], row[schema.ids], row[schema.logprobs]
-    for name, v in ((INPUT_IDS_COLUMN, tokens), (schema.ids, ids), (schema.logprobs, logps)):
-        if v is None:
-            raise fail(name, "is null; expected a list per sequence")
-    n = len(ids)
-    if len(logps) != n:
+    ids_l, lp_l = lists[schema.ids], lists[schema.logprobs]
+    if tokenized is not None:
+        tokens = np.asarray(tokenized[i], dtype=np.int64)
+    else:
+        tok_l = lists[INPUT_IDS_COLUMN]
+        if tok_l.lengths[i] < 0:
+            raise fail(INPUT_IDS_COLUMN, "is null; expected a list per sequence")
+        if not tok_l.integer or tok_l.null_values:
+            raise fail(INPUT_IDS_COLUMN, "holds values that are not integers")
+        tokens = tok_l.flat(i).astype(np.int64)
+    for lst in (ids_l, lp_l):
+        if lst.lengths[i] < 0:
+            raise fail(lst.name, "is null; expected a list per sequence")
+    n = int(ids_l.lengths[i])
+    if int(lp_l.lengths[i]) != n:
         raise fail(
             schema.logprobs,
-            f"has {len(logps)} position(s) but {schema.ids!r} has {n}: the lists must be parallel",
+            f"has {lp_l.lengths[i]} position(s) but {schema.ids!r} has {n}: the lists must "
+            "be parallel",
         )
     if not n:
         raise fail(
@@ -181,25 +249,30 @@ def _check_row(
             f"has {n} positions but {INPUT_IDS_COLUMN!r} only {len(tokens)} tokens: row j "
             "is the distribution after token j, so there cannot be more rows than tokens",
         )
-    m = max((len(x) for x in ids if x is not None), default=0)
+    a, b = ids_l.row(i)
+    c, d = lp_l.row(i)
+    w_ids, w_lp = ids_l.widths[a:b], lp_l.widths[c:d]  # (n,)
+    ragged = (w_ids != w_lp) | (w_ids < 0)
+    if ragged.any():
+        t = int(np.flatnonzero(ragged)[0])
+        la = "null" if w_ids[t] < 0 else int(w_ids[t])
+        lb = "null" if w_lp[t] < 0 else int(w_lp[t])
+        raise fail(
+            schema.logprobs,
+            f"position {t} has {lb} value(s) for {la} id(s) in {schema.ids!r}: ragged row",
+        )
+    if (w_ids == 0).any():
+        raise fail(schema.ids, f"position {int(np.flatnonzero(w_ids == 0)[0])} has no candidates")
+    m = int(w_ids.max())
+    slots = np.arange(m)[None, :] < w_ids[:, None]  # (n, m): filled slots, row-major order
+    raw_ids = ids_l.values[ids_l.value_start[a] : ids_l.value_start[b]]
+    raw_lp = lp_l.values[lp_l.value_start[c] : lp_l.value_start[d]]
+    if not ids_l.integer or (ids_l.null_values and np.isnan(raw_ids.astype(float)).any()):
+        raise fail(schema.ids, "holds values that are not integers (or nulls)")
     out_ids = np.zeros((n, m), dtype=np.int64)
     out_lp = np.full((n, m), zero, dtype=np.float64)
-    for t in range(n):
-        a, b = ids[t], logps[t]
-        if a is None or b is None or len(a) != len(b):
-            la = "null" if a is None else len(a)
-            lb = "null" if b is None else len(b)
-            raise fail(
-                schema.logprobs,
-                f"position {t} has {lb} value(s) for {la} id(s) in {schema.ids!r}: ragged row",
-            )
-        if not a:
-            raise fail(schema.ids, f"position {t} has no candidates")
-        try:
-            out_ids[t, : len(a)] = a
-            out_lp[t, : len(b)] = [np.nan if x is None else x for x in b]
-        except (TypeError, ValueError, OverflowError):
-            raise fail(schema.ids, f"position {t} holds values that are not numbers") from None
+    out_ids[slots] = raw_ids
+    out_lp[slots] = raw_lp
     bad = (out_ids < 0) | (out_ids >= vocab)
     if bad.any():
         t, j = map(int, np.argwhere(bad)[0])
@@ -232,16 +305,25 @@ def _check_row(
             f"position {t}: the probabilities sum to {total[t]:.4f} > 1; expected "
             "log-probabilities of one distribution",
         )
-    res = row.get(RESIDUAL_COLUMN)
-    mask = row.get(LOSS_MASK_COLUMN)
-    labels = row.get(schema.labels) if schema.labels is not None else None
+
+    def flat(name: str | None) -> np.ndarray | None:
+        lst = lists.get(name) if name is not None else None
+        if lst is None or lst.lengths[i] < 0:
+            return None
+        return lst.flat(i)
+
+    res = flat(RESIDUAL_COLUMN)
+    mask = flat(LOSS_MASK_COLUMN)
+    if masks is not None:
+        mask = masks[i]
+    labels = flat(schema.labels)
     out_mask = None
     if mask is not None and len(mask) == len(tokens) != n and schema.name == "axolotl":
         mask = mask[len(tokens) - n :]  # a tokenised conversation's: align with the rows
     if mask is not None:
-        out_mask = np.asarray(mask[:n], dtype=bool)
+        out_mask = np.asarray(mask[:n]).astype(bool)
     elif labels is not None:
-        out_mask = np.asarray(labels[:n], dtype=np.int64) >= 0
+        out_mask = np.asarray(labels[:n]).astype(np.int64) >= 0
     if out_mask is not None and len(out_mask) != n:
         raise fail(schema.labels or LOSS_MASK_COLUMN, f"has {len(out_mask)} entries for {n}")
     out_res = None if res is None else np.asarray(res, dtype=np.float32)
@@ -253,7 +335,7 @@ def _check_row(
         # DistillKit (vLLM) rows stop before the last token: cut the tokens, as its
         # _truncate_row does
         return {
-            "input_ids": np.asarray(tokens[:n], dtype=np.int64),
+            "input_ids": tokens[:n],
             "ids": out_ids,
             "probs": probs,
             "residual": out_res,
@@ -263,7 +345,7 @@ def _check_row(
     # distribution: stored empty (residual 1) and masked
     head = np.zeros(lead, dtype=bool)
     return {
-        "input_ids": np.asarray(tokens, dtype=np.int64),
+        "input_ids": tokens,
         "ids": np.concatenate([np.zeros((lead, m), np.int64), out_ids]),
         "probs": np.concatenate([np.zeros((lead, m), np.float32), probs]),
         "residual": None

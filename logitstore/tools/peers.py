@@ -60,14 +60,16 @@ class PeerExport:
 def peer_logprobs(
     ids: np.ndarray, probs: np.ndarray, dtype: LogprobDtype = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded rows ``(n, m)`` → candidates sorted most likely first (ties by id) and their
-    log-probabilities; probability 0 (padding) becomes :data:`ZERO_LOGPROB`.
+    """Decoded rows ``(n, m)`` → candidates sorted most likely first (ties in the rows' order:
+    ascending ids, as decoded) and their log-probabilities; probability 0 (padding) becomes
+    :data:`ZERO_LOGPROB`.
 
     float64 log-probabilities bring fp32 probabilities back bit for bit (``exp`` of a float64
     log is within 1e-15 of ``p``, far inside half a float32 step); float32 ones within a few
     float32 steps (relative error ≈ 6e-8 · |log p|).
     """
-    order = np.lexsort((ids, -probs), axis=-1)  # (n, m): by probability, then id
+    # (n, m): by probability; a stable sort keeps decoded rows' ascending ids among ties
+    order = np.argsort(-probs, axis=-1, kind="stable")
     ids = np.take_along_axis(ids, order, axis=-1)
     p = np.take_along_axis(probs, order, axis=-1).astype(np.float64)
     with np.errstate(divide="ignore"):
