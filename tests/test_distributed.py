@@ -112,6 +112,26 @@ def test_shards_are_split_into_contiguous_runs_of_equal_cost() -> None:
     assert owner.tolist() == [-1, -1, 0, 0, 1, 1, 1, 2, -1, 2]
     assert assign_shards(np.ones(2), np.ones(2, bool), 4).tolist() == [1, 3]  # idle ranks
     assert (assign_shards(np.ones(3), np.zeros(3, bool), 2) == -1).all()
+    # Shards in blocks of 2 (one group of the batch plan each): no cut inside a block.
+    owner = assign_shards(np.ones(7), np.array([1, 1, 1, 1, 1, 1, 0], bool), 2, unit=2)
+    assert owner.tolist() == [0, 0, 1, 1, 1, 1, -1]
+
+
+def test_ranks_share_at_most_the_batch_of_a_sequence_across_their_cut() -> None:
+    from logitstore.write.capture import plan_batches
+
+    rng = np.random.default_rng(0)
+    lens = rng.integers(2, 40, 400)  # (S,)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    plan = plan_batches(lens, 4, "length", align=64)
+    sp, ns = 64, -(-int(offsets[-1]) // 64)
+    owner = assign_shards(np.ones(ns), np.ones(ns, bool), 3, unit=3)  # 4 x 40 tokens: 3 shards
+    first, last = owner[offsets[:-1] // sp], owner[(offsets[1:] - 1) // sp]  # (S,)
+    runs = [
+        sum(bool(np.isin(b, np.flatnonzero((first <= r) & (last >= r))).any()) for b in plan)
+        for r in range(3)
+    ]
+    assert sum(runs) <= len(plan) + 2  # two cuts: at most one batch run twice at each
 
 
 def test_shard_cost_counts_the_padded_tokens_of_each_shard() -> None:

@@ -57,7 +57,7 @@ def _write(args: argparse.Namespace) -> int:
         progress=not args.no_progress and say is not None,
     )
     documents = len(sequences)
-    teacher = _load(args, device)
+    teacher = _load(args, device, quiet=say is None)
     teacher = dataclasses.replace(teacher, tokenizer=tokenizer)  # with --chat-template's
     encoding.check_vocab(teacher.vocab_size)
     seq_len = args.seq_len or teacher.max_length
@@ -125,7 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
     # Conversations are rendered with the tokenizer alone, before the model is loaded.
     tokenizer = load_tokenizer(args.teacher, args.chat_template)
     check_prompts(prompts, tokenizer)
-    teacher = _load(args, device)
+    teacher = _load(args, device, quiet=say is None)
     teacher = dataclasses.replace(teacher, tokenizer=tokenizer)  # with --chat-template's
     resuming = bool(journal_paths(args.out))
     _print(
@@ -161,9 +161,13 @@ def _place(args: argparse.Namespace) -> tuple[Any, Any]:
     return ranks, resolve_device(rank_device(args.device, ranks))
 
 
-def _load(args: argparse.Namespace, device: Any) -> Any:
+def _load(args: argparse.Namespace, device: Any, quiet: bool) -> Any:
     from ..write.teacher import load_teacher
 
+    if quiet:  # one bar per job: transformers' loading bars only on rank 0
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     return load_teacher(args.teacher, device, args.dtype, device_map=args.device_map)
 
 

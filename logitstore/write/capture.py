@@ -16,6 +16,7 @@ of their group is done, which bounds a group by the bytes of its encoded rows.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LogitStoreError, TeacherError
-from ..format.metadata import Encoding
+from ..format.metadata import Encoding, Layout
 from ..format.provenance import tokenizer_identity
 from ..format.storage import StorePath, store_path
 from .checks import check_sequences
@@ -45,12 +46,11 @@ BATCHINGS: tuple[Batching, ...] = ("length", "sequential")
 
 # Rows of (rows, vocab) float32 encoded at once: bounds the encoder's working memory.
 _ENCODE_ELEMENTS = 1 << 25
-# A length-sorted group spans this many batches' worth of tokens (enough that neighbours in
-# the sorted order differ little in length) ...
+# A length-sorted group of an unaligned plan spans this many batches' worth of tokens
+# (enough that neighbours in the sorted order differ little in length). capture aligns its
+# groups to shards instead: their encoded rows, held on the device until they can be written
+# in position order, are then at most a shard's (or one batch's).
 _GROUP_BATCHES = 64
-# ... unless its encoded rows, held on the device until they can be written in position
-# order, would take more than this (a `full` encoding of a large vocabulary).
-_REORDER_BYTES = 1 << 28
 # Past `batch_size` sequences, a batch takes more only while they are at least this fraction
 # of its longest: at most 1/8 of such a sequence's tokens are padding.
 _SIMILAR = 7 / 8
@@ -61,6 +61,7 @@ def plan_batches(
     batch_size: int,
     batching: Batching = "length",
     group_positions: int | None = None,
+    align: int | None = None,
 ) -> list[np.ndarray]:
     """The teacher's forward passes: the sequence indices of each batch, in running order.
 
@@ -72,7 +73,10 @@ def plan_batches(
     ``batch_size × longest`` tokens, padding included, where ``longest`` is the longest
     sequence of the input. That is the size of the largest batch ``sequential`` runs, so
     peak memory is the same; little padding is computed, and short sequences run many to a
-    forward pass.
+    forward pass. With ``align`` (capture passes its shard size), a group is instead the
+    sequences that start within one span of :func:`group_span` positions (whole shards), so
+    writers of disjoint runs of whole shards (torchrun ranks) share at most the batch of a
+    sequence that crosses the cut between them.
 
     A pure function of its arguments: the same command plans the same batches.
 
@@ -94,14 +98,20 @@ def plan_batches(
         return []
     lengths = np.asarray(lengths, dtype=np.int64)
     budget = batch_size * int(lengths.max())  # tokens per forward pass, padding included
-    group = max(group_positions or budget * _GROUP_BATCHES, 1)
     length_of = lengths.tolist()
     ends = np.concatenate([[0], np.cumsum(lengths)])  # (S + 1,)
+    if align is not None:
+        span_of = ends[:-1] // group_span(budget, align)  # (S,) the span each starts in
+        bounds = [0, *(np.flatnonzero(np.diff(span_of)) + 1).tolist(), n]
+    else:
+        group = max(group_positions or budget * _GROUP_BATCHES, 1)
+        bounds = [0]
+        while bounds[-1] < n:
+            g0 = bounds[-1]
+            g1 = int(np.searchsorted(ends, ends[g0] + group, side="left"))
+            bounds.append(min(max(g1, g0 + 1), n))
     plan: list[np.ndarray] = []
-    g0 = 0
-    while g0 < n:
-        g1 = int(np.searchsorted(ends, ends[g0] + group, side="left"))
-        g1 = min(max(g1, g0 + 1), n)
+    for g0, g1 in itertools.pairwise(bounds):
         order = g0 + np.argsort(-lengths[g0:g1], kind="stable")  # longest first
         b0, g = 0, len(order)
         while b0 < g:
@@ -112,8 +122,13 @@ def plan_batches(
                 b1 += 1
             plan.append(order[b0:b1])
             b0 = b1
-        g0 = g1
     return plan
+
+
+def group_span(budget: int, shard_positions: int) -> int:
+    """Positions of one group of an aligned plan: the fewest whole shards that hold one
+    batch's token ``budget``."""
+    return shard_positions * max(1, -(-budget // shard_positions))
 
 
 def capture(
@@ -184,13 +199,12 @@ def capture(
         "generation": generation,
         "fsync": fsync,
     }
-    vocab = teacher.vocab_size
-    row_bytes = 5 + encoding.width(vocab) * (
-        (2 if vocab <= 65536 else 4) + np.dtype(encoding.value_dtype).itemsize
-    )  # encoded bytes per position (gaps, values, residual, bad flag)
-    budget = batch_size * int(lengths.max())  # as plan_batches
-    group = max(budget, min(budget * _GROUP_BATCHES, _REORDER_BYTES // row_bytes))
-    plan = plan_batches(lengths, batch_size, batching, group_positions=group)
+    layout = Layout.choose(encoding, teacher.vocab_size, chunk_positions, shard_positions)
+    sp = layout.shard_positions
+    plan = plan_batches(lengths, batch_size, batching, align=sp)
+    # A group of the plan spans `unit` shards; a cut between two of them would make two
+    # ranks run most of its batches, so ranks get whole groups.
+    unit = group_span(batch_size * int(lengths.max()), sp) // sp if batching == "length" else 1
     job = join()
     if job is None:
         with store_lock(out):
@@ -200,7 +214,7 @@ def capture(
         return store_path(out)
     ranks = job.scope("capture")
     try:
-        _capture_ranks(ranks, teacher, sequences, out, plan, settings, overwrite, progress)
+        _capture_ranks(ranks, teacher, sequences, out, plan, unit, settings, overwrite, progress)
     except LogitStoreError as e:
         if str(e).startswith("rank "):
             raise
@@ -214,6 +228,7 @@ def _capture_ranks(
     sequences: Sequences,
     out: str | os.PathLike[str],
     plan: list[np.ndarray],
+    unit: int,
     settings: dict[str, Any],
     overwrite: bool,
     progress: bool,
@@ -239,7 +254,7 @@ def _capture_ranks(
         for seqs in plan:
             widths[seqs] = int(lengths[seqs].max())
         cost = shard_costs(sequences.offsets, widths, md.layout.shard_positions, md.num_shards)
-        owner = assign_shards(cost, ~committed, ranks.world)
+        owner = assign_shards(cost, ~committed, ranks.world, unit)
         writer.claim(np.flatnonzero(owner == ranks.rank))
         ranges = [md.shard_range(int(i)) for i in np.flatnonzero(committed)]
         initial = sum(b - a for a, b in ranges)  # positions committed before this run

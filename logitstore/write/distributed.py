@@ -169,24 +169,31 @@ def shard_costs(
     return np.diff(np.interp(bounds, offsets, cum))  # (num_shards,)
 
 
-def assign_shards(cost: np.ndarray, todo: np.ndarray, world: int) -> np.ndarray:
+def assign_shards(cost: np.ndarray, todo: np.ndarray, world: int, unit: int = 1) -> np.ndarray:
     """``(num_shards,)`` the rank that writes each shard (-1 where nothing is left to write).
 
-    The shards left to write, in order, are cut into ``world`` contiguous runs of about equal
-    cost: a shard goes to the rank whose share of the total cost holds its midpoint.
-    Contiguous runs keep the forward passes two ranks both need (a batch whose sequences
-    fall into both runs) to the few at each cut. A pure function: every rank computes the
-    same assignment, and a resumed job (with any number of ranks) assigns what is left.
+    Shards are taken in blocks of ``unit`` (the shards one group of the batch plan spans).
+    The blocks with shards left to write, in order, are cut into ``world`` contiguous runs of
+    about equal cost: a block goes to the rank whose share of the total cost holds its
+    midpoint. Contiguous runs of whole groups keep the forward passes two ranks both need
+    to the batch of a sequence that crosses the cut. A pure function: every rank computes
+    the same assignment, and a resumed job (with any number of ranks) assigns what is left.
 
     Example:
         >>> assign_shards(np.ones(5), np.array([1, 1, 0, 1, 1], bool), 2)
         array([ 0,  0, -1,  1,  1])
     """
+    todo = np.asarray(todo, dtype=bool)
     owner = np.full(len(cost), -1, dtype=np.int64)
-    idx = np.flatnonzero(todo)
-    if len(idx) == 0:
+    if not todo.any():
         return owner
-    c = np.maximum(np.asarray(cost, dtype=np.float64)[idx], 1e-9)
+    block = np.arange(len(cost)) // max(unit, 1)  # (num_shards,)
+    left = np.asarray(cost, dtype=np.float64) * todo
+    block_cost = np.bincount(block, weights=left)  # (num_blocks,)
+    idx = np.flatnonzero(np.bincount(block, weights=todo) > 0)
+    c = np.maximum(block_cost[idx], 1e-9)
     mid = np.cumsum(c) - c / 2
-    owner[idx] = np.minimum((mid * world / c.sum()).astype(np.int64), world - 1)
+    block_owner = np.full(len(block_cost), -1, dtype=np.int64)
+    block_owner[idx] = np.minimum((mid * world / c.sum()).astype(np.int64), world - 1)
+    owner[todo] = block_owner[block[todo]]
     return owner
