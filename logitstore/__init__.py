@@ -169,6 +169,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         LogitStoreError,
         PositionError,
         ResumeMismatchError,
+        StorageError,
         StoreExistsError,
         StoreNotFoundError,
         TeacherError,
@@ -182,11 +183,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .read.local import LogitStore
     from .read.remote import RemoteStore
     from .read.store import StoreBase
+    from .tools.copy import copy_store
     from .tools.export import export_jsonl, sequence_records
     from .tools.info import store_info
     from .tools.verify import VerifyReport, verify
     from .train import losses
-    from .train.hf import KDConfig, KDTrainer, collate_for_trainer, kd_trainer_class
     from .train.codistillation import (
         CodistillStep,
         Recording,
@@ -195,6 +196,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         record_teacher,
         window_batches,
     )
+    from .train.hf import KDConfig, KDTrainer, collate_for_trainer, kd_trainer_class
     from .write.capture import capture
     from .write.encode import EncodedRows, encode_rows
     from .write.generate import GenerationSettings, Prompt, generate, read_prompts
