@@ -29,7 +29,8 @@ from .conftest import CORPUS, deterministic_env
 STORE_ARGS = ["--shard-positions", "64", "--chunk-positions", "16", "--device", "cpu"]
 
 
-def _files(root: Path) -> dict[str, bytes]:
+def _files(root: Path | str) -> dict[str, bytes]:
+    root = Path(root)
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
@@ -155,7 +156,7 @@ def test_a_rank_runs_on_its_local_gpu_or_the_cpu() -> None:
 # -- one job per store -------------------------------------------------------------------------
 
 
-def test_a_second_job_on_a_store_is_refused(teacher, tmp_path: Path) -> None:
+def test_a_second_job_on_a_store_is_refused(teacher: logitstore.Teacher, tmp_path: Path) -> None:
     out = tmp_path / "s.zarr"
     holder = subprocess.Popen(
         [
@@ -287,10 +288,10 @@ def test_a_killed_rank_loses_only_uncommitted_shards_and_three_ranks_finish_the_
     assert _files(out) == _files(reference)
     assert logitstore.verify(out).ok
     # One progress bar, the whole job's, on rank 0; the other ranks print nothing.
-    err = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
-    assert set(err) == {"0", "1", "2"}
-    assert "write killed.zarr: 100%" in err["0"]  # every rank's positions, counted on rank 0
-    assert err["1"].strip() == "" and err["2"].strip() == ""
+    by_rank = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
+    assert set(by_rank) == {"0", "1", "2"}
+    assert "write killed.zarr: 100%" in by_rank["0"]  # every rank's positions, on rank 0
+    assert by_rank["1"].strip() == "" and by_rank["2"].strip() == ""
 
 
 def _free_port() -> int:
@@ -382,3 +383,49 @@ def test_generate_under_torchrun_killed_and_resumed_equals_one_process(
     _run(_torchrun(3, args(two)))
     assert _files(two) == _files(one)
     assert not list(tmp_path.glob("*.generating*"))  # every rank's journal is gone
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_two_ranks_on_two_gpus_write_the_single_gpu_store(
+    teacher_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+
+    def args(out: Path) -> list[str]:  # --device cuda: each rank takes cuda:LOCAL_RANK
+        a = [*_write_args(teacher_dir, data, out), "--no-progress"]
+        a[a.index("--device") + 1] = "cuda"
+        return a
+
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    _run([sys.executable, "-m", "logitstore", *args(one)])
+    _run(_torchrun(2, args(two)))
+    assert logitstore.verify(two).ok
+    assert _files(two) == _files(one)
+
+
+@pytest.mark.gpu
+def test_device_map_auto_places_the_teacher_on_the_gpus(
+    teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("accelerate")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    placed = logitstore.load_teacher(str(teacher_dir), device_map="auto")
+    assert placed.device.type == "cuda"
+    seqs = logitstore.sequences_from_token_ids([list(range(1, 60)), list(range(5, 30))], 32)
+    enc = logitstore.Encoding("topk", "u8", k=4)
+    a = logitstore.capture(placed, seqs, tmp_path / "a", enc, progress=False)
+    assert logitstore.verify(a).ok
+    if torch_device_count() == 1:  # all on one GPU: the store of --device cuda
+        plain = logitstore.load_teacher(str(teacher_dir), "cuda")
+        b = logitstore.capture(plain, seqs, tmp_path / "b", enc, progress=False)
+        assert _files(a) == _files(b)
+
+
+def torch_device_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
