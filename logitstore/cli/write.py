@@ -272,7 +272,9 @@ def add_parsers(sub: Any) -> None:
         help="run a teacher over text and write its distributions into a store",
         description="Run a teacher over text and write its distributions into a store. "
         "Interrupted? Run the same command again: it resumes at the first unfinished shard "
-        "and the result is byte-identical to an uninterrupted run.",
+        "and the result is byte-identical to an uninterrupted run. Many GPUs or nodes: "
+        "torchrun --nproc-per-node N [--nnodes M ...] -m logitstore write ... (each rank writes "
+        "its own whole shards; resume with any number of ranks).",
         epilog=EPILOG,
     )
     _add_teacher_args(w)
@@ -341,7 +343,9 @@ def add_parsers(sub: Any) -> None:
         "cache). The store holds prompt + completion as sequences and a loss mask, so a "
         "student learns only the completions; with --soft it also holds the teacher's "
         "distributions. Interrupted? Run the same command again: finished batches are kept "
-        "in OUT.generating.jsonl and the result equals an uninterrupted run.",
+        "in OUT.generating.jsonl and the result equals an uninterrupted run. Many GPUs or "
+        "nodes: torchrun --nproc-per-node N -m logitstore generate ... (ranks split the "
+        "batches, then the shards).",
         epilog=EPILOG,
     )
     _add_teacher_args(g)
