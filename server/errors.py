@@ -34,6 +34,7 @@ STATUS: dict[str, int] = {
     "unknown_store": 404,
     "no_such_key": 404,
     "no_tokenizer": 404,
+    "unknown_sequence": 404,  # TRL's request names tokens that begin no stored sequence
     "not_found": 404,  # no such route
     "method_not_allowed": 405,
     "range_too_large": 413,  # more than max_positions in one request
@@ -51,7 +52,8 @@ RAISED: dict[type[Exception], str] = {
 }
 
 #: Starlette's own refusals, by status. (Any other status keeps its number, with the code
-#: ``http_error``; no route here can cause one, as none takes a request body.)
+#: ``http_error``; no route here can cause one: the one request body, TRL's, is parsed by
+#: FastAPI, whose refusals are ``RequestValidationError``s.)
 HTTP_CODES: dict[int, str] = {404: "not_found", 405: "method_not_allowed"}
 
 

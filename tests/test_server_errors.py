@@ -29,6 +29,7 @@ INTENDED: dict[str, type[LogitStoreError]] = {
     "unknown_store": StoreNotFoundError,
     "no_such_key": StoreNotFoundError,
     "no_tokenizer": StoreNotFoundError,
+    "unknown_sequence": StoreNotFoundError,
     "not_found": StoreNotFoundError,
     "bad_range": PositionError,
     "range_not_satisfiable": PositionError,
