@@ -327,3 +327,24 @@ def test_export_axolotl_with_the_conversations(tmp_path: Path, capsys: Any) -> N
     data.write_text(json.dumps({"messages": convs[0]}) + "\n")
     assert main([*args, "--overwrite", "--messages", str(data)]) == 2
     assert "holds 1 conversation(s), but the store has 4" in capsys.readouterr().err
+
+
+def test_axolotl_legacy_rows_of_token_id_entries_import(tmp_path: Path) -> None:
+    """load_legacy's layout: per position a list of {"token": "token_id:N", "logprob": x}."""
+
+    def entry(i: int, lp: float) -> dict[str, Any]:
+        return {"token": f"token_id:{i}", "logprob": lp}
+
+    row = {
+        "input_ids": [5, 6, 7],
+        "logprobs": [[entry(1, -0.1), entry(2, -3.0)], [entry(3, -0.2), entry(4, -2.0)]],
+    }
+    f = _peer_file(tmp_path / "p.parquet", [row])
+    import_peer(f, "axolotl", tmp_path / "s.zarr", vocab_size=10)
+    b = logitstore.open(tmp_path / "s.zarr").read(0, 3)
+    assert b.ids[1:].tolist() == [[1, 2], [3, 4]] and not b.loss_mask[0]
+    np.testing.assert_allclose(b.probs[2], np.exp([-0.2, -2.0]), rtol=1e-6)
+    row["logprobs"][1][0] = {"token": "hello", "logprob": -0.2}
+    f = _peer_file(tmp_path / "q.parquet", [row])
+    with pytest.raises(InputError, match="token_id:N"):
+        import_peer(f, "axolotl", tmp_path / "t.zarr", vocab_size=10)

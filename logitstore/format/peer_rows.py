@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from .peers import (
+    AXOLOTL,
     DATA_FILE,
     INPUT_IDS_COLUMN,
     LOSS_MASK_COLUMN,
@@ -44,7 +45,7 @@ def _tables(src: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
     if src.is_dir() and (src / "state.json").exists():
         import datasets
 
-        table = datasets.load_from_disk(str(src)).data.table
+        table = _legacy_axolotl(datasets.load_from_disk(str(src)).data.table, columns)
         missing = [c for c in columns if c not in table.column_names]
         _require_columns(src, missing, table.column_names)
         yield 0, table.select([c for c in columns if c in table.column_names])
@@ -65,12 +66,63 @@ def _tables(src: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises several types for a file that is not Parquet
             raise InputError(f"{str(f)!r} is not a readable Parquet file: {e}") from None
-        names = pf.schema_arrow.names
+        names = list(pf.schema_arrow.names)
+        legacy = _is_legacy(pf.schema_arrow, columns)
+        if legacy:
+            names.append(AXOLOTL.ids)  # made from the logprobs column's "token_id:N" strings
         _require_columns(f, [c for c in columns if c not in names], names)
         for g in range(pf.num_row_groups):
-            table = pf.read_row_group(g, columns=[c for c in columns if c in names])
-            yield row, table
+            table = pf.read_row_group(g, columns=[c for c in columns if c in pf.schema_arrow.names])
+            yield row, _legacy_axolotl(table, columns) if legacy else table
             row += table.num_rows
+
+
+def _is_legacy(schema: Any, columns: list[str]) -> bool:
+    """Whether rows are axolotl's legacy (vLLM) layout: ``logprobs`` as lists of
+    ``{"token": "token_id:N", "logprob": x}`` per position, and no ``target_token_ids``
+    (read by ``axolotl.integrations.kd.chat_template.load_legacy``)."""
+    import pyarrow as pa
+
+    if AXOLOTL.ids not in columns or AXOLOTL.ids in schema.names:
+        return False
+    if AXOLOTL.logprobs not in schema.names:
+        return False
+    t = schema.field(AXOLOTL.logprobs).type
+    for _ in range(2):
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            return False
+        t = t.value_type
+    return bool(pa.types.is_struct(t) and {"token", "logprob"} <= {f.name for f in t})
+
+
+def _legacy_axolotl(table: Any, columns: list[str]) -> Any:
+    """A legacy axolotl table (:func:`_is_legacy`) with ``target_token_ids`` and float
+    ``logprobs`` columns made from the entries; any other table as it is."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not _is_legacy(table.schema, columns):
+        return table
+    arr = table.column(AXOLOTL.logprobs).combine_chunks()
+    inner = arr.flatten()  # (positions,) list<struct>
+    entries = inner.flatten()  # (entries,) struct
+    token = entries.field("token")
+    try:
+        ids = pc.cast(pc.replace_substring_regex(token, r"^token_id:", ""), pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputError(
+            f"column {AXOLOTL.logprobs!r}: expected entries whose token is 'token_id:N' "
+            "(axolotl's legacy vLLM layout), found others"
+        ) from None
+    pos_off = pa.array(_starts(_lengths(pc.list_value_length(inner))).astype(np.int32))
+    row_off = pa.array(_starts(_lengths(pc.list_value_length(arr))).astype(np.int32))
+
+    def nested(values: Any) -> Any:
+        return pa.ListArray.from_arrays(row_off, pa.ListArray.from_arrays(pos_off, values))
+
+    table = table.drop_columns([AXOLOTL.logprobs])
+    table = table.append_column(AXOLOTL.ids, nested(ids))
+    return table.append_column(AXOLOTL.logprobs, nested(entries.field("logprob")))
 
 
 _OPTIONAL = {RESIDUAL_COLUMN, LOSS_MASK_COLUMN, MESSAGES_COLUMN}
