@@ -348,3 +348,18 @@ def test_axolotl_legacy_rows_of_token_id_entries_import(tmp_path: Path) -> None:
     f = _peer_file(tmp_path / "q.parquet", [row])
     with pytest.raises(InputError, match="token_id:N"):
         import_peer(f, "axolotl", tmp_path / "t.zarr", vocab_size=10)
+
+
+def test_overwrite_replaces_only_an_export(tmp_path: Path) -> None:
+    src = logitstore.open(_store(tmp_path / "s.zarr"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(logitstore.StoreExistsError, match="not an export"):
+        export_peer(src, "axolotl", tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").exists()
+    export_peer(src, "axolotl", tmp_path / "x")
+    with pytest.raises(logitstore.StoreExistsError, match="--overwrite"):
+        export_peer(src, "axolotl", tmp_path / "x")
+    export_peer(src, "distillkit", tmp_path / "x", overwrite=True)
+    assert (tmp_path / "x" / "distillkit.yaml").exists()
+    assert not (tmp_path / "x" / "axolotl.yaml").exists()

@@ -186,6 +186,11 @@ def export_peer(
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise StoreExistsError(f"{str(out)!r} exists and is not empty; pass --overwrite")
+        if not (out / SIDECAR).exists():  # never delete a directory that is not an export
+            raise StoreExistsError(
+                f"{str(out)!r} is not empty and holds no {SIDECAR}, so it is not an export to "
+                "replace; choose another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     md, width = store.metadata, store.metadata.layout.width
