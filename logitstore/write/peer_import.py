@@ -87,7 +87,12 @@ def import_peer(
         base = src.parent.parent  # the data file of an export
     side: dict[str, Any] = {}
     if (base / SIDECAR).exists():
-        side = json.loads((base / SIDECAR).read_text())
+        try:
+            side = json.loads((base / SIDECAR).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{str(base / SIDECAR)!r} cannot be read: {e}") from None
+        if not isinstance(side, dict):
+            raise InputError(f"{str(base / SIDECAR)!r} is not a JSON object")
     vocab = vocab_size if vocab_size is not None else side.get("vocab_size")
     if vocab is None:
         raise InputError(
