@@ -163,7 +163,8 @@ class ChunkParser:
             ready = min(min(self._covered), self.stop)
             # Hand rows over in runs of _YIELD_ROWS (fewer, larger arrays to join); a cut
             # stream resumes from the last run handed over.
-            if ready == self.stop and ready > self.position or ready >= self.position + _YIELD_ROWS:
+            run = ready - self.position
+            if run >= _YIELD_ROWS or (ready == self.stop and run > 0):
                 start = self.position
                 yield start, self._take(ready)
                 self.position = ready
