@@ -349,7 +349,7 @@ def test_killed_writer_resumes_byte_identical_on_s3(
     s3: S3Server, bucket: str, teacher_dir: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "big.jsonl"
-    texts = [CORPUS[i % len(CORPUS)] * (2 + i % 5) for i in range(40)]
+    texts = [CORPUS[i % len(CORPUS)] * (2 + i % 5) for i in range(24)]
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     env = deterministic_env(**s3.env(SOURCE_DATE_EPOCH="1700000000", LOGITSTORE_LEASE_SECONDS="8"))
     ref = tmp_path / "ref.zarr"
@@ -469,3 +469,16 @@ def test_two_torchrun_ranks_write_one_s3_store(
     assert job.returncode == 0, job.stderr[-3000:]
     assert _objects(url) == _files(ref)  # no lease left, the bytes of one process
     assert logitstore.verify(url).ok
+
+
+def test_generate_keeps_the_journal_of_an_s3_output_on_local_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from logitstore.write.journal import journal_path
+
+    monkeypatch.setenv("LOGITSTORE_JOURNAL_DIR", str(tmp_path))
+    a = journal_path("s3://bucket/runs/gen.zarr")
+    assert a.parent == tmp_path and a.name.startswith("gen.zarr.") and a.suffix == ".jsonl"
+    assert journal_path("s3://bucket/runs/gen.zarr/") == a  # the same store
+    assert journal_path("s3://other/runs/gen.zarr") != a
+    assert journal_path(tmp_path / "gen.zarr") == tmp_path / "gen.zarr.generating.jsonl"
