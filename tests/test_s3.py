@@ -482,3 +482,19 @@ def test_generate_keeps_the_journal_of_an_s3_output_on_local_disk(
     assert journal_path("s3://bucket/runs/gen.zarr/") == a  # the same store
     assert journal_path("s3://other/runs/gen.zarr") != a
     assert journal_path(tmp_path / "gen.zarr") == tmp_path / "gen.zarr.generating.jsonl"
+
+
+def test_generate_writes_an_s3_store_like_a_local_one(
+    bucket: str, teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOGITSTORE_JOURNAL_DIR", str(tmp_path / "journals"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def f(", "for i in")))
+    url = f"s3://{bucket}/gen.zarr"
+    args = ["generate", "--teacher", str(teacher_dir), "--prompts", str(prompts),
+            "--max-new-tokens", "6", "--soft", "topk", "--k", "4", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert cli_main([*args, "--out", url]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "gen.zarr")]) == 0
+    assert _objects(url) == _files(tmp_path / "gen.zarr")
+    assert not list((tmp_path / "journals").glob("*.jsonl"))  # removed once the store is done
