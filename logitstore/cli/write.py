@@ -296,7 +296,12 @@ def add_parsers(sub: Any) -> None:
         help="which tokens of a conversation a student learns: the loss mask covers the "
         "positions that predict them (default assistant: every assistant turn; all: no mask)",
     )
-    w.add_argument("--out", required=True, help="store directory to create (or resume)")
+    w.add_argument(
+        "--out",
+        required=True,
+        help="store to create (or resume): a directory, or an object-storage URL "
+        "(s3://bucket/prefix/store.zarr)",
+    )
     w.add_argument(
         "--encoding",
         choices=["topk", "sampled", "full"],
@@ -358,7 +363,12 @@ def add_parsers(sub: Any) -> None:
         "assistant header, and the completion is the assistant's reply",
     )
     _add_input_args(g, "prompt", "prompt")
-    g.add_argument("--out", required=True, help="store directory to create (or resume)")
+    g.add_argument(
+        "--out",
+        required=True,
+        help="store to create (or resume): a directory, or an object-storage URL "
+        "(s3://bucket/prefix/store.zarr)",
+    )
     g.add_argument(
         "--max-new-tokens", type=int, default=256, help="longest completion (default 256)"
     )
