@@ -37,19 +37,27 @@ import logitstore
 from .deps import AppState, Served, State, get_store
 from .errors import ApiError
 
-__all__ = ["PREFIX_TOKENS", "SequenceIndex", "SequenceLogprobsRequest", "router"]
+__all__ = [
+    "MAX_ANSWER_CELLS",
+    "PREFIX_TOKENS",
+    "SequenceIndex",
+    "SequenceLogprobsRequest",
+    "router",
+]
 
 router = APIRouter()
 
 #: tokens of each stored sequence's start that the index keeps (its lookup key)
 PREFIX_TOKENS = 16
+#: most log-probabilities one answer may hold (2**26: 256 MiB of float32 before base64)
+MAX_ANSWER_CELLS = 1 << 26
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the rolling hash
 
 
 class SequenceLogprobsRequest(BaseModel):
     """The body TRL's ``VLLMClient.get_sequence_logprobs`` posts (TRL 1.5 – 1.10)."""
 
-    sequences: list[list[Annotated[int, Field(ge=0)]]]
+    sequences: list[list[Annotated[int, Field(ge=0, lt=2**31)]]]
     prompt_lengths: list[Annotated[int, Field(ge=0)]]
     top_logprobs: Annotated[int, Field(ge=1, le=65536)] = 100
     temperature: float = 1.0
@@ -152,6 +160,18 @@ def _check(req: SequenceLogprobsRequest, stores: list[Served], limit: int) -> li
         raise ApiError(
             "range_too_large",
             f"{total} tokens asked for; at most {limit} per request: send fewer sequences",
+        )
+    # The binary answer is (B, longest completion, top_logprobs): bound what it allocates.
+    width = max(
+        (len(s) - pl for s, pl in zip(req.sequences, req.prompt_lengths, strict=True)), default=0
+    )
+    cells = len(req.sequences) * width * req.top_logprobs
+    if cells > MAX_ANSWER_CELLS:
+        raise ApiError(
+            "range_too_large",
+            f"the answer would hold {cells} log-probabilities (sequences × longest completion × "
+            f"top_logprobs); at most {MAX_ANSWER_CELLS}: send fewer sequences or ask fewer "
+            "top_logprobs",
         )
     if not math.isfinite(req.temperature) or req.temperature <= 0:
         raise ApiError("bad_request", f"temperature must be > 0, got {req.temperature}")

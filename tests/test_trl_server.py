@@ -161,6 +161,22 @@ def test_unknown_sequence_and_bad_requests_are_clear(server: Server, stores) -> 
         json={"sequences": [[-1]], "prompt_lengths": [0]},
     )
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request"
+    for body in (
+        {"sequences": [[2**70]], "prompt_lengths": [0]},  # not a token id
+        {"sequences": [[1, 2]], "prompt_lengths": [0, 0]},  # lengths disagree
+        {"sequences": [[1, 2]], "prompt_lengths": [0], "response_format": "xml"},
+        {"sequences": [[1, 2]], "prompt_lengths": [0], "top_logprobs": 0},
+        {"sequences": "nope"},
+    ):
+        answer = client.session.post(
+            f"http://127.0.0.1:{server.port}/get_sequence_logprobs/", json=body
+        )
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", body
+    body = {"sequences": [seq] * 400, "prompt_lengths": [0] * 400, "top_logprobs": 65536}
+    answer = client.session.post(
+        f"http://127.0.0.1:{server.port}/get_sequence_logprobs/", json=body
+    )
+    assert answer.status_code == 413 and "at most 67108864" in answer.json()["error"]["message"]
 
 
 def test_the_store_is_unchanged_and_other_methods_refused(server: Server, stores) -> None:
