@@ -128,6 +128,22 @@ def test_kd_loss_is_the_alpha_mix_over_learned_positions(store: Path) -> None:
     )
 
 
+def test_reverse_kl_is_the_reverse_loss(store: Path) -> None:
+    ds = logitstore.LogitDataset(store, seq_len=32, shuffle=False)
+    batch = collate_for_trainer([s for _, s in zip(range(3), ds, strict=False)])
+    logits = torch.randn(*batch["input_ids"].shape, ds.metadata.vocab_size)
+    mask = batch["labels"] >= 0
+    want = losses.reverse_kl(logits, batch["ids"], batch["probs"], batch["residual"], mask)
+    torch.testing.assert_close(kd_loss(logits, batch, KDConfig(kd="reverse_kl")), want)
+
+
+def test_persistent_workers_are_refused(store: Path, tmp_path: Path) -> None:
+    ds = logitstore.LogitDataset(store, seq_len=32)
+    args = targs(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True)
+    with pytest.raises(logitstore.LogitStoreError, match="persistent_workers=True keeps"):
+        KDTrainer(model=student(ds.metadata.vocab_size), args=args, train_dataset=ds)
+
+
 def test_bad_kd_settings_are_refused() -> None:
     with pytest.raises(logitstore.LogitStoreError, match=r"alpha must be in \[0, 1\]"):
         KDConfig(alpha=1.5)

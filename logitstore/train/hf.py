@@ -30,7 +30,11 @@ each rank's loader without that second split, after checking (or setting) the da
 against the Trainer's. The order of a store's windows is a pure function of (seed, epoch, rank,
 world size, workers), and the Trainer passes the epoch through ``set_epoch``; resuming from a
 checkpoint skips the batches the checkpoint's step had consumed, so the resumed run sees the
-same batches, in the same order, as a run that was never stopped.
+same batches, in the same order, as a run that was never stopped. (The Trainer skips them by
+reading them: a resume costs the decoding of the epoch so far, no model work.) An epoch is
+``len(dataloader)`` batches; with several DataLoader workers each worker's last batch may be
+partial, and batches past that count are not trained that epoch (at most ``workers ×
+(batch_size − 1)`` windows, the same on every rank).
 """
 
 from __future__ import annotations
