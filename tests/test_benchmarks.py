@@ -25,7 +25,11 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("*.py"))
 #: script → (arguments after --quick, with {out} for the scratch directory; the Markdown
 #: table it writes, relative to {out}; the columns that hold ratios against a baseline)
 QUICK: dict[str, tuple[list[str], str, list[str]]] = {
-    "bench_write.py": (["--out", "{out}/write"], "write.md", ["store/memmap"]),
+    "bench_write.py": (
+        ["--out", "{out}/write"],
+        "write.md",
+        ["store/memmap", "fsync time ×"],
+    ),
     "bench_batching.py": (["--out", "{out}/batching"], "batching.md", ["vs sequential"]),
     "bench_read.py": (
         ["--out", "{out}/read"],
