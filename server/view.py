@@ -1,4 +1,4 @@
-"""The store browser (docs/PROTOCOL.md §5): the page at ``/`` and ``/v1/stores/NAME/view``, its
+"""The store browser (docs/PROTOCOL.md §6): the page at ``/`` and ``/v1/stores/NAME/view``, its
 script and style from ``viewer/`` in this package, and the small JSON endpoints it reads
 under ``/v1/stores/NAME/view/``.
 
@@ -19,6 +19,8 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
+
+import logitstore
 
 from .deps import AppState, Served, Span, get_store, position_range
 from .errors import ApiError
@@ -191,6 +193,14 @@ def search(
         budget = int(offsets[first]) + SEARCH_POSITIONS - int(offsets[seq])
         if budget <= 0:
             break
+        s0, s1 = int(offsets[seq]), int(offsets[seq + 1])
+        if s1 - s0 > READ_BLOCK:  # a long sequence: block by block, never all of it at once
+            at = _first_match(store, text, s0, s1, needle)
+            if at is not None:
+                pieces = text(store.read_tokens(max(s0, at - 8), min(s1, at + 16))[0])
+                matches.append({"sequence": seq, "position": at, "snippet": "".join(pieces)})
+            seq += 1
+            continue
         # whole sequences, at most READ_BLOCK positions per read (a read costs ~1 ms), and
         # never past the budget (unless one sequence alone is longer)
         end = int(offsets[seq]) + min(READ_BLOCK, budget)
@@ -216,6 +226,29 @@ def search(
         "next_sequence": seq if seq < store.num_sequences else None,
         "num_sequences": store.num_sequences,
     }
+
+
+def _first_match(
+    store: logitstore.StoreBase, text: TokenText, s0: int, s1: int, needle: str
+) -> int | None:
+    """The position in ``[s0, s1)`` of the token where ``needle`` (casefolded) first begins in
+    the casefolded text, read :data:`READ_BLOCK` positions at a time; each block starts with
+    the tokens of the one before that a match could begin in."""
+    tail: list[str] = []  # the previous block's last tokens, casefolded
+    for a in range(s0, s1, READ_BLOCK):
+        folded = tail + [
+            p.casefold() for p in text(store.read_tokens(a, min(a + READ_BLOCK, s1))[0])
+        ]
+        at = "".join(folded).find(needle)
+        if at >= 0:
+            ends = np.cumsum([len(p) for p in folded])  # where each token's text ends
+            return a - len(tail) + int(np.searchsorted(ends, at, side="right"))
+        keep = chars = 0  # the fewest last tokens that hold len(needle) - 1 characters
+        while keep < len(folded) and chars < len(needle) - 1:
+            keep += 1
+            chars += len(folded[-keep])
+        tail = folded[len(folded) - keep :]
+    return None
 
 
 @router.get("/v1/stores/{name}/view/stats", summary="Histograms over a sample of positions")

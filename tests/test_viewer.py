@@ -231,6 +231,30 @@ def test_search_finds_the_one_sequence_and_says_where_to_go_on(server: Server, s
     assert server.json("/v1/stores/topk/view/search?q=needle&from_sequence=8")["matches"] == []
 
 
+def test_search_reads_a_long_sequence_block_by_block(stores, monkeypatch) -> None:
+    # A sequence longer than one read block is searched a block at a time (never read whole),
+    # and a match that straddles two blocks is still found where it begins.
+    from logitstore_server import view
+
+    store = logitstore.open(stores["topk"])
+    s0, s1 = int(store.offsets[5]), int(store.offsets[6])
+    text = view.TokenText(store)
+    pieces = text(store.read_tokens(s0, s1)[0])
+    monkeypatch.setattr(view, "READ_BLOCK", 7)
+    reads: list[int] = []
+    read_tokens = store.read_tokens
+    monkeypatch.setattr(store, "read_tokens", lambda a, b: reads.append(b - a) or read_tokens(a, b))
+    for at in (0, 5, 6, 7, 13, 700, s1 - s0 - 3):
+        for width in (1, 2, 3, 9):
+            needle = "".join(pieces[at : at + width])[1:].casefold()  # starts inside a token
+            joined = "".join(pieces).casefold()
+            ends = np.cumsum([len(p) for p in pieces])
+            want = s0 + int(np.searchsorted(ends, joined.find(needle), side="right"))
+            assert view._first_match(store, text, s0, s1, needle) == want, (at, width)
+    assert view._first_match(store, text, s0, s1, "no such text") is None
+    assert max(reads) <= 7
+
+
 def test_compare_is_the_kl_between_the_two_distributions(server: Server, stores) -> None:
     a, b = logitstore.open(stores["full"]), logitstore.open(stores["full_t07"])
     got = server.json("/v1/stores/full/view/compare?other=full_t07&start=10&stop=60")
@@ -460,8 +484,11 @@ def test_navigation_by_sequence_position_search_and_scrolling(
     page.click("#pos-form button")
     page.wait_for_selector(f"#tokens .tok.focus[data-pos='{s0 + 1000}']")
     assert first() == s0 + 1000 - 64
-    page.click("#earlier")
+    page.eval_on_selector("#earlier", "e => { e.click(); e.click(); }")  # one window, not two
     page.wait_for_selector(f"#tokens > .tok:first-child[data-pos='{s0 + 1000 - 64 - 512}']")
+    page.wait_for_timeout(300)
+    shown = page.eval_on_selector_all("#tokens .tok", "els => els.map(e => +e.dataset.pos)")
+    assert shown == list(range(shown[0], shown[0] + len(shown)))
     page.click("#earlier")
     page.wait_for_selector(f"#tokens > .tok:first-child[data-pos='{s0}']")
     assert page.locator("#earlier").is_hidden()
@@ -582,6 +609,26 @@ def test_view_refuses_a_store_it_cannot_open(tmp_path: Path, capsys) -> None:
 
     assert main(["view", str(tmp_path / "nope.zarr")]) == 2
     assert "logitstore view: error:" in capsys.readouterr().err
+
+
+def test_view_refuses_a_port_it_cannot_listen_on(stores, capsys) -> None:
+    from logitstore.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["view", str(stores["topk"]), "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert "http://" not in out.out  # no URL for a server that never answers
+    assert f"cannot listen on port {port} on 127.0.0.1" in out.err
+    assert main(["view", str(stores["topk"]), "--host", "no-such-host.invalid"]) == 2
+    assert "cannot listen on no-such-host.invalid" in capsys.readouterr().err
+    for bad in ("70000", "-1", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["view", str(stores["topk"]), "--port", bad])
+        assert exit_.value.code == 2
+        assert "argument --port" in capsys.readouterr().err
 
 
 def test_the_viewing_server_never_loads_torch(server: Server) -> None:

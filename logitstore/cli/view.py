@@ -3,18 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
+import sys
 from typing import Any
 
+from ..errors import InputError
 from .common import EPILOG
 
 __all__ = ["add_parsers"]
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535; 0: a free one)")
+    return port
+
+
+def _bindable(host: str, port: int) -> int:
+    """``port`` (a free one for 0) once a socket could listen on ``host:port``, so that the URL
+    printed is one the server will answer on.
+
+    Raises:
+        InputError: ``host`` is not an address of this machine, or the port is taken.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(address)
+            return int(s.getsockname()[1])
+    except OSError as e:
+        where = f"port {port} on {host}" if port else host
+        raise InputError(
+            f"cannot listen on {where}: {e.strerror or e}"
+            + ("; pick another --port, or leave it out for a free one" if port else "")
+        ) from None
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _view(args: argparse.Namespace) -> int:
@@ -24,7 +60,15 @@ def _view(args: argparse.Namespace) -> int:
     from logitstore_server.app import ServerConfig, serve
 
     config = ServerConfig.from_cli([args.store, *args.compare])
-    port = args.port or _free_port(args.host)
+    port = _bindable(args.host, args.port)
+    if not _loopback(args.host):
+        print(
+            f"logitstore view: warning: {args.host} is not a loopback address and this server "
+            "asks for no token: anyone who can reach it can read the store (`logitstore serve "
+            "--token-file` asks for one)",
+            file=sys.stderr,
+            flush=True,
+        )
     name = next(iter(config.stores))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{port}/v1/stores/{quote(name, safe='')}/view"
@@ -59,8 +103,13 @@ def add_parsers(sub: Any) -> None:
         metavar="STORE",
         help="another store over the same text to compare with (repeatable)",
     )
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    v.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    v.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; another address serves the store "
+        "without a token to whoever can reach it)",
+    )
+    v.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
     v.add_argument("--open", action="store_true", help="open the page in the default browser")
     v.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     v.set_defaults(func=_view)

@@ -1,5 +1,5 @@
 // logitstore store browser: plain JavaScript, no framework, no build step, no network but
-// this server. Data comes from /v1/stores and /v1/stores/NAME/view/* (docs/PROTOCOL.md §5).
+// this server. Data comes from /v1/stores and /v1/stores/NAME/view/* (docs/PROTOCOL.md §6).
 // Everything a store holds (token text, names, provenance) enters the page through
 // textContent only, never as markup.
 "use strict";
@@ -179,6 +179,9 @@
       }
     }
     if (gen !== S.gen) return; // the user went elsewhere meanwhile
+    // Windows join the shown run only at its ends: a window that another request (a scroll
+    // while the sequence's first window loaded, a second click) has already added is dropped.
+    if (prepend ? hi !== S.lo : lo !== S.hi) return;
     const frag = document.createDocumentFragment();
     for (let i = 0; i < data.input_ids.length; i++) {
       const pos = lo + i;
