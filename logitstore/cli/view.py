@@ -32,11 +32,10 @@ def _bindable(host: str, port: int) -> int:
         InputError: ``host`` is not an address of this machine, or the port is taken.
     """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            s.bind(address)
+        # the socket uvicorn will make: IPv6 for an address with a colon, else IPv4
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
             return int(s.getsockname()[1])
     except OSError as e:
         where = f"port {port} on {host}" if port else host
