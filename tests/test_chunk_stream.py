@@ -188,3 +188,41 @@ def test_a_damaged_chunk_is_caught_by_its_checksum(tmp_path: Path, stores) -> No
             remote.read(0, 10)
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("name", ["topk", "full", "sampled", "tokens"])
+def test_reading_the_shards_directly_gives_zarrs_bytes(stores: dict[str, Path], name: str) -> None:
+    """The local fast path LogitDataset takes (format/chunks.py) against zarr's reader."""
+    from logitstore.format.chunks import chunk_layout, read_chunked
+
+    store = logitstore.open(stores[name])
+    layout = chunk_layout(stores[name], store.metadata)
+    assert layout is not None
+    n = len(store)
+    for a, b in [(0, n), (255, 257), (2047, 2049), (n - 1, n), (7, 7), (100, 2048 * 2 + 9)]:
+        got, want = (
+            read_chunked(stores[name], store.metadata, layout, a, b),
+            store.read_stored(a, b),
+        )
+        for x, y in zip(got, want, strict=True):
+            assert (x is None) == (y is None), (name, a, b)
+            if x is not None:
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (name, a, b)
+
+
+def test_a_damaged_chunk_read_directly_is_a_corrupt_store(tmp_path: Path, stores) -> None:
+    import shutil
+
+    from logitstore.format.chunks import chunk_layout, read_chunked
+
+    path = tmp_path / "topk"
+    shutil.copytree(stores["topk"], path)
+    shard = path / "values" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    md = logitstore.open(path).metadata
+    layout = chunk_layout(path, md)
+    assert layout is not None
+    with pytest.raises(logitstore.CorruptStoreError, match="values"):
+        read_chunked(path, md, layout, 0, 10)

@@ -20,8 +20,13 @@ its stop; the client keeps exactly ``[start, stop)``.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -29,19 +34,25 @@ import numpy as np
 from numcodecs import blosc
 from numcodecs.zstd import Zstd
 
-from ..errors import ProtocolError, StreamMismatchError
+from ..errors import CorruptStoreError, ProtocolError, StreamMismatchError
 from .metadata import StoreMetadata
 from .protocol import _header_fields, read_error_record
 from .schema import StoredRows, columns, rows_from_columns
+from .storage import shard_file
 
 __all__ = [
     "CHUNKS_MAGIC",
     "CHUNKS_MEDIA_TYPE",
     "CHUNK_CODECS",
+    "ChunkColumn",
     "ChunkParser",
+    "chunk_bytes",
+    "chunk_layout",
+    "chunk_plan",
     "decode_chunk",
     "encode_chunk",
     "encode_chunks_header",
+    "read_chunked",
 ]
 
 CHUNKS_MAGIC = b"LGSTRM02"
@@ -206,3 +217,151 @@ class ChunkParser:
             # A copy: the rows own their memory (a slice would keep the whole chunk alive).
             arrays[c.name] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
         return rows_from_columns(self.md, arrays, n)
+
+
+# -- the shards' inner chunks, read directly (the server's copy, a local reader's fast path) --
+
+_ABSENT = (1 << 64) - 1  # a shard index entry for a chunk that was never written
+_indexes: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ChunkColumn:
+    """A per-position array as its inner chunks are found in its shards."""
+
+    name: str
+    ndim: int
+    rows: int  # positions per inner chunk
+    shard_rows: int  # positions per shard
+    codec: str  # "zstd" or "blosc"
+
+
+def chunk_layout(root: Path, md: StoreMetadata) -> list[ChunkColumn] | None:
+    """The store's per-position arrays, in schema order, or ``None`` if one is not
+    ``sharding_indexed`` over ``bytes`` → zstd or blosc → ``crc32c`` with its index (``bytes``
+    → ``crc32c``) at the end and whole rows per inner chunk (FORMAT.md §4)."""
+    out = []
+    for col in columns(md):
+        try:
+            meta = json.loads((root / col.name / "zarr.json").read_text())
+            (shard,) = meta["codecs"]
+            cfg = shard["configuration"]
+            names = [c["name"] for c in cfg["codecs"]]
+            index = [c["name"] for c in cfg["index_codecs"]]
+            inner, shape = cfg["chunk_shape"], meta["shape"]
+            shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if (
+            shard["name"] != "sharding_indexed"
+            or len(names) != 3
+            or names[0] != "bytes"
+            or names[1] not in CHUNK_CODECS
+            or names[2] != "crc32c"
+            or index != ["bytes", "crc32c"]
+            or cfg.get("index_location", "end") != "end"
+            or list(inner[1:]) != list(shape[1:])
+            or shard_rows % inner[0]
+            or meta.get("data_type") != col.dtype
+            or meta.get("fill_value", 0) != 0
+        ):
+            return None
+        out.append(ChunkColumn(col.name, len(shape), inner[0], shard_rows, names[1]))
+    return out
+
+
+def _shard_index(path: Path, chunks: int) -> np.ndarray:
+    """``(chunks, 2)`` offsets and sizes from a shard's index, checked once, then cached.
+
+    Raises:
+        CorruptStoreError: the shard is missing, too short, or its index fails its CRC-32C.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        raise CorruptStoreError(f"shard {path} is missing") from None
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    with _lock:
+        hit = _indexes.get(key)
+    if hit is not None:
+        return hit
+    size = chunks * 16 + 4
+    if st.st_size < size:
+        raise CorruptStoreError(f"shard {path} is shorter than its index")
+    with path.open("rb") as f:
+        f.seek(st.st_size - size)
+        raw = f.read(size)
+    (crc,) = struct.unpack("<I", raw[-4:])
+    if crc32c.crc32c(raw[:-4]) != crc:
+        raise CorruptStoreError(f"shard {path}: index CRC-32C mismatch; run `logitstore verify`")
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(chunks, 2)
+    with _lock:
+        _indexes[key] = index
+        if len(_indexes) > 4096:
+            _indexes.popitem(last=False)
+    return index
+
+
+def chunk_plan(layout: list[ChunkColumn], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """``(first position, column, chunk)`` of every inner chunk covering ``[start, stop)``,
+    ordered by first position (columns advance together)."""
+    plan = []
+    for i, c in enumerate(layout):
+        if stop > start:
+            plan += [(k * c.rows, i, k) for k in range(start // c.rows, (stop - 1) // c.rows + 1)]
+    plan.sort()
+    return plan
+
+
+def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: dict[Path, int]) -> bytes:
+    """Inner chunk ``chunk`` of ``c`` as its shard holds it (``b""``: not written). ``files``
+    keeps the file descriptors a caller opened (it closes them)."""
+    shard, inner = divmod(chunk, c.shard_rows // c.rows)
+    path = shard_file(root, c.name, c.ndim, shard)
+    offset, nbytes = (int(v) for v in _shard_index(path, c.shard_rows // c.rows)[inner])
+    if (offset, nbytes) == (_ABSENT, _ABSENT):
+        return b""
+    fd = files.get(path)
+    if fd is None:
+        fd = files[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, nbytes, offset)
+    if len(data) != nbytes:
+        raise CorruptStoreError(f"shard {path} is cut short; run `logitstore verify`")
+    return data
+
+
+def read_chunked(
+    root: Path, md: StoreMetadata, layout: list[ChunkColumn], start: int, stop: int
+) -> StoredRows:
+    """Positions ``[start, stop)`` as stored, read straight from the shards of a complete
+    local store: the same bytes and checks as zarr's reader (the index's and every chunk's
+    CRC-32C), without its per-chunk machinery.
+
+    Raises:
+        CorruptStoreError: a missing or damaged shard or chunk.
+    """
+    n = stop - start
+    arrays: dict[str, np.ndarray] = {}
+    files: dict[Path, int] = {}
+    try:
+        for i, col in enumerate(columns(md)):
+            c = layout[i]
+            dtype = np.dtype(col.dtype).newbyteorder("<")
+            out = np.empty(col.shape(n), dtype=dtype)
+            for first, _, chunk in chunk_plan([c], start, stop):
+                try:
+                    arr = decode_chunk(
+                        chunk_bytes(root, c, chunk, files), c.codec, dtype, col.shape(c.rows)
+                    )
+                except ProtocolError as e:
+                    raise CorruptStoreError(
+                        f"array {col.name!r}, chunk {chunk}: {e}; run `logitstore verify`"
+                    ) from None
+                lo, hi = max(start, first), min(stop, first + c.rows)
+                out[lo - start : hi - start] = arr[lo - first : hi - first]
+            arrays[col.name] = out
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    return rows_from_columns(md, arrays, n)
