@@ -7,7 +7,8 @@ name a file-system path, and every bad request is a 4xx with a JSON body. The pa
     deps     the stores, a store by name, checked position ranges (FastAPI dependencies)
     stores   the /v1 routes; stream: the streamed body with one block read ahead
     raw      raw store keys with Range and ETag (zarr over HTTP)
-    trl      TRL's POST /get_sequence_logprobs/, answered from stores by token content
+    trl      TRL's POST /get_sequence_logprobs/, answered from stores by token content;
+             trl_vllm: the same for TRL >= 1.11, which asks vLLM's /v1/completions
     errors   the one table of error codes and HTTP statuses, and its exception handlers
     auth     bearer tokens; metrics: Prometheus counters, their middleware and /metrics
     guard    the HTTP protocol with limits on headers: size, time, connections waiting
@@ -23,7 +24,7 @@ from fastapi import FastAPI
 
 import logitstore
 
-from . import errors, guard, raw, stores, trl, view
+from . import errors, guard, raw, stores, trl, trl_vllm, view
 from .auth import BearerAuth
 from .config import CONFIG_ENV, ServerConfig
 from .deps import State
@@ -56,6 +57,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(stores.router)
     app.include_router(raw.router)
     app.include_router(trl.router)
+    app.include_router(trl_vllm.router)
     app.include_router(metrics_router)
     app.include_router(view.router)
     return app

@@ -17,7 +17,7 @@ from .view import is_page
 
 __all__ = ["PUBLIC_PATHS", "UNAUTHENTICATED", "BearerAuth", "check_token"]
 
-PUBLIC_PATHS = frozenset({"/v1/health", "/health/"})  # /health/: where TRL checks a server
+PUBLIC_PATHS = frozenset({"/v1/health", "/health/", "/health"})  # /health(/): where TRL checks
 #: the one metrics route label of refused requests: their paths must not mint new series
 UNAUTHENTICATED = "unauthenticated"
 

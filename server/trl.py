@@ -2,7 +2,8 @@
 
 TRL's server-side distillation asks a teacher server ``POST /get_sequence_logprobs/`` for the
 top-k log-probabilities of token sequences it already has (``trl vllm-serve`` computes them
-with vLLM; TRL 1.5 – 1.10 send this request). Here they are looked up instead: a sequence is
+with vLLM; TRL 1.5 – 1.10 send this request, later ones ask vLLM's own API, answered by
+:mod:`.trl_vllm`). Here they are looked up instead: a sequence is
 found in a store by its tokens — a stored sequence that begins with the requested tokens —
 and the stored distributions at its positions are sent in TRL's request's format, JSON or
 ``binary`` (base64 NumPy arrays). A sequence that is in no store is a 404 ``unknown_sequence``.
@@ -42,7 +43,10 @@ __all__ = [
     "PREFIX_TOKENS",
     "SequenceIndex",
     "SequenceLogprobsRequest",
+    "check_request",
+    "find_all",
     "router",
+    "top_rows",
 ]
 
 router = APIRouter()
@@ -140,7 +144,7 @@ def _index(store: logitstore.StoreBase) -> SequenceIndex:
         return index
 
 
-def _check(req: SequenceLogprobsRequest, stores: list[Served], limit: int) -> list[Served]:
+def check_request(req: SequenceLogprobsRequest, stores: list[Served], limit: int) -> list[Served]:
     """Refuse a malformed request; the stores that can answer it."""
     if len(req.sequences) != len(req.prompt_lengths):
         raise ApiError(
@@ -201,7 +205,7 @@ def _check(req: SequenceLogprobsRequest, stores: list[Served], limit: int) -> li
     return usable
 
 
-def _rows(store: logitstore.StoreBase, start: int, stop: int, k: int) -> tuple[Any, ...]:
+def top_rows(store: logitstore.StoreBase, start: int, stop: int, k: int) -> tuple[Any, ...]:
     """Rows ``[start, stop)`` as ``(log-probs (n, k) f32, ids (n, k) i32, counts (n,))``,
     candidates in descending probability; plus the decoded batch for the actual tokens."""
     batch = store.read(start, stop)
@@ -236,7 +240,7 @@ def _answer(
         seq_ids: list[list[int]] = [[] for _ in range(empty)]
         if first < len(seq):
             # TRL position p ↔ stored row p − 1.  (n, ·) rows for positions first … len − 1
-            logp, ids, count, batch = _rows(store, base + first - 1, base + len(seq) - 1, k)
+            logp, ids, count, batch = top_rows(store, base + first - 1, base + len(seq) - 1, k)
             actual = np.asarray(seq[first:], dtype=np.int64)  # (n,)
             hit = batch.ids == actual[:, None]  # (n, m)
             has = hit.any(axis=1) & (np.where(hit, batch.probs, 0).max(axis=1) > 0)
@@ -272,7 +276,13 @@ def _answer(
     }
 
 
-def _lookup(req: SequenceLogprobsRequest, stores: list[Served]) -> dict[str, Any]:
+def find_all(
+    req: SequenceLogprobsRequest, stores: list[Served]
+) -> list[tuple[logitstore.StoreBase, int]]:
+    """The store and sequence index that answers each requested sequence.
+
+    Raises: ApiError ``unknown_sequence`` for the first sequence that is in no store.
+    """
     found: list[tuple[logitstore.StoreBase, int]] = []
     for i, seq in enumerate(req.sequences):
         hit = None
@@ -292,11 +302,15 @@ def _lookup(req: SequenceLogprobsRequest, stores: list[Served]) -> dict[str, Any
                 "distributions into a store first (`logitstore write`)",
             )
         found.append(hit)
-    return _answer(req, found)
+    return found
+
+
+def _lookup(req: SequenceLogprobsRequest, stores: list[Served]) -> dict[str, Any]:
+    return _answer(req, find_all(req, stores))
 
 
 async def _respond(req: SequenceLogprobsRequest, stores: list[Served], state: State) -> Any:
-    usable = _check(req, stores, state.config.max_positions)
+    usable = check_request(req, stores, state.config.max_positions)
     # Index building and decoding are blocking work: off the event loop.
     return await run_in_threadpool(_lookup, req, usable)
 

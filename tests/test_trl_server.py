@@ -187,3 +187,44 @@ def test_the_store_is_unchanged_and_other_methods_refused(server: Server, stores
     assert status == 200
     after = {p: p.read_bytes() for p in stores["topk"].rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_vllm_completions_route_for_newer_trl(server: Server, stores) -> None:
+    """TRL >= 1.11 asks `/v1/completions` for prompt log-probabilities (the pinned TRL's client
+    does not, so the request is the one TRL 1.16's `get_sequence_logprobs` sends): the answer
+    holds the same values as `/get_sequence_logprobs/`."""
+    import requests
+
+    base = f"http://127.0.0.1:{server.port}"
+    assert requests.get(f"{base}/health").status_code == 200
+    assert [m["id"] for m in requests.get(f"{base}/v1/models").json()["data"]] == [
+        "topk",
+        "sampled",
+    ]
+    store = logitstore.open(stores["topk"])
+    seqs = [
+        store.read_tokens(int(store.offsets[s]), int(store.offsets[s + 1]))[0].tolist()
+        for s in (1, 4)
+    ]
+    body = {"model": "topk", "prompt": seqs, "max_tokens": 1, "temperature": 1.0}
+    got = requests.post(f"{base}/v1/completions", json={**body, "prompt_logprobs": 3}).json()
+    ref = requests.post(
+        f"{base}/get_sequence_logprobs/",
+        json={"sequences": seqs, "prompt_lengths": [0, 0], "top_logprobs": 3},
+    ).json()
+    for choice, ref_lp, ref_ids, seq in zip(
+        got["choices"], ref["logprobs"], ref["logprob_token_ids"], seqs, strict=True
+    ):
+        positions = choice["prompt_logprobs"]
+        assert positions[0] is None and len(positions) == len(seq)
+        for p in range(1, len(seq)):
+            by_rank = sorted(positions[p].items(), key=lambda kv: kv[1]["rank"])
+            top = [(int(t), v["logprob"]) for t, v in by_rank if v["rank"] <= 3]
+            assert [t for t, _ in top] == ref_ids[p][:3]
+            assert [v for _, v in top] == pytest.approx(ref_lp[p][:3], abs=0)
+            if str(seq[p]) in positions[p]:  # the prompt token, as vLLM lists it
+                assert seq[p] in ref_ids[p]
+    refused = requests.post(f"{base}/v1/completions", json={**body, "model": "nope"})
+    assert refused.status_code == 404 and "see /v1/models" in refused.json()["error"]["message"]
+    refused = requests.post(f"{base}/v1/completions", json=body)  # no prompt_logprobs
+    assert refused.status_code == 400 and "generates nothing" in refused.json()["error"]["message"]
