@@ -144,6 +144,31 @@ def test_persistent_workers_are_refused(store: Path, tmp_path: Path) -> None:
         KDTrainer(model=student(ds.metadata.vocab_size), args=args, train_dataset=ds)
 
 
+def test_evaluate_on_a_store(store: Path, tmp_path: Path) -> None:
+    """`trainer.evaluate` on a LogitDataset: the mean of kd_loss over its batches."""
+    ds = logitstore.LogitDataset(store, seq_len=32, shuffle=False)
+    model = student(ds.metadata.vocab_size)
+    config = KDConfig(alpha=0.5)
+    trainer = KDTrainer(
+        model=model,
+        args=targs(tmp_path, per_device_eval_batch_size=8, prediction_loss_only=True),
+        train_dataset=ds,
+        kd=config,
+    )
+    got = trainer.evaluate(eval_dataset=ds)["eval_loss"]
+    batches, samples = [], list(ds)
+    with torch.no_grad():
+        for i in range(0, len(samples), 8):
+            batch = collate_for_trainer(samples[i : i + 8])
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            batches.append((float(kd_loss(logits, batch, config)), len(batch["input_ids"])))
+    # The Trainer weighs each batch's mean loss by its number of windows.
+    want = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_bad_kd_settings_are_refused() -> None:
     with pytest.raises(logitstore.LogitStoreError, match=r"alpha must be in \[0, 1\]"):
         KDConfig(alpha=1.5)

@@ -212,17 +212,36 @@ class KDTrainerMixin:
         dataset = self.train_dataset
         if not isinstance(dataset, LogitDataset):
             return super().get_train_dataloader()
+        return self._store_loader(
+            dataset,
+            self._train_batch_size,  # type: ignore[attr-defined]
+            "training",
+        )
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader[Any]:
+        if isinstance(eval_dataset, str):  # a name among eval_dataset={...}
+            eval_dataset = self.eval_dataset[eval_dataset]  # type: ignore[attr-defined]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset  # type: ignore[attr-defined]
+        if not isinstance(dataset, LogitDataset):
+            return super().get_eval_dataloader(eval_dataset)  # type: ignore[misc, no-any-return]
+        return self._store_loader(
+            dataset,
+            self.args.eval_batch_size,  # type: ignore[attr-defined]
+            "evaluation",
+        )
+
+    def _store_loader(self, dataset: LogitDataset, batch_size: int, what: str) -> DataLoader[Any]:
         from accelerate.data_loader import prepare_data_loader
 
         dataset = self._dataset_for_rank(dataset)
         args = self.args  # type: ignore[attr-defined]
         collator = self._get_collator_with_removed_columns(  # type: ignore[attr-defined]
             self.data_collator,  # type: ignore[attr-defined]
-            description="training",
+            description=what,
         )
         loader = DataLoader(
             dataset,
-            batch_size=self._train_batch_size,  # type: ignore[attr-defined]
+            batch_size=batch_size,
             collate_fn=collator,
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory,
