@@ -268,6 +268,30 @@ def test_resume_from_checkpoint_sees_the_same_batches_and_losses(
 
 
 @pytest.mark.slow
+def test_a_served_store_trains_like_the_local_one(store: Path, tmp_path: Path) -> None:
+    """The same run from the store's URL (a real `logitstore serve` process) and from disk."""
+    from .test_server import Server
+
+    srv = Server([store]).start()
+    try:
+        runs = []
+        for source in (str(store), srv.url(store.name)):
+            ds = logitstore.LogitDataset(source, seq_len=32, seed=2)
+            trainer = Recorder(
+                model=student(ds.metadata.vocab_size),
+                args=targs(tmp_path / str(len(runs)), max_steps=3),
+                train_dataset=ds,
+                kd=KDConfig(alpha=0.7),
+            )
+            trainer.train()
+            runs.append(trainer.seen)
+    finally:
+        srv.stop()
+    assert [s[1] for s in runs[0]] == [s[1] for s in runs[1]]
+    assert [s[2] for s in runs[0]] == pytest.approx([s[2] for s in runs[1]], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_sft_trainer_trains_on_the_store_like_trainer(store: Path, tmp_path: Path) -> None:
     """TRL's SFTTrainer with the mixin computes the same losses as KDTrainer on the same data."""
     from transformers import PreTrainedTokenizerFast
