@@ -17,6 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import crc32c
 from fastapi.responses import StreamingResponse
 
 import logitstore
@@ -62,7 +63,15 @@ def _read(root: Path, layout: list[ChunkColumn], items: list[tuple[int, int, int
     try:
         for first, i, chunk in items:
             c = layout[i]
-            pieces += encode_chunk(i, first, c.rows, chunk_bytes(root, c, chunk, files))
+            data = chunk_bytes(root, c, chunk, files)
+            # Checked here too: a chunk damaged on this disk is a store_error the client does
+            # not retry, not a CRC mismatch it would take for damage in transit.
+            if len(data) < 4 or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                raise logitstore.CorruptStoreError(
+                    f"array {c.name!r}, chunk {chunk} fails its CRC-32C on the server's disk; "
+                    "run `logitstore verify`"
+                )
+            pieces += encode_chunk(i, first, c.rows, data)
     finally:
         for fd in files.values():
             os.close(fd)

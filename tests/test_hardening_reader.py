@@ -191,3 +191,12 @@ def test_rescaling_follows_the_spec_bit_for_bit(m: int) -> None:
         total = _spec_sum(q)
         s = np.float32(t / total) if total > 0 else np.float32(0)
         assert np.array_equal(got[row], (q * s).astype(np.float32)), row
+
+
+def test_dataset_over_a_chunk_marked_empty_is_damage(store: Path) -> None:
+    from logitstore.read.dataset import LogitDataset
+
+    _empty_first_chunk(store / "values" / "c" / "0" / "0", per=2)  # positions 0-3
+    ds = LogitDataset(store, seq_len=4, shuffle=False)
+    with pytest.raises(logitstore.CorruptStoreError, match="not stored"):
+        list(ds)

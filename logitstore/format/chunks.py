@@ -39,6 +39,7 @@ from .metadata import StoreMetadata
 from .protocol import _header_fields, read_error_record
 from .schema import StoredRows, columns, rows_from_columns
 from .storage import shard_file
+from .validate import check_shard_index
 
 __all__ = [
     "CHUNKS_MAGIC",
@@ -295,6 +296,9 @@ def _shard_index(path: Path, chunks: int) -> np.ndarray:
     (crc,) = struct.unpack("<I", raw[-4:])
     if crc32c.crc32c(raw[:-4]) != crc:
         raise CorruptStoreError(f"shard {path}: index CRC-32C mismatch; run `logitstore verify`")
+    # every stored entry inside the file before the index (a valid CRC proves nothing
+    # about where an entry points: FORMAT.md §4)
+    check_shard_index(raw, st.st_size, chunks, 0, f"shard {path}")
     index = np.frombuffer(raw[:-4], dtype="<u8").reshape(chunks, 2)
     with _lock:
         _indexes[key] = index
@@ -315,13 +319,22 @@ def chunk_plan(layout: list[ChunkColumn], start: int, stop: int) -> list[tuple[i
 
 
 def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: dict[Path, int]) -> bytes:
-    """Inner chunk ``chunk`` of ``c`` as its shard holds it (``b""``: not written). ``files``
-    keeps the file descriptors a caller opened (it closes them)."""
+    """Inner chunk ``chunk`` of ``c`` as its shard holds it. ``files`` keeps the file
+    descriptors a caller opened (it closes them).
+
+    Raises:
+        CorruptStoreError: the index marks the chunk as not stored. Callers ask only for
+            chunks holding positions, which are always written (FORMAT.md §4): reading
+            one as zeros would hand out data the store does not hold.
+    """
     shard, inner = divmod(chunk, c.shard_rows // c.rows)
     path = shard_file(root, c.name, c.ndim, shard)
     offset, nbytes = (int(v) for v in _shard_index(path, c.shard_rows // c.rows)[inner])
     if (offset, nbytes) == (_ABSENT, _ABSENT):
-        return b""
+        raise CorruptStoreError(
+            f"shard {path}: inner chunk {inner} is marked not stored, yet holds positions "
+            "(FORMAT.md §4); run `logitstore verify`"
+        )
     fd = files.get(path)
     if fd is None:
         fd = files[path] = os.open(path, os.O_RDONLY)
