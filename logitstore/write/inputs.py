@@ -120,8 +120,12 @@ def read_sequences(
     is read and ``train_on`` is not ``"all"``, the result has a ``loss_mask``: 1 at
     positions that predict a learned token (an assistant's; every token of a document).
 
+    A document longer than :data:`MAX_DOCUMENT_CHARS` (16 Mi characters) is refused rather
+    than tokenised: split it into several documents first.
+
     Raises:
-        InputError: bad input, named by file and line or row, before anything is written.
+        InputError: bad input, named by file and line or row, before anything is written
+            (also: a document over the cap, or text with a lone surrogate).
 
     Example:
         >>> seqs = read_sequences(["chats.parquet"], tokenizer, 2048)
