@@ -82,8 +82,9 @@ class RemoteStore(StoreBase):
         self._local = threading.local()
         self._conns: list[http.client.HTTPConnection] = []
         self._conns_lock = threading.Lock()
+        answer = self._get("")  # the server's refusals raise their own errors here
         try:
-            info = json.loads(self._get(""))
+            info = json.loads(answer)
             meta = info["metadata"]
         except (ValueError, KeyError, TypeError):  # JSON, but not a logitstore answer
             raise RemoteError(
