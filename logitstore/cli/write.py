@@ -44,7 +44,11 @@ def _write(args: argparse.Namespace) -> int:
     say = _say(ranks)
     if args.seq_len is not None and args.seq_len < 2:
         raise LogitStoreError(f"--seq-len must be at least 2, got {args.seq_len}")
-    done = check_target(args.out, args.overwrite, allow_complete=True)  # before the teacher
+    # before the teacher: a finished store of the same job passes (the writer then finds
+    # nothing to do); one with another encoding or seed is refused now
+    done = check_target(
+        args.out, args.overwrite, allow_complete=True, encoding=encoding, seed=args.seed
+    )
     # The tokenizer alone first: all input is read, rendered and checked before the model
     # takes its memory (a bad row fails in seconds, not after the model has loaded).
     tokenizer = load_tokenizer(args.teacher, args.chat_template)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, LogitStoreError, StoreExistsError
-from ..format.metadata import StoreMetadata
+from ..format.metadata import Encoding, StoreMetadata
 from ..format.storage import open_group, read_metadata, store_path, target_state
 
 __all__ = ["check_loss_mask", "check_sequences", "check_target"]
@@ -43,12 +43,16 @@ def check_target(
     identity: str | None = None,
     *,
     allow_complete: bool = False,
+    encoding: Encoding | None = None,
+    seed: int | None = None,
 ) -> StoreMetadata | None:
     """Check ``path`` (a directory or an object-storage URL) before any work: returns an
     interrupted store's metadata (to resume), or ``None`` when a new store may be created
     there. A complete store's metadata is returned when its identity is ``identity`` (a
     rerun of a finished write: nothing to do), or, with ``allow_complete``, whatever its
-    identity (an early check, before the identity is known; the writer decides).
+    identity (an early check, before the identity is known; the writer decides) — unless
+    ``encoding`` or ``seed`` already differ from the store's: then it is refused at once,
+    before hours of work.
 
     Raises:
         StoreExistsError: a complete store of another identity is there and ``overwrite`` is
@@ -76,6 +80,16 @@ def check_target(
         ) from None
     if overwrite:
         return None
+    if existing.state == "complete" and allow_complete:
+        differs = (encoding is not None and encoding != existing.encoding) or (
+            seed is not None and seed != existing.seed
+        )
+        if differs:
+            raise StoreExistsError(
+                f"{str(path)!r} already holds a complete store with another encoding or seed "
+                f"({existing.encoding}, seed {existing.seed}); pass --overwrite "
+                "(overwrite=True) to replace it, or choose another --out"
+            )
     if existing.state == "complete" and not (allow_complete or existing.identity == identity):
         raise StoreExistsError(
             f"{str(path)!r} already holds a complete store written from other data or "
