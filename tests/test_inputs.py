@@ -157,3 +157,37 @@ def test_split_cuts_like_the_document_splitter(seq_len: int) -> None:
     assert cut.loss_mask is mask  # the mask is per position: cutting leaves it as it is
     with pytest.raises(logitstore.InputError, match="at least 2"):
         whole.split(1)
+
+
+def test_token_ids_past_the_spill_size_are_a_map_of_a_temporary_file(
+    teacher: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large input's ids go to disk (page cache), not the process's memory; the sequences
+    # are the same, and a store written from them has the same bytes.
+    from logitstore.write import inputs
+
+    tok = teacher.tokenizer
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t * 3}) + "\n" for t in CORPUS))
+    in_memory = read_sequences([path], tok, 24)
+    monkeypatch.setattr(inputs, "_SPILL_ENTRIES", 50)
+    spilled = read_sequences([path], tok, 24)
+    assert isinstance(spilled.input_ids, np.memmap) and not isinstance(
+        in_memory.input_ids, np.memmap
+    )
+    assert np.array_equal(spilled.input_ids, in_memory.input_ids)
+    assert np.array_equal(spilled.offsets, in_memory.offsets)
+    enc = logitstore.Encoding("none", "none")
+    stores = []
+    for name, seqs in (("mem", in_memory), ("map", spilled)):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+        with logitstore.StoreWriter(
+            tmp_path / name, encoding=enc, vocab_size=len(tok), input_ids=seqs.input_ids,
+            offsets=seqs.offsets,
+        ) as w:  # fmt: skip
+            stores.append(w.path)
+    files = [
+        {str(p.relative_to(s)): p.read_bytes() for p in sorted(s.rglob("*")) if p.is_file()}
+        for s in stores
+    ]
+    assert files[0] == files[1]

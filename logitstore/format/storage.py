@@ -133,9 +133,13 @@ def create_arrays(
             config=_CONFIG,
             dimension_names=("position",) if col.ndim == 1 else ("position", "candidate"),
         )
-    arrays[INPUT_IDS][:] = input_ids.astype(md.layout.id_dtype)
-    if loss_mask is not None:
-        arrays[LOSS_MASK][:] = loss_mask.astype(np.uint8)
+    # Whole shards at a time, ~4M positions: the inputs are never copied whole (a 10 GB
+    # input's ids would otherwise exist two or three times over while the store is made).
+    step = sp * max(1, (1 << 22) // sp)
+    for s in range(0, n, step):
+        arrays[INPUT_IDS][s : s + step] = np.asarray(input_ids[s : s + step], md.layout.id_dtype)
+        if loss_mask is not None:
+            arrays[LOSS_MASK][s : s + step] = np.asarray(loss_mask[s : s + step], np.uint8)
 
     off = zarr.create_array(
         store,

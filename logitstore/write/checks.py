@@ -132,6 +132,12 @@ def check_loss_mask(loss_mask: np.ndarray, num_positions: int) -> np.ndarray:
         raise InputError(
             f"loss_mask has shape {mask.shape}; expected ({num_positions},), one entry per position"
         )
-    if mask.dtype != np.bool_ and len(mask) and not np.isin(mask, (0, 1)).all():
+    if mask.dtype == np.bool_ or not len(mask):
+        ok = True
+    elif mask.dtype.kind in "iu":  # min/max: no temporary arrays the size of the input
+        ok = mask.min() >= 0 and mask.max() <= 1
+    else:
+        ok = bool(np.isin(mask, (0, 1)).all())
+    if not ok:
         raise InputError("loss_mask must hold only 0 and 1 (or booleans)")
-    return mask.astype(np.uint8)
+    return mask.astype(np.uint8, copy=False)

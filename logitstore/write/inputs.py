@@ -15,6 +15,7 @@ Python list of ints costs ~36).
 from __future__ import annotations
 
 import os
+import tempfile
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -299,23 +300,46 @@ class _Builder:
         return Sequences(self._ids.result(), offsets, masks)
 
 
+#: past this many entries (1 GiB of int32 ids) a buffer moves to an unlinked temporary file
+#: (in ``$TMPDIR``) and the result is a copy-on-write memory map of it: a 10 GB Parquet
+#: input's billions of token ids sit in the page cache, not in the process's own memory.
+_SPILL_ENTRIES = 1 << 28
+
+
 class _Growing:
     """A 1-D array appended to in place: grown ``_GROW_TOKENS`` at a time by realloc
     (``ndarray.resize``), cut to its length at the end. The peak is the result plus at
-    most one step."""
+    most one step. Past ``_SPILL_ENTRIES`` entries it is appended to a temporary file
+    instead, and :meth:`result` maps that file."""
 
     def __init__(self, dtype: Any) -> None:
         self._a = np.empty(0, dtype=dtype)
         self._n = 0
+        self._file: Any = None
 
     def add(self, x: np.ndarray) -> None:
         need = self._n + len(x)
+        if self._file is None and need > _SPILL_ENTRIES:
+            # Unlinked at once; it lives as long as the buffer (and then the map) does.
+            self._file = tempfile.TemporaryFile(prefix="logitstore-tokens-")  # noqa: SIM115
+            self._file.write(self._a[: self._n].data)  # no copy: the buffer itself
+            self._a = np.empty(0, dtype=self._a.dtype)
+        if self._file is not None:
+            self._file.write(np.ascontiguousarray(x, dtype=self._a.dtype).data)
+            self._n = need
+            return
         if need > len(self._a):  # nothing else refers to the buffer: resize in place
             self._a.resize(max(need, len(self._a) + _GROW_TOKENS), refcheck=False)
         self._a[self._n : need] = x
         self._n = need
 
     def result(self) -> np.ndarray:
+        if self._file is not None:
+            self._file.flush()
+            # Copy-on-write ("c"): writable for torch.from_numpy, the file never changes.
+            mapped = np.memmap(self._file, dtype=self._a.dtype, mode="c", shape=(self._n,))
+            self._file.close()  # the map holds its own descriptor
+            return mapped
         self._a.resize(self._n, refcheck=False)
         return self._a
 
