@@ -58,7 +58,11 @@ def worker(args: argparse.Namespace) -> int:
         model.lm_head.weight.mul_(8.0)  # a peaked, trained-looking distribution
     model.eval()
 
+    calls = [0, 0]  # forward passes, tokens computed (padding included)
+
     def fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        calls[1] += ids.numel()
         out: torch.Tensor = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return out
 
@@ -79,7 +83,7 @@ def worker(args: argparse.Namespace) -> int:
     )
     rank = os.environ.get("RANK", "0")
     Path(args.timing, f"rank{rank}.json").write_text(
-        json.dumps({"start": start, "end": time.time()})
+        json.dumps({"start": start, "end": time.time(), "passes": calls[0], "tokens": calls[1]})
     )
     return 0
 
@@ -118,7 +122,9 @@ def measure(args: argparse.Namespace, ranks: int, threads: int, scratch: Path) -
         sys.exit(f"run with {ranks} rank(s) failed:\n{proc.stderr[-3000:]}")
     spans = [json.loads(p.read_text()) for p in timing.glob("rank*.json")]
     span = max(s["end"] for s in spans) - min(s["start"] for s in spans)
-    return {"capture_s": span, "wall_s": wall, "store": store}
+    passes = sum(s["passes"] for s in spans)
+    tokens = sum(s["tokens"] for s in spans)
+    return {"capture_s": span, "wall_s": wall, "store": store, "passes": passes, "tokens": tokens}
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -148,38 +154,45 @@ def main(argv: list[str] | None = None) -> int:
         args.positions, args.seq_len, args.shard_positions, args.repeats = 2048, 256, 512, 1
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "ranks"
-    rows: list[dict[str, Any]] = []
+    # --quick: the baseline and the ranks only (each run pays a process start).
+    configs = [c for c in CONFIGS if not (args.quick and c[2] > 1)]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in configs}
     with tempfile.TemporaryDirectory() as tmp:
         reference: dict[str, bytes] | None = None
-        # --quick: the baseline and the ranks only (each run pays a process start).
-        configs = [c for c in CONFIGS if not (args.quick and c[2] > 1)]
-        for name, ranks, threads in configs:
-            runs = []
-            for r in range(args.repeats):
-                scratch = Path(tmp, f"{ranks}x{threads}")
-                run = measure(args, ranks, threads, scratch)
-                if (ranks, threads) == (1, 1) and r == 0:
+        # Rounds of every configuration in turn, so a change in the machine's load between
+        # rounds touches each configuration alike; speedups are taken within a round.
+        for _ in range(args.repeats):
+            for name, ranks, threads in configs:
+                run = measure(args, ranks, threads, Path(tmp, f"{ranks}x{threads}"))
+                if reference is None:
                     reference = files(run["store"])
-                identical = files(run["store"]) == reference
-                runs.append({**run, "identical": identical})
+                run["identical"] = files(run["store"]) == reference
+                runs[name].append(run)
                 print(f"{name}: {run['capture_s']:.2f} s", file=sys.stderr)
-            capture_s = statistics.median(r["capture_s"] for r in runs)
-            rows.append(
-                {
-                    "config": name,
-                    "ranks": ranks,
-                    "threads": threads,
-                    "capture_s": capture_s,
-                    "wall_s": statistics.median(r["wall_s"] for r in runs),
-                    "positions_per_s": args.positions / capture_s,
-                    "identical": all(r["identical"] for r in runs),
-                    "runs_s": [round(r["capture_s"], 3) for r in runs],
-                }
-            )
-    base = rows[0]["positions_per_s"]
-    for row in rows:
-        row["speedup"] = row["positions_per_s"] / base
-        row["efficiency"] = row["speedup"] / (row["ranks"] * row["threads"])
+    base_name = configs[0][0]
+    rows: list[dict[str, Any]] = []
+    for name, ranks, threads in configs:
+        rs = runs[name]
+        capture_s = statistics.median(r["capture_s"] for r in rs)
+        speedups = [
+            b["capture_s"] / r["capture_s"] for b, r in zip(runs[base_name], rs, strict=True)
+        ]
+        rows.append(
+            {
+                "config": name,
+                "ranks": ranks,
+                "threads": threads,
+                "capture_s": capture_s,
+                "wall_s": statistics.median(r["wall_s"] for r in rs),
+                "positions_per_s": args.positions / capture_s,
+                "speedup": statistics.median(speedups),
+                "efficiency": statistics.median(speedups) / (ranks * threads),
+                "identical": all(r["identical"] for r in rs),
+                "forward_passes": rs[0]["passes"],
+                "tokens_computed": rs[0]["tokens"],
+                "runs_s": [round(r["capture_s"], 3) for r in rs],
+            }
+        )
     table = md_table(
         [
             "config",
@@ -188,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "vs 1 × 1",
             "per core",
             "command wall s",
+            "forward passes (all ranks)",
             "bytes = 1 × 1",
         ],
         [
@@ -198,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['speedup']:.2f}",
                 f"{r['efficiency']:.2f}",
                 f"{r['wall_s']:.1f}",
+                f"{r['forward_passes']}",
                 "yes" if r["identical"] else "NO",
             ]
             for r in rows
@@ -212,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *table,
         "",
-        "`vs 1 × 1` is the speedup over one process with one thread; `per core` divides it by "
-        "the cores the configuration uses (ranks × threads). `command wall s` adds process "
-        "start, imports and model construction, paid once per rank.",
+        "`vs 1 × 1` is the median, over rounds, of the speedup over one process with one "
+        "thread in the same round (each round runs every configuration in turn); `per core` "
+        "divides it by the cores the configuration uses (ranks × threads). `command wall s` "
+        "adds process start, imports and model construction, paid once per rank. `forward "
+        "passes` counts the teacher's batches over all ranks: the ranks split the work, they "
+        "do not repeat it (at most the batch of a sequence crossing the cut between two ranks "
+        "runs twice).",
     ]
     meta = run_meta("bench_ranks.py", argv)
     write_results(args.out, "Capture: 1 process vs 2 torchrun ranks", meta, {"rows": rows}, body)
