@@ -51,6 +51,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_bytes = 0
+        self._raw_bytes = 0
         self._header_timer: Any = None
         self._refused = False
 
@@ -58,6 +59,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _await_headers(self) -> None:
         self._header_bytes = 0
+        self._raw_bytes = 0
         if self._header_timer is None:
             self._header_timer = self.loop.call_later(HEADER_TIMEOUT, self._header_timeout)
         _waiting[self] = time.monotonic()
@@ -82,7 +84,13 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def _count(self, n: int) -> None:
         self._header_bytes += n
-        if self._header_bytes > MAX_HEADER_BYTES and not self._refused:
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse()
+        if self._refused:
+            raise _TooLarge
+
+    def _refuse(self) -> None:
+        if not self._refused:
             self._refused = True
             body = json.dumps(
                 {
@@ -99,8 +107,6 @@ class GuardedHttpTools(HttpToolsProtocol):
                 b"" + body
             )
             self._drop()
-        if self._refused:
-            raise _TooLarge
 
     # -- uvicorn's hooks ----------------------------------------------------------------------
 
@@ -115,7 +121,14 @@ class GuardedHttpTools(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        # httptools reports a header only once its line ends, keeping the unfinished line
+        # meanwhile: bytes received while the headers are awaited count too, so one endless
+        # line cannot grow past the limit (a read is at most 256 KiB beyond it)
+        if self in _waiting:
+            self._raw_bytes += len(data)
         super().data_received(data)
+        if self in _waiting and self._raw_bytes > MAX_HEADER_BYTES:
+            self._refuse()
 
     def send_400_response(self, msg: str) -> None:
         if not self._refused:  # a refused request's parser error is ours: 431 went out
