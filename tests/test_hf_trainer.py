@@ -128,6 +128,21 @@ def test_kd_loss_is_the_alpha_mix_over_learned_positions(store: Path) -> None:
     )
 
 
+def test_a_batch_without_learned_positions_has_loss_zero(store: Path) -> None:
+    """Windows inside a prompt (labels all -100): 0, not 0 / 0 = NaN, with or without the
+    Trainer's count."""
+    ds = logitstore.LogitDataset(store, seq_len=32, shuffle=False)
+    batch = collate_for_trainer([s for _, s in zip(range(2), ds, strict=False)])
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    logits = torch.randn(*batch["input_ids"].shape, ds.metadata.vocab_size, requires_grad=True)
+    for count in (None, torch.tensor(0), 0):
+        for alpha in (1.0, 0.5):
+            loss = kd_loss(logits, batch, KDConfig(alpha=alpha), count)
+            assert float(loss.detach()) == 0.0
+            (grad,) = torch.autograd.grad(loss, logits)
+            assert not grad.any()
+
+
 def test_reverse_kl_is_the_reverse_loss(store: Path) -> None:
     ds = logitstore.LogitDataset(store, seq_len=32, shuffle=False)
     batch = collate_for_trainer([s for _, s in zip(range(3), ds, strict=False)])

@@ -143,8 +143,10 @@ def kd_loss(
         total = total + (1 - config.alpha) * ce
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     if isinstance(count, torch.Tensor):
-        count = count.to(total.device)
-    return total / count if not isinstance(count, int) else total / max(count, 1)
+        # A batch (or a whole step) with no learned position, e.g. windows inside a generated
+        # store's prompt: its sum is 0, and so is its loss (0 / 0 would be NaN).
+        return total / count.to(total.device).clamp_min(1)
+    return total / max(count, 1)
 
 
 class KDTrainerMixin:
