@@ -5,8 +5,10 @@ TypeError, a silent byte-swap, a huge allocation or zeros."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,29 @@ def test_dataset_over_a_chunk_marked_empty_is_damage(store: Path) -> None:
     ds = LogitDataset(store, seq_len=4, shuffle=False)
     with pytest.raises(logitstore.CorruptStoreError, match="not stored"):
         list(ds)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_shard_that_is_a_named_pipe_is_damage_not_a_hang(store: Path) -> None:
+    # opening a FIFO for reading waits for a writer: a hostile store must not hang a reader
+    shard = store / "values" / "c" / "0" / "0"
+    shard.unlink()
+    os.mkfifo(shard)
+    s = logitstore.open(store)
+    done: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            s.read(0, 4)
+        except BaseException as e:
+            done.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # release the blocked open so the thread can end
+        with open(os.open(shard, os.O_WRONLY | os.O_NONBLOCK), "wb"):
+            pass
+        t.join(10)
+        pytest.fail("reading a shard that is a named pipe hung")
+    assert len(done) == 1 and isinstance(done[0], logitstore.CorruptStoreError), done

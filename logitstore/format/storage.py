@@ -10,10 +10,12 @@ normalised URL (a ``str``) for object storage. Every function here takes either.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -255,8 +257,14 @@ def read_shard_tail(
     key = shard_key(name, ndim, shard)
     loc = location(root)
     if loc is None:
-        with Path(root, key).open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a named pipe would wait for a writer; only a regular file is a
+        # shard (a hostile store must not hang its reader)
+        fd = os.open(Path(root, key), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, f"{Path(root, key)} is not a regular file")
+            size = st.st_size
             f.seek(max(size - nbytes, 0))
             return f.read(nbytes), size
     found = loc.size(key)
