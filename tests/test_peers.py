@@ -228,6 +228,39 @@ def test_bad_peer_files_name_the_row_and_column(tmp_path: Path, change: Any, mat
     assert not (tmp_path / "s.zarr").exists()  # nothing that looks like a store
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "match"),
+    [
+        ("input_ids", 10, r"row 1, column 'input_ids': position 1: token 10 is outside"),
+        ("input_ids", -1, r"row 1, column 'input_ids': position 1: token -1 is outside"),
+        ("logitstore_residual", float("nan"), r"row 1, column 'logitstore_residual': position 1"),
+        ("logitstore_residual", -0.5, r"row 1, column 'logitstore_residual': position 1"),
+        ("logitstore_residual", 3.0, r"row 1, column 'logitstore_residual': position 1"),
+        (
+            "logitstore_residual",
+            0.05,
+            r"position 1: residual 0.05 with probabilities summing to 0.829661;",
+        ),
+    ],
+)
+def test_bad_tokens_and_residuals_name_the_row_and_column(
+    tmp_path: Path, column: str, value: float, match: str
+) -> None:
+    """Checked before anything is written, like the candidates (not left for verify to find
+    in a written store)."""
+    residual = float(1 - np.exp(np.float32(-0.5)) - np.exp(np.float32(-1.5)))  # completes to 1
+    rows = [_good_row() | {"logitstore_residual": [residual] * 3} for _ in range(2)]
+    rows[1][column][1] = value
+    f = _peer_file(tmp_path / "p.parquet", rows)
+    with pytest.raises(InputError, match=match):
+        import_peer(f, "distillkit", tmp_path / "s.zarr", vocab_size=10)
+    assert not (tmp_path / "s.zarr").exists()
+    rows[1][column] = rows[0][column]  # the good file imports, its residual kept exactly
+    import_peer(_peer_file(f, rows), "distillkit", tmp_path / "s.zarr", vocab_size=10)
+    assert logitstore.verify(tmp_path / "s.zarr").ok
+    assert "exact" in logitstore.open(tmp_path / "s.zarr").metadata.teacher["imported"]["residual"]
+
+
 def test_import_needs_a_vocabulary_size_for_a_peer_file(tmp_path: Path) -> None:
     f = _peer_file(tmp_path / "p.parquet", [_good_row()])
     with pytest.raises(InputError, match="pass --vocab-size"):

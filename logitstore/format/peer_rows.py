@@ -31,6 +31,9 @@ __all__ = ["Tokenize", "read_peer_rows"]
 
 #: a log-probability above this is a probability above 1 (beyond float32 rounding)
 _MAX_LOGPROB = 1e-4
+#: how far the probabilities plus an imported residual may stray from 1 (fp32 values: the
+#: store's own tolerance, tools/verify.py sum_tolerance)
+_SUM_TOLERANCE = 1e-4
 #: a marker in the wanted columns: a tokenizer is at hand, so messages may stand for tokens
 _TOKENIZING = "\0tokenizing"
 #: (messages, where) → the conversation's tokens and which of them are learned
@@ -295,6 +298,14 @@ def _check_row(
         raise fail(
             schema.ids, "is empty: a store has no empty sequences; drop the row from the file"
         )
+    outside = (tokens < 0) | (tokens >= vocab)
+    if outside.any():
+        t = int(np.flatnonzero(outside)[0])
+        raise fail(
+            INPUT_IDS_COLUMN,
+            f"position {t}: token {int(tokens[t])} is outside the vocabulary [0, {vocab}); "
+            "was the data tokenised with another tokenizer (or is --vocab-size wrong)?",
+        )
     if len(tokens) < n:
         raise fail(
             schema.ids,
@@ -381,6 +392,19 @@ def _check_row(
     out_res = None if res is None else np.asarray(res, dtype=np.float32)
     if out_res is not None and len(out_res) != n:
         raise fail(RESIDUAL_COLUMN, f"has {len(out_res)} entries for {n} positions")
+    if out_res is not None:
+        # The store's own check (FORMAT.md §7, tools/verify.py): a residual in [0, 1] that
+        # completes the stored probabilities to 1 (fp32 values: within 1e-4).
+        r64 = out_res.astype(np.float64)
+        off = ~np.isfinite(r64) | (r64 < 0) | (r64 > 1 + 1e-6)
+        off |= np.abs(total + r64 - 1) > _SUM_TOLERANCE
+        if off.any():
+            t = int(np.flatnonzero(off)[0])
+            raise fail(
+                RESIDUAL_COLUMN,
+                f"position {t}: residual {r64[t]:.6g} with probabilities summing to "
+                f"{total[t]:.6f}; expected a residual in [0, 1] that completes them to 1",
+            )
     out_ids = np.where(probs > 0, out_ids, 0)
     lead = len(tokens) - n
     if schema.name == "distillkit" or not lead:
