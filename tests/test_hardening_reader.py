@@ -228,3 +228,30 @@ def test_a_shard_that_is_a_named_pipe_is_damage_not_a_hang(store: Path) -> None:
         t.join(10)
         pytest.fail("reading a shard that is a named pipe hung")
     assert len(done) == 1 and isinstance(done[0], logitstore.CorruptStoreError), done
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.parametrize("key", ["ids/zarr.json", "offsets/c/0", "commits/c/1"])
+def test_a_key_zarr_reads_that_is_a_named_pipe_is_refused_not_a_hang(
+    store: Path, key: str
+) -> None:
+    (store / key).unlink()
+    os.mkfifo(store / key)
+    done: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            s = logitstore.open(store)
+            s.read(0, len(s))
+        except BaseException as e:
+            done.append(e)
+
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        with open(os.open(store / key, os.O_WRONLY | os.O_NONBLOCK), "wb"):
+            pass
+        t.join(10)
+        pytest.fail(f"opening a store whose {key} is a named pipe hung")
+    assert len(done) == 1 and isinstance(done[0], logitstore.LogitStoreError), done

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 import zarr
 import zarr.codecs as zc
+from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError, FormatError, StoreNotFoundError
 from .metadata import ATTRS_KEY, StoreMetadata
@@ -85,7 +86,23 @@ def location(root: StorePath) -> ObjectLocation | None:
 
 def _zarr_root(root: StorePath, *, read_only: bool) -> Any:
     loc = location(root)
-    return str(root) if loc is None else loc.zarr_store(read_only=read_only)
+    if loc is None:
+        return _RegularFiles(str(root), read_only=True) if read_only else str(root)
+    return loc.zarr_store(read_only=read_only)
+
+
+class _RegularFiles(LocalStore):
+    """A local store that reads keys only from regular files: a named pipe would block its
+    reader for ever, a device (``/dev/zero``) never ends; either is damage, not data."""
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        try:
+            mode = os.stat(self.root / key).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise OSError(errno.EINVAL, f"{self.root / key} is not a regular file")
+        return await super().get(key, prototype, byte_range)
 
 
 # Every chunk is written, even all-zero ones, so a missing chunk is a fault, not a zero.
