@@ -417,6 +417,62 @@ def test_torchrun_ranks_get_equal_disjoint_shares(store: Path, tmp_path: Path) -
         assert [r[: len(e)] for r, e in zip(seen, expect, strict=True)] == expect
 
 
+EVAL_SCRIPT = """
+import json, os, sys
+from transformers import TrainingArguments
+import logitstore
+from logitstore.train.hf import KDConfig, KDTrainer
+sys.path.insert(0, {tests!r})
+from test_hf_trainer import student
+
+args = TrainingArguments(output_dir={out!r}, per_device_eval_batch_size=4, report_to=[],
+    use_cpu=True, ddp_backend="gloo", prediction_loss_only=True, disable_tqdm=True)
+ds = logitstore.LogitDataset({store!r}, seq_len=32, shuffle=False)
+trainer = KDTrainer(model=student(ds.metadata.vocab_size), args=args, train_dataset=ds,
+    kd=KDConfig(alpha=0.5))
+loss = trainer.evaluate(eval_dataset=ds)["eval_loss"]
+if os.environ["RANK"] == "0":
+    with open(os.path.join({out!r}, "eval.json"), "w") as f:
+        json.dump(loss, f)
+"""
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_ranks_counts_every_ranks_batches(store: Path, tmp_path: Path) -> None:
+    """Two torchrun ranks evaluating a store (15 windows each: batches of 4, 4, 4, 3): each
+    step's loss is its token mean over both ranks (the Trainer's count), and the last step
+    counts both ranks' 3 windows (accelerate's gather_for_metrics kept rank 0's alone)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        EVAL_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path), store=str(store))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "eval.json").read_text())
+    model = student(logitstore.open(store).metadata.vocab_size)
+    config = KDConfig(alpha=0.5)
+    shares = [
+        list(logitstore.LogitDataset(store, seq_len=32, shuffle=False, rank=r, world_size=2))
+        for r in (0, 1)
+    ]
+    steps = []
+    with torch.no_grad():
+        for i in range(0, len(shares[0]), 4):
+            sums, count = 0.0, 0
+            for share in shares:
+                batch = collate_for_trainer(share[i : i + 4])
+                n = int((batch["labels"] >= 0).sum())
+                mask = batch["attention_mask"]
+                logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+                sums += float(kd_loss(logits, batch, config)) * n
+                count += n
+            steps.append((sums / count, len(shares[0][i : i + 4])))
+    want = sum(loss * n for loss, n in steps) / sum(n for _, n in steps)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 # -- the example -----------------------------------------------------------------------------
 
 

@@ -163,6 +163,7 @@ class KDTrainerMixin:
     """
 
     kd: KDConfig
+    _eval_rows: int | None = None  # windows in the batch being evaluated
     loss_is_scaled_for_ga = True  # kd_loss divides by the whole step's count (or by GA steps)
 
     def __init__(self, *args: Any, kd: KDConfig | None = None, **kwargs: Any) -> None:
@@ -231,6 +232,32 @@ class KDTrainerMixin:
             self.args.eval_batch_size,  # type: ignore[attr-defined]
             "evaluation",
         )
+
+    def evaluation_loop(self, dataloader: DataLoader[Any], *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dataloader.dataset, LogitDataset):
+            # The Trainer repeats each batch's mean loss `eval_batch_size` times and relies on
+            # accelerate's gather_for_metrics to cut the gathered last batch down to the
+            # dataset's remainder, a cut that assumes accelerate split the batches across
+            # ranks. Here every rank reads its own equal share (the same batch sizes on every
+            # rank), so: keep this batch's rows of each rank, and gather them all. (The
+            # Trainer sets gather_for_metrics back after the loop.)
+            gather = self.accelerator.gather  # type: ignore[attr-defined]
+
+            def gather_rows(t: Any) -> Any:
+                rows = self._eval_rows
+                if isinstance(t, torch.Tensor) and t.dim() and rows and t.shape[0] > rows:
+                    t = t[:rows]
+                return gather(t)
+
+            self.gather_function = gather_rows
+        return super().evaluation_loop(dataloader, *args, **kwargs)  # type: ignore[misc]
+
+    def prediction_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        ids = inputs.get("input_ids")
+        self._eval_rows = len(ids) if isinstance(ids, torch.Tensor) else None
+        return super().prediction_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
 
     def _store_loader(self, dataset: LogitDataset, batch_size: int, what: str) -> DataLoader[Any]:
         from accelerate.data_loader import prepare_data_loader
