@@ -11,6 +11,10 @@ headers are complete:
   never finishes its headers would hold a file descriptor for ever);
 * at most :data:`MAX_WAITING` such connections per process: the oldest is closed when one
   more arrives, so half-sent requests cannot take every descriptor from new clients.
+
+And a request's body must be whole within :data:`BODY_TIMEOUT` seconds of its headers, or
+the connection is closed: each byte received restarts uvicorn's keep-alive timer, so a body
+sent a byte at a time would otherwise hold its connection for ever.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 __all__ = [
+    "BODY_TIMEOUT",
     "HEADER_TIMEOUT",
     "MAX_HEADER_BYTES",
     "MAX_WAITING",
@@ -33,6 +38,8 @@ __all__ = [
 
 MAX_HEADER_BYTES = 64 * 1024
 HEADER_TIMEOUT = 10.0
+#: seconds from a request's headers to the end of its body (the one body, TRL's, is small)
+BODY_TIMEOUT = 60.0
 MAX_WAITING = 256
 #: what uvicorn's ``http`` setting names (an import string reaches worker processes)
 PROTOCOL = "logitstore_server.guard:GuardedHttpTools"
@@ -53,6 +60,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._header_bytes = 0
         self._raw_bytes = 0
         self._header_timer: Any = None
+        self._body_timer: Any = None
         self._refused = False
 
     # -- waiting for headers ----------------------------------------------------------------
@@ -116,6 +124,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
+        self._body_done()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -148,7 +157,18 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_done()
+        self._body_done()
+        self._body_timer = self.loop.call_later(BODY_TIMEOUT, self._drop)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_done()
+        super().on_message_complete()
+
+    def _body_done(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
 
 def raise_fd_limit() -> int:

@@ -145,6 +145,35 @@ def test_a_half_sent_request_is_closed_after_the_header_timeout(
         assert _request(port, "/v1/health")[0] == 200
 
 
+def test_a_body_sent_a_byte_at_a_time_is_closed_after_the_body_timeout(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each byte received restarts uvicorn's keep-alive timer: without a limit of its own, a
+    # body that never ends holds its connection for ever
+    monkeypatch.setattr(guard, "BODY_TIMEOUT", 1.0)
+    with in_process(store) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        closed = False
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not closed:
+            try:
+                s.sendall(b"a")
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.3)
+            try:
+                while s.recv(4096):
+                    pass
+                closed = True
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+        assert closed
+        assert _request(port, "/v1/health")[0] == 200
+
+
 def test_half_sent_requests_cannot_crowd_out_new_clients(
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
