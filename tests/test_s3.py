@@ -211,6 +211,20 @@ def test_copy_either_way_is_byte_identical_resumable_and_verified(
     assert _files(back) == _files(src)
 
 
+def test_a_local_copy_killed_mid_file_resumes_and_verifies(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.zarr", tmp_path / "dst.zarr"
+    _write(src)
+    copy_store(src, dst)
+    # What a copy killed while writing one file leaves: the marker, no zarr.json, and that
+    # file's temporary `.partial` beside where it was going.
+    identity = logitstore.open(src).metadata.identity
+    (dst / CREATING_KEY).write_text(json.dumps({"copy_of": identity}))
+    (dst / "zarr.json").unlink()
+    (dst / "values/c/5/0").rename(dst / "values/c/5/0.abcd1234.partial")
+    assert copy_store(src, dst).verified
+    assert _files(dst) == _files(src)
+
+
 def test_copy_refuses_a_destination_of_other_contents(bucket: str, tmp_path: Path) -> None:
     _write(tmp_path / "a.zarr")
     url = f"s3://{bucket}/other.zarr"

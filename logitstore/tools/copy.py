@@ -95,6 +95,13 @@ class _Side:
         else:
             Path(self.root, key).unlink(missing_ok=True)
 
+    def remove_partials(self) -> None:
+        """Delete the temporary files a copy killed mid-key left in a directory (an object
+        lands whole: none there); verify would otherwise refuse every resumed copy."""
+        if self.loc is None and Path(self.root).is_dir():
+            for p in Path(self.root).rglob("*.partial"):
+                p.unlink(missing_ok=True)
+
 
 def copy_store(
     src: str | os.PathLike[str],
@@ -197,6 +204,7 @@ def _prepare(b: _Side, identity: str, overwrite: bool) -> dict[str, int]:
         if existing == identity and not overwrite:
             # The same store: a copy whose verify was cut short, or a copy made before.
             b.write(CREATING_KEY, json.dumps(marker).encode())
+            b.remove_partials()
             b.delete(_GROUP)
             return {k: n for k, n in have.items() if k != _GROUP}
         have = {}
@@ -210,6 +218,7 @@ def _prepare(b: _Side, identity: str, overwrite: bool) -> dict[str, int]:
         if earlier.get("copy_of") != identity:
             have = {}  # a cut-short write or a copy of another store: start again
     b.write(CREATING_KEY, json.dumps(marker).encode())
+    b.remove_partials()
     if not have:  # clear what a cut-short creation of something else left
         for k in b.sizes():
             if k not in _NOT_COPIED:
