@@ -156,3 +156,10 @@ def _rows(n: int):  # type: ignore[no-untyped-def]
 
     logits = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
     return encode_rows(logits, logitstore.Encoding("topk", "fp32", k=4), 0, torch.arange(n))
+
+
+def test_out_with_a_name_too_long_for_the_file_system_is_a_clean_error(
+    teacher_dir: Path, data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_write(teacher_dir, data_file, tmp_path / ("a" * 300 + ".zarr"))) == 2
+    assert "--out" in capsys.readouterr().err

@@ -104,6 +104,13 @@ def check_target(
 def _check_local_target(path: Path) -> None:
     """A directory can be made and written at ``path``: not a symbolic link (``--overwrite``
     would replace the link's target), under directories only, writable."""
+    try:
+        _check_local_path(path)
+    except OSError as e:  # a name too long, a loop of links, an unreadable directory
+        raise InputError(f"--out {str(path)!r}: {e.strerror or e}; choose another --out") from None
+
+
+def _check_local_path(path: Path) -> None:
     if path.is_symlink():
         raise InputError(
             f"--out {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); logitstore "
