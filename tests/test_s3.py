@@ -31,7 +31,7 @@ from logitstore.cli.main import main as cli_main
 from logitstore.errors import StorageError
 from logitstore.format.objects import CREATING_KEY, WRITER_KEY, ObjectLocation
 from logitstore.tools.copy import copy_store
-from logitstore.write.lease import object_lease
+from logitstore.write.lease import _Lease, object_lease
 
 from .conftest import CORPUS, deterministic_env
 from .s3server import S3Server, start_s3_server
@@ -164,6 +164,25 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lease(
     ObjectLocation(url).write(WRITER_KEY, json.dumps(stale).encode())
     with object_lease(url):
         assert ObjectLocation(url).read_json(WRITER_KEY)["job"] != "dead"
+
+
+def test_of_two_jobs_taking_over_a_run_out_lease_one_gets_it(bucket: str) -> None:
+    url = f"s3://{bucket}/takeover.zarr"
+    stale = {"job": "dead", "host": "h", "pid": 1, "expires": time.time() - 1}
+    ObjectLocation(url).write(WRITER_KEY, json.dumps(stale).encode())
+    first, second = _Lease(ObjectLocation(url), 60), _Lease(ObjectLocation(url), 60)
+    read = second.loc.read
+
+    def read_then_lose_the_race(key: str) -> bytes | None:
+        data = read(key)  # the second job has seen the run-out lease...
+        first.acquire()  # ...and the first takes it over before the second acts on it
+        return data
+
+    second.loc.read = read_then_lose_the_race  # type: ignore[method-assign]
+    with pytest.raises(logitstore.StoreExistsError, match="another job is writing"):
+        second.acquire()
+    assert ObjectLocation(url).read_json(WRITER_KEY)["job"] == first.job
+    first.release()
 
 
 def test_a_cut_short_creation_never_reads_as_a_store(bucket: str) -> None:

@@ -15,6 +15,7 @@ failures (botocore's standard mode), and errors that name the bucket and the key
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -215,6 +216,37 @@ class ObjectLocation:
             return None
         except Exception as e:
             raise self.error(e, "reading", key) from None
+
+    def read_tagged(self, key: str) -> tuple[bytes, str | None] | None:
+        """The whole object ``key`` and its ETag (``None`` where the backend gives none), or
+        ``None`` if there is none. The tag is read first: should the object change in between,
+        a put conditioned on the tag (:meth:`replace`) fails rather than overwrite it."""
+        try:
+            info = self.fs.info(self._path(key))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise self.error(e, "reading", key) from None
+        data = self.read(key)
+        if data is None:
+            return None
+        tag = info.get("ETag") or info.get("etag")
+        return data, None if tag is None else str(tag)
+
+    def replace(self, key: str, data: bytes, etag: str) -> bool:
+        """Put ``data`` as object ``key`` only if the object there still has ``etag``
+        (``If-Match``; S3); ``False`` if it was changed or deleted meanwhile."""
+        try:
+            self.fs.pipe_file(self._path(key), data, IfMatch=etag)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # s3fs's translation of 412 PreconditionFailed
+                return False
+            raise self.error(e, "writing", key) from None
+        except Exception as e:
+            raise self.error(e, "writing", key) from None
+        return True
 
     def read_json(self, key: str) -> Any:
         raw = self.read(key)

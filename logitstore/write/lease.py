@@ -64,13 +64,26 @@ class _Lease:
     def acquire(self) -> None:
         if self.loc.write(WRITER_KEY, self.body(), create_only=True):
             return
-        held = self.loc.read_json(WRITER_KEY)
+        tagged = self.loc.read_tagged(WRITER_KEY)
+        if tagged is None:  # released meanwhile
+            if self.loc.write(WRITER_KEY, self.body(), create_only=True):
+                return
+            tagged = self.loc.read_tagged(WRITER_KEY)
+        held = _parse(None if tagged is None else tagged[0])
         left = _seconds_left(held)
         if left > 0:
             raise self._refusal(held, left)
-        # The holder stopped renewing (it was killed): take over, still one at a time.
-        self.loc.delete(WRITER_KEY)
-        if not self.loc.write(WRITER_KEY, self.body(), create_only=True):
+        # The holder stopped renewing (it was killed): take over, still one at a time. On S3
+        # the put is conditioned on the run-out lease's ETag, so of two jobs that both saw it
+        # run out exactly one takes it (a delete then a create would let the second delete
+        # the first one's new lease and both would write).
+        etag = None if tagged is None else tagged[1]
+        if etag is not None and self.loc.scheme in ("s3", "s3a"):
+            taken = self.loc.replace(WRITER_KEY, self.body(), etag)
+        else:
+            self.loc.delete(WRITER_KEY)
+            taken = self.loc.write(WRITER_KEY, self.body(), create_only=True)
+        if not taken:
             held = self.loc.read_json(WRITER_KEY)
             raise self._refusal(held, max(_seconds_left(held), 0.0))
 
@@ -107,6 +120,15 @@ class _Lease:
             held = self.loc.read_json(WRITER_KEY)
             if isinstance(held, dict) and held.get("job") == self.job:
                 self.loc.delete(WRITER_KEY)
+
+
+def _parse(raw: bytes | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {}
 
 
 def _seconds_left(held: Any) -> float:
