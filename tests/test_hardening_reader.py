@@ -255,3 +255,9 @@ def test_a_key_zarr_reads_that_is_a_named_pipe_is_refused_not_a_hang(
         t.join(10)
         pytest.fail(f"opening a store whose {key} is a named pipe hung")
     assert len(done) == 1 and isinstance(done[0], logitstore.LogitStoreError), done
+
+
+def test_a_path_too_long_for_the_file_system_is_no_store(tmp_path: Path) -> None:
+    with pytest.raises(logitstore.StoreNotFoundError):
+        logitstore.open(tmp_path / ("a" * 300))
+    assert main(["info", str(tmp_path / ("a" * 300))]) == 2

@@ -328,8 +328,11 @@ def open_group(root: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
     path = store_path(root)
     loc = location(path)
     if loc is None:
-        found = Path(path, "zarr.json").is_file()
-        creating = found and Path(path, CREATING_KEY).exists()
+        try:
+            found = Path(path, "zarr.json").is_file()
+            creating = found and Path(path, CREATING_KEY).exists()
+        except OSError:  # a name too long for the file system, a directory it may not read
+            found = creating = False
     else:
         found = loc.exists("zarr.json")
         if not found:
