@@ -232,9 +232,7 @@ def test_a_shard_that_is_a_named_pipe_is_damage_not_a_hang(store: Path) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
 @pytest.mark.parametrize("key", ["ids/zarr.json", "offsets/c/0", "commits/c/1"])
-def test_a_key_zarr_reads_that_is_a_named_pipe_is_refused_not_a_hang(
-    store: Path, key: str
-) -> None:
+def test_a_key_zarr_reads_that_is_a_named_pipe_is_refused_not_a_hang(store: Path, key: str) -> None:
     (store / key).unlink()
     os.mkfifo(store / key)
     done: list[BaseException] = []
