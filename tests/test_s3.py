@@ -255,6 +255,20 @@ def test_copy_refuses_a_destination_of_other_contents(bucket: str, tmp_path: Pat
     assert copy_store(tmp_path / "a.zarr", url, overwrite=True).verified
 
 
+def test_copy_never_replaces_a_store_a_running_job_writes(
+    bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write(tmp_path / "a.zarr")
+    url = f"s3://{bucket}/busy.zarr"
+    with object_lease(url):  # a job writing the store at url
+        _write(url)
+        before = _objects(url)
+        rc = cli_main(["copy", str(tmp_path / "a.zarr"), url, "--overwrite", "--no-progress"])
+        assert rc != 0 and "another job is writing" in capsys.readouterr().err
+        assert _objects(url) == before
+    assert cli_main(["copy", str(tmp_path / "a.zarr"), url, "--overwrite", "--no-progress"]) == 0
+
+
 def test_bad_bucket_endpoint_and_missing_store_give_clear_errors(
     bucket: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,14 +13,18 @@ __all__ = ["add_parsers"]
 
 def _copy(args: argparse.Namespace) -> int:
     from ..tools.copy import copy_store
+    from ..write.lock import store_lock
 
-    report = copy_store(
-        args.src,
-        args.dst,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
+    # The destination's lock (a lease in object storage), as a writer holds it: a copy never
+    # replaces a store a running job writes, and two copies to one place do not interleave.
+    with store_lock(args.dst):
+        report = copy_store(
+            args.src,
+            args.dst,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
     kept = report.keys - report.copied
     print(
         f"copied {report.copied} of {report.keys} keys ({report.bytes_copied / 1e6:.1f} MB, "
