@@ -244,3 +244,19 @@ def test_a_store_damaged_mid_stream_is_named_not_retried_and_counted(store: Path
         assert remote.retried == 0  # type: ignore[attr-defined]
         metrics = _request(port, "/metrics")[1].decode()
     assert 'route="/v1/stores/{name}/positions",status="500"} 1' in metrics, metrics
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_serve_refuses_a_port_that_is_no_port(
+    store: Path, port: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 99999 was taken modulo 65536: the server listened on 34463 and printed :99999
+    from logitstore_server import app
+
+    from logitstore.cli import main
+
+    monkeypatch.setattr(app, "serve", lambda *a, **k: pytest.fail("a server was started"))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(store), "--port", port])
+    assert e.value.code == 2
+    assert "port" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .common import EPILOG
+from .view import _port
 
 __all__ = ["add_parsers"]
 
@@ -40,7 +41,7 @@ def add_parsers(sub: Any) -> None:
         help="store directories or object-storage URLs (s3://bucket/prefix/store.zarr) to serve",
     )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     sv.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     sv.add_argument("--token-file", help="file of bearer tokens, one per line: requests need one")
     sv.add_argument(
