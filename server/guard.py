@@ -14,7 +14,9 @@ headers are complete:
 
 And a request's body must be whole within :data:`BODY_TIMEOUT` seconds of its headers, or
 the connection is closed: each byte received restarts uvicorn's keep-alive timer, so a body
-sent a byte at a time would otherwise hold its connection for ever.
+sent a byte at a time would otherwise hold its connection for ever. A body of more than
+:data:`MAX_BODY_BYTES` is answered 413 ``body_too_large`` and the connection closed: bodies
+are read whole before they are parsed (1.5 GB once cost 1.6 GB).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = [
     "BODY_TIMEOUT",
     "HEADER_TIMEOUT",
+    "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_WAITING",
     "PROTOCOL",
@@ -40,6 +43,8 @@ MAX_HEADER_BYTES = 64 * 1024
 HEADER_TIMEOUT = 10.0
 #: seconds from a request's headers to the end of its body (the one body, TRL's, is small)
 BODY_TIMEOUT = 60.0
+#: the largest request body (TRL's requests of token ids: a few MiB)
+MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_WAITING = 256
 #: what uvicorn's ``http`` setting names (an import string reaches worker processes)
 PROTOCOL = "logitstore_server.guard:GuardedHttpTools"
@@ -61,6 +66,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._raw_bytes = 0
         self._header_timer: Any = None
         self._body_timer: Any = None
+        self._body_bytes = 0
         self._refused = False
 
     # -- waiting for headers ----------------------------------------------------------------
@@ -97,19 +103,17 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self._refused:
             raise _TooLarge
 
-    def _refuse(self) -> None:
+    def _refuse(
+        self,
+        status: bytes = b"431 Request Header Fields Too Large",
+        code: str = "headers_too_large",
+        message: str = f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
+    ) -> None:
         if not self._refused:
             self._refused = True
-            body = json.dumps(
-                {
-                    "error": {
-                        "code": "headers_too_large",
-                        "message": f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
-                    }
-                }
-            ).encode()
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
             self.transport.write(
-                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"HTTP/1.1 " + status + b"\r\n"
                 b"content-type: application/json\r\n"
                 b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
                 b"" + body
@@ -158,8 +162,24 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_done()
         self._body_done()
+        self._body_bytes = 0
         self._body_timer = self.loop.call_later(BODY_TIMEOUT, self._drop)
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > MAX_BODY_BYTES:
+            if self.cycle is not None and self.cycle.response_started:
+                self._refused = True  # an answer is under way: no second status line on it
+                self._drop()
+            else:
+                self._refuse(
+                    b"413 Content Too Large",
+                    "body_too_large",
+                    f"the request body exceeds {MAX_BODY_BYTES} bytes",
+                )
+            raise _TooLarge
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._body_done()

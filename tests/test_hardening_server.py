@@ -174,6 +174,28 @@ def test_a_body_sent_a_byte_at_a_time_is_closed_after_the_body_timeout(
         assert _request(port, "/v1/health")[0] == 200
 
 
+def test_a_body_over_the_limit_is_refused_with_413(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a request body is read whole before it is parsed: 1.5 GB once cost 1.6 GB of RSS
+    monkeypatch.setattr(guard, "MAX_BODY_BYTES", 1 << 20)
+    with in_process(store) as port, socket.create_connection(("127.0.0.1", port)) as s:
+        n = 4 << 20
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % n
+        )
+        try:
+            for _ in range(n >> 16):
+                s.sendall(b" " * (1 << 16))
+        except OSError:
+            pass  # closed by the server
+        s.settimeout(5)
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_too_large"
+
+
 def test_half_sent_requests_cannot_crowd_out_new_clients(
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
