@@ -185,6 +185,35 @@ def test_of_two_jobs_taking_over_a_run_out_lease_one_gets_it(bucket: str) -> Non
     first.release()
 
 
+def test_a_job_that_lost_its_lease_stops_before_its_next_shard(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"s3://{bucket}/lost.zarr"
+    monkeypatch.setenv("LOGITSTORE_LEASE_SECONDS", "0.4")
+    ids, offsets, logits = _rows()
+    with (
+        object_lease(url),
+        pytest.raises(logitstore.StoreExistsError, match="another job took over"),
+        StoreWriter(
+            url,
+            encoding=ENC,
+            vocab_size=V,
+            input_ids=ids,
+            offsets=offsets,
+            shard_positions=512,
+            chunk_positions=128,
+        ) as w,
+    ):
+        w.write(0, encode_rows(logits[:512], ENC, 0, torch.arange(512)))
+        # Another job takes the store over (this one's renewals had failed meanwhile).
+        other = {"job": "other", "host": "h", "pid": 1, "expires": time.time() + 60}
+        ObjectLocation(url).write(WRITER_KEY, json.dumps(other).encode())
+        time.sleep(0.5)  # the next renewal finds it
+        w.write(512, encode_rows(logits[512:], ENC, 0, torch.arange(512, N)))
+    assert logitstore.open(url, allow_incomplete=True).metadata.state != "complete"
+    assert ObjectLocation(url).read_json(WRITER_KEY)["job"] == "other"  # left alone
+
+
 def test_a_cut_short_creation_never_reads_as_a_store(bucket: str) -> None:
     url = f"s3://{bucket}/creating.zarr"
     _write(url)

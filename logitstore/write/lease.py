@@ -27,7 +27,11 @@ from typing import Any
 from ..errors import LogitStoreError, StoreExistsError
 from ..format.objects import WRITER_KEY, ObjectLocation
 
-__all__ = ["LEASE_ENV", "object_lease"]
+__all__ = ["LEASE_ENV", "check_lease", "object_lease"]
+
+# Stores whose lease this process held and lost (taken over, or run out while renewals
+# failed), by URL: the writer checks before each shard (:func:`check_lease`).
+_LOST: dict[str, str] = {}
 
 #: seconds a writer's lease lasts without renewal
 LEASE_ENV = "LOGITSTORE_LEASE_SECONDS"
@@ -105,17 +109,33 @@ class _Lease:
         self._thread.start()
 
     def _renew(self) -> None:
+        until = time.time() + self.ttl  # when the lease last put runs out
         while not self._stop.wait(self.ttl / 4):
             with contextlib.suppress(LogitStoreError):  # a missed renewal is retried next time
                 held = self.loc.read_json(WRITER_KEY)
                 if not (isinstance(held, dict) and held.get("job") == self.job):
-                    return  # taken over: this job's writes are no longer protected
-                self.loc.write(WRITER_KEY, self.body())
+                    self._lose(f"another job took over its lease (now {held!r})")
+                    return
+                body = self.body()
+                self.loc.write(WRITER_KEY, body)
+                until = json.loads(body)["expires"]
+            if time.time() > until:  # another job may take it over any moment now
+                self._lose(f"its lease ran out at {until:.0f} while renewals failed")
+                return
+
+    def _lose(self, why: str) -> None:
+        _LOST[self.loc.url] = (
+            f"this job stopped writing {self.loc.url!r}: {why}; two writers of one store lose "
+            f"data. Committed shards are kept: once no other job writes the store, run the "
+            f"same command again to resume (lease: {self.loc.url}/{WRITER_KEY})"
+        )
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if _LOST.pop(self.loc.url, None) is not None:
+            return  # not ours any more: another job's lease is not deleted
         with contextlib.suppress(LogitStoreError):
             held = self.loc.read_json(WRITER_KEY)
             if isinstance(held, dict) and held.get("job") == self.job:
@@ -135,6 +155,14 @@ def _seconds_left(held: Any) -> float:
     if not isinstance(held, dict) or not isinstance(held.get("expires"), int | float):
         return 0.0  # unreadable: treated as run out, so a damaged lease cannot block forever
     return float(held["expires"]) - time.time()
+
+
+def check_lease(url: str) -> None:
+    """Raise :class:`StoreExistsError` if this process held the lease of the store at
+    ``url`` and lost it; a writer calls it before each shard."""
+    why = _LOST.get(url)
+    if why is not None:
+        raise StoreExistsError(why)
 
 
 @contextlib.contextmanager

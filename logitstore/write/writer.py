@@ -30,6 +30,7 @@ from ..errors import (
     IncompleteStoreError,
     LogitStoreError,
     ResumeMismatchError,
+    StoreExistsError,
     TeacherError,
 )
 from ..format.metadata import (
@@ -54,6 +55,7 @@ from ..format.storage import (
 from .checks import check_loss_mask, check_sequences, check_target
 from .durable import local_key, sync_file, sync_tree
 from .encode import EncodedRows
+from .lease import check_lease
 
 __all__ = ["StoreWriter"]
 
@@ -485,6 +487,9 @@ class StoreWriter:
                 if self._error is not None:
                     continue
                 s, buffers = item
+                key = ""
+                if isinstance(self.path, str):  # object storage: still this job's store?
+                    check_lease(self.path)
                 s0, s1 = self.metadata.shard_range(s)
                 for name, buf in buffers.items():
                     key = f"{name}/c/{s}"
@@ -506,7 +511,7 @@ class StoreWriter:
                     f"writing shard {s} ({key!r}) of {str(self.path)!r} failed: {e!r}; the "
                     "shards committed before it are kept, so the same command resumes"
                 )
-                if isinstance(e, OSError)
+                if isinstance(e, OSError) and not isinstance(e, StoreExistsError)
                 else e
             )
 
