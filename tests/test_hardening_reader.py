@@ -259,3 +259,15 @@ def test_a_path_too_long_for_the_file_system_is_no_store(tmp_path: Path) -> None
     with pytest.raises(logitstore.StoreNotFoundError):
         logitstore.open(tmp_path / ("a" * 300))
     assert main(["info", str(tmp_path / ("a" * 300))]) == 2
+
+
+def test_dataset_over_a_shard_that_is_a_directory_is_damage(store: Path) -> None:
+    from logitstore.read.dataset import LogitDataset
+
+    shard = store / "ids" / "c" / "0" / "0"
+    shard.unlink()
+    shard.mkdir()
+    (shard / "x").write_bytes(b"\0" * 8192)  # a directory's size may pass for an index
+    ds = LogitDataset(store, seq_len=4, shuffle=False)
+    with pytest.raises(logitstore.CorruptStoreError):
+        list(ds)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import threading
 from collections import OrderedDict
@@ -282,6 +283,8 @@ def _shard_index(path: Path, chunks: int) -> np.ndarray:
         st = path.stat()
     except OSError:
         raise CorruptStoreError(f"shard {path} is missing") from None
+    if not stat.S_ISREG(st.st_mode):  # a directory or a named pipe: damage, never a read
+        raise CorruptStoreError(f"shard {path} is not a file; run `logitstore verify`")
     key = (str(path), st.st_mtime_ns, st.st_size)
     with _lock:
         hit = _indexes.get(key)
