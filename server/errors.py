@@ -40,6 +40,7 @@ STATUS: dict[str, int] = {
     "range_too_large": 413,  # more than max_positions in one request
     "range_not_satisfiable": 416,  # past the end of the store, or of a raw key
     "headers_too_large": 431,  # request line and headers over the limit (server/guard.py)
+    "body_too_large": 413,  # a request body over the limit (server/guard.py)
     "store_error": 500,  # a store on this server's disk is damaged: the operator must look
 }
 

@@ -143,6 +143,15 @@ def test_commit_record_of_zero_in_a_complete_store_is_damage(store: Path) -> Non
     assert any("shard 1 " in f and "not committed" in f for f in logitstore.verify(store).faults)
 
 
+def test_the_dataset_refuses_a_complete_store_whose_commit_record_is_zero(store: Path) -> None:
+    # LogitDataset reads complete local stores straight from their shards; that path must not
+    # trust the state over the records any more than store.read does.
+    zarr.open_array(str(store / "commits"), mode="r+")[1] = 0
+    ds = logitstore.LogitDataset(store, seq_len=4, shuffle=False)
+    with pytest.raises(logitstore.CorruptStoreError, match="commit record"):
+        list(ds)
+
+
 def test_identity_is_recomputed_by_verify(store: Path) -> None:
     assert logitstore.verify(store).ok
     edit_meta(store, lambda m: m["teacher"].__setitem__("name", "another"))

@@ -191,3 +191,10 @@ def test_token_ids_past_the_spill_size_are_a_map_of_a_temporary_file(
         for s in stores
     ]
     assert files[0] == files[1]
+
+
+def test_a_line_nested_too_deeply_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(logitstore.InputError, match=r"deep.jsonl:2: the JSON is nested too deeply"):
+        _records(path)

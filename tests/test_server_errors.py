@@ -41,6 +41,7 @@ INTENDED: dict[str, type[LogitStoreError]] = {
     "bad_range_header": RemoteError,
     "method_not_allowed": RemoteError,
     "headers_too_large": RemoteError,
+    "body_too_large": RemoteError,
     "store_error": CorruptStoreError,  # final, not retried: the store on disk is damaged
 }
 

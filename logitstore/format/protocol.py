@@ -74,6 +74,7 @@ ERROR_TYPES: dict[str, type[LogitStoreError]] = {
     "bad_range_header": RemoteError,
     "method_not_allowed": RemoteError,
     "headers_too_large": RemoteError,
+    "body_too_large": RemoteError,
     "store_error": CorruptStoreError,
 }
 

@@ -167,6 +167,11 @@ def _jsonl(path: Path, fields: Fields, batch_rows: int) -> Iterator[list[Record]
                     f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object "
                     f"per line, like {json.dumps({fields.text: '...'})}"
                 ) from None
+            except RecursionError:
+                raise InputError(
+                    f"{where}: the JSON is nested too deeply to read; expected one flat object "
+                    f"per line, like {json.dumps({fields.text: '...'})}"
+                ) from None
             if not isinstance(obj, dict):
                 raise InputError(
                     f"{where}: expected a JSON object with {fields.hint()}, found "
