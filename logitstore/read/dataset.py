@@ -303,10 +303,13 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         assert store is not None
         if self._direct_pid != os.getpid():
             self._direct_pid, self._direct = os.getpid(), None
-            local = isinstance(store, LogitStore) and not isinstance(store.path, str)
             # The records themselves, not committed(), which trusts a complete store's state:
             # a record of 0 inside a complete store is damage, and store.read raises on it.
-            if local and bool(store.commit_records().all()):
+            if (
+                isinstance(store, LogitStore)
+                and not isinstance(store.path, str)
+                and bool(store.commit_records().all())
+            ):
                 self._direct = chunk_layout(Path(store.path), self.metadata)
         if self._direct is not None:
             rows = read_chunked(Path(store.path), self.metadata, self._direct, start, stop)
