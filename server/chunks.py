@@ -52,7 +52,10 @@ def chunk_stream_layout(store: logitstore.LogitStore) -> list[ChunkColumn] | Non
         return None
     key = (str(store.path), id(store))
     if key not in _layouts:
-        _layouts[key] = chunk_layout(Path(store.path), store.metadata)
+        # Checked once per store: a commit record of 0 inside a complete store is damage
+        # (FORMAT.md §6); such a store goes through the row stream, which names it.
+        damaged = not bool(store.commit_records().all())
+        _layouts[key] = None if damaged else chunk_layout(Path(store.path), store.metadata)
     return _layouts[key]
 
 

@@ -86,6 +86,27 @@ def test_the_stream_is_negotiated_and_old_clients_keep_rows(server: Server) -> N
         assert headers["content-type"] == CHUNKS_MEDIA_TYPE, name
 
 
+def test_a_complete_store_with_an_uncommitted_shard_is_not_streamed_as_chunks(
+    tmp_path: Path, stores
+) -> None:
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "topk"
+    shutil.copytree(stores["topk"], path)
+    records = zarr.open_array(str(path / "commits"), mode="r+")
+    assert records.shape[0] > 1
+    records[records.shape[0] - 1] = 0  # damage: the store says complete, a record says no
+    srv = Server([path]).start()
+    try:
+        remote = logitstore.RemoteStore(srv.url("topk"), retries=1, backoff=0.01)
+        with pytest.raises(logitstore.CorruptStoreError, match="commit record"):
+            remote.read(0, len(remote))
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("name", ["topk", "full", "sampled", "tokens"])
 def test_compressed_reads_are_bit_identical_to_local_and_to_rows(
     server: Server, stores: dict[str, Path], name: str
