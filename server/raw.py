@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
 from .deps import AppState
 from .errors import ApiError
@@ -85,27 +87,40 @@ async def raw(request: Request, file: Annotated[StoreFile, Depends(store_file)])
     size = stat.st_size
     head = request.method == "HEAD"
     span = _parse_range(request.headers.get("range"), size)
-    if span is None:
-        data = b"" if head else await asyncio.to_thread(path.read_bytes)
-        return Response(
-            data,
-            200,
-            headers={**headers, "Content-Length": str(size)},
-            media_type="application/octet-stream",
-        )
-    first, last = span
-    data = b"" if head else await asyncio.to_thread(_read_span, path, first, last)
-    headers |= {
-        "Content-Range": f"bytes {first}-{last}/{size}",
-        "Content-Length": str(last - first + 1),
-    }
-    return Response(data, 206, headers=headers, media_type="application/octet-stream")
+    status, (first, last) = (200, (0, size - 1)) if span is None else (206, span)
+    headers["Content-Length"] = str(last - first + 1)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    if head:
+        return Response(b"", status, headers=headers, media_type="application/octet-stream")
+    # Streamed in pieces: a shard is tens of MiB, and slow clients must not each hold a whole
+    # copy (four at 1 MB/s on a 200 MB key took the server to 896 MB when it was read whole).
+    return StreamingResponse(
+        _pieces(path, first, last - first + 1),
+        status,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
 
 
-def _read_span(path: Path, first: int, last: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(first)
-        return f.read(last - first + 1)
+_PIECE = 1 << 20
+
+
+async def _pieces(path: Path, first: int, length: int) -> AsyncIterator[bytes]:
+    """``length`` bytes of ``path`` from ``first``, read 1 MiB at a time off the event loop.
+    A file that shrank under us ends the body early: the client sees fewer bytes than its
+    Content-Length, never bytes of another version."""
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        await asyncio.to_thread(f.seek, first)
+        while length > 0:
+            piece = await asyncio.to_thread(f.read, min(length, _PIECE))
+            if not piece:
+                return
+            length -= len(piece)
+            yield piece
+    finally:
+        f.close()
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -209,6 +209,32 @@ def test_endpoints(server: Server, stores) -> None:
     assert "logitstore_request_seconds_bucket" in metrics
 
 
+def test_a_raw_key_larger_than_a_piece_streams_whole_and_in_ranges(tmp_path: Path, stores) -> None:
+    # Raw keys are streamed 1 MiB at a time (server/raw.py): bodies that span several pieces,
+    # and ranges that start and end inside them, come back exact.
+    import shutil
+
+    path = tmp_path / "topk"
+    shutil.copytree(stores["topk"], path)
+    blob = np.random.default_rng(0).integers(0, 256, (3 << 20) + 17, dtype=np.uint8).tobytes()
+    (path / "values" / "c" / "9").mkdir(parents=True)
+    (path / "values" / "c" / "9" / "0").write_bytes(blob)
+    srv = Server([path]).start()
+    try:
+        key = "/v1/stores/topk/zarr/values/c/9/0"
+        status, headers, body = srv.get(key)
+        assert status == 200 and body == blob and int(headers["content-length"]) == len(blob)
+        for spec, want in (
+            ("bytes=1048570-2097160", blob[1048570:2097161]),
+            ("bytes=-1048580", blob[-1048580:]),
+        ):
+            status, headers, body = srv.get(key, {"Range": spec})
+            assert status == 206 and body == want, spec
+            assert int(headers["content-length"]) == len(want)
+    finally:
+        srv.stop()
+
+
 def test_raw_keys_support_range_etag_and_zarr(server: Server, stores) -> None:
     key = "/v1/stores/topk/zarr/values/c/0/0"
     raw = (stores["topk"] / "values" / "c" / "0" / "0").read_bytes()
