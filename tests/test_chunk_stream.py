@@ -4,6 +4,7 @@ keep the row stream."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -171,6 +172,10 @@ class CuttingProxy:
         except OSError:
             pass
         for s in (src, dst):
+            # shutdown first: close() alone sends no FIN while the other direction's thread is
+            # blocked in recv on the same socket, and the client then waits out its timeout.
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             s.close()
 
     def close(self) -> None:
