@@ -514,3 +514,34 @@ def test_example_trains_and_resumes(
     # Resuming a finished run trains nothing more; a longer one continues from step 2.
     assert example.main([*argv[:5], "3", *argv[6:], "--resume", "--trainer", "trl"]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("alpha", "temperature"), [(1.0, 1.0), (0.5, 2.0), (0.3, 1.0)])
+def test_the_fused_kd_loss_equals_the_separate_losses(alpha: float, temperature: float) -> None:
+    # kd_loss computes forward KL + CE fused (train/fused.py); value and gradient must be
+    # those of losses.forward_kl + losses.cross_entropy over the learned positions.
+    from logitstore import losses
+    from logitstore.train.hf import KDConfig, kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, t, v, k = 2, 7, 50, 5
+    logits = torch.randn(b, t, v, generator=g, requires_grad=True)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k].sort().values for _ in range(b * t)])
+    ids = ids.view(b, t, k)
+    probs = torch.rand(b, t, k, generator=g)
+    probs = probs / probs.sum(-1, keepdim=True) * 0.8
+    residual = torch.full((b, t), 0.2)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[0, :3] = -100
+    batch = {"labels": labels, "ids": ids, "probs": probs, "residual": residual}
+    fused = kd_loss(logits, batch, KDConfig(alpha=alpha, temperature=temperature))
+    (g_fused,) = torch.autograd.grad(fused, logits)
+    mask = labels >= 0
+    kl = losses.forward_kl(
+        logits, ids, probs, residual, mask, temperature=temperature, reduction="sum"
+    )
+    ce = losses.cross_entropy(logits, labels, reduction="sum")
+    plain = (alpha * kl + (1 - alpha) * ce) / mask.sum()
+    (g_plain,) = torch.autograd.grad(plain, logits)
+    torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-7)

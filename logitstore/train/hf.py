@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from ..errors import LogitStoreError
 from ..read.dataset import LogitDataset, collate
 from . import losses
+from .fused import distillation_loss
 
 __all__ = [
     "TEACHER_KEYS",
@@ -125,7 +126,23 @@ def kd_loss(
     labels = batch["labels"]
     mask = labels >= 0  # (B, T)
     total = logits.new_zeros((), dtype=torch.float32)
-    if config.alpha > 0:
+    if config.kd == "forward_kl" and config.alpha > 0:
+        # Fused: CE and forward KL from one log-softmax per chunk, the gradient written in
+        # the forward pass (train/fused.py) — same value, a fraction of the separate losses'
+        # time and memory. Both terms over ``mask``, as below.
+        total = distillation_loss(
+            logits,
+            labels,
+            batch["ids"],
+            batch["probs"],
+            batch["residual"],
+            mask,
+            alpha=config.alpha,
+            temperature=config.temperature,
+            reduction="sum",
+            chunk_size=config.chunk_size,
+        )
+    elif config.alpha > 0:
         fn = losses.forward_kl if config.kd == "forward_kl" else losses.reverse_kl
         kd = fn(
             logits,
@@ -138,7 +155,7 @@ def kd_loss(
             chunk_size=config.chunk_size,
         )
         total = total + config.alpha * kd
-    if config.alpha < 1:
+    if config.alpha < 1 and not (config.kd == "forward_kl" and config.alpha > 0):
         ce = losses.cross_entropy(logits, labels, reduction="sum")
         total = total + (1 - config.alpha) * ce
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
