@@ -37,7 +37,7 @@ from numcodecs.zstd import Zstd
 
 from ..errors import CorruptStoreError, ProtocolError, StreamMismatchError
 from .metadata import StoreMetadata
-from .protocol import _header_fields, read_error_record
+from .protocol import encode_header, read_error_record, read_header
 from .schema import StoredRows, columns, rows_from_columns
 from .storage import shard_file
 from .validate import check_shard_index
@@ -71,9 +71,7 @@ def encode_chunks_header(
 ) -> bytes:
     """The header: the row stream's fields plus ``columns``, one ``{"name", "rows",
     "codec"}`` per per-position array in schema order (rows per inner chunk)."""
-    fields = _header_fields(md, start, stop) | {"columns": layout}
-    body = json.dumps(fields, separators=(",", ":")).encode()
-    return CHUNKS_MAGIC + struct.pack("<I", len(body)) + body
+    return encode_header(md, start, stop, magic=CHUNKS_MAGIC, extra={"columns": layout})
 
 
 def encode_chunk(column: int, first: int, rows: int, data: bytes) -> list[bytes]:
@@ -124,28 +122,17 @@ class ChunkParser:
         self._covered = [start] * len(self._cols)
 
     def _header(self) -> None:
-        magic = self._read(len(CHUNKS_MAGIC))
-        if magic != CHUNKS_MAGIC:
-            raise ProtocolError(f"not a logitstore compressed stream: starts with {magic!r}")
-        (size,) = struct.unpack("<I", self._read(4))
-        if size > 1 << 16:
-            raise ProtocolError(f"stream header of {size} bytes is implausibly large")
-        try:
-            info: Any = json.loads(self._read(size))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"stream header is not JSON: {e}") from None
-        if not isinstance(info, dict) or not isinstance(info.get("columns"), list):
+        info = read_header(
+            self._read, CHUNKS_MAGIC, "compressed stream", self.md, self.start, self.stop
+        )
+        layout = info.get("columns")
+        if not isinstance(layout, list):
             raise ProtocolError("compressed stream header has no columns")
-        info.setdefault("has_loss_mask", False)
-        want = _header_fields(self.md, self.start, self.stop)
-        wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
-        layout = info["columns"]
         names = [c.get("name") if isinstance(c, dict) else None for c in layout]
         if names != [c.name for c in self._cols]:
-            wrong["columns"] = (names, [c.name for c in self._cols])
-        if wrong:
             raise StreamMismatchError(
-                f"stream header does not match the request and store (found, expected): {wrong}"
+                "stream header does not match the request and store (found, expected): "
+                f"{ {'columns': (names, [c.name for c in self._cols])} }"
             )
         self._rows: list[int] = []
         self._codecs: list[str] = []

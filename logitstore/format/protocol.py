@@ -48,6 +48,7 @@ __all__ = [
     "encode_error",
     "encode_header",
     "read_error_record",
+    "read_header",
 ]
 
 MAGIC = b"LGSTRM01"
@@ -95,9 +96,19 @@ def _header_fields(md: StoreMetadata, start: int, stop: int) -> dict[str, Any]:
     }
 
 
-def encode_header(md: StoreMetadata, start: int, stop: int) -> bytes:
-    body = json.dumps(_header_fields(md, start, stop), separators=(",", ":")).encode()
-    return MAGIC + struct.pack("<I", len(body)) + body
+def encode_header(
+    md: StoreMetadata,
+    start: int,
+    stop: int,
+    *,
+    magic: bytes = MAGIC,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """A stream's opening: ``magic``, the header's length, and its JSON (the request and
+    store fields, plus ``extra`` — the compressed stream's ``columns``)."""
+    fields = _header_fields(md, start, stop) | (extra or {})
+    body = json.dumps(fields, separators=(",", ":")).encode()
+    return magic + struct.pack("<I", len(body)) + body
 
 
 def encode_block(start: int, rows: StoredRows) -> bytes:
@@ -119,6 +130,44 @@ def encode_error(code: str, message: str) -> bytes:
     return b"ERR0" + struct.pack("<I", len(body)) + body
 
 
+def read_header(
+    read_exactly: Callable[[int], bytes],
+    magic: bytes,
+    what: str,
+    md: StoreMetadata,
+    start: int,
+    stop: int,
+) -> dict[str, Any]:
+    """A stream's opening (PROTOCOL.md §2 and §2.1): ``magic``, a length and a JSON header,
+    checked against the request and the store. Both streams' parsers start with it.
+
+    Raises:
+        ProtocolError: another magic, an implausible length, a header that is no JSON object.
+        StreamMismatchError: a header for another request or store.
+    """
+    found = read_exactly(len(magic))
+    if found != magic:
+        raise ProtocolError(f"not a logitstore {what}: starts with {found[:8]!r}")
+    (size,) = struct.unpack("<I", read_exactly(4))
+    if size > 1 << 16:
+        raise ProtocolError(f"stream header of {size} bytes is implausibly large")
+    try:
+        info: Any = json.loads(read_exactly(size))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"stream header is not JSON: {e}") from None
+    if not isinstance(info, dict):
+        raise ProtocolError(f"{what} header is not a JSON object")
+    # A server older than format 1.1 sends no has_loss_mask: it serves no masked store.
+    info.setdefault("has_loss_mask", False)
+    want = _header_fields(md, start, stop)
+    wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+    if wrong:
+        raise StreamMismatchError(
+            f"stream header does not match the request and store (found, expected): {wrong}"
+        )
+    return info
+
+
 class StreamParser:
     """Reads one stream through ``read_exactly(n) -> bytes`` and checks everything: magic,
     header against the request and the store, contiguous blocks, CRC-32C of every block, and
@@ -134,28 +183,9 @@ class StreamParser:
         self._header()
 
     def _header(self) -> None:
-        magic = self._read(len(MAGIC))
-        if magic != MAGIC:
-            raise ProtocolError(f"not a logitstore stream: starts with {magic[:8]!r}")
-        (size,) = struct.unpack("<I", self._read(4))
-        if size > 1 << 16:
-            raise ProtocolError(f"stream header of {size} bytes is implausibly large")
-        try:
-            info: Any = json.loads(self._read(size))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"stream header is not JSON: {e}") from None
-        if not isinstance(info, dict):
-            raise ProtocolError("stream header is not a JSON object")
+        read_header(self._read, MAGIC, "stream", self.md, self.start, self.stop)
         self._columns: tuple[Column, ...] = columns(self.md)
         self._row_nbytes = sum(c.row_nbytes for c in self._columns)
-        # A server older than format 1.1 sends no has_loss_mask: it serves no masked store.
-        info.setdefault("has_loss_mask", False)
-        want = _header_fields(self.md, self.start, self.stop)
-        wrong = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
-        if wrong:
-            raise StreamMismatchError(
-                f"stream header does not match the request and store (found, expected): {wrong}"
-            )
 
     def blocks(self) -> Any:
         while True:
