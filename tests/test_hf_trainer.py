@@ -62,7 +62,8 @@ def student(vocab: int, seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg)
 
 
-def targs(out: Path, **kw: Any) -> TrainingArguments:
+def targs_dict(out: Path, **kw: Any) -> dict[str, Any]:
+    """The tests' training arguments (as keywords, for TrainingArguments or SFTConfig)."""
     base: dict[str, Any] = dict(
         output_dir=str(out),
         max_steps=6,
@@ -75,7 +76,11 @@ def targs(out: Path, **kw: Any) -> TrainingArguments:
         seed=0,
         disable_tqdm=True,
     )
-    return TrainingArguments(**(base | kw))
+    return base | kw
+
+
+def targs(out: Path, **kw: Any) -> TrainingArguments:
+    return TrainingArguments(**targs_dict(out, **kw))
 
 
 class Recorder(KDTrainer):  # type: ignore[misc, valid-type]
@@ -318,18 +323,7 @@ def test_sft_trainer_trains_on_the_store_like_trainer(store: Path, tmp_path: Pat
     for name in ("transformers", "trl"):
         ds = logitstore.LogitDataset(store, seq_len=32, seed=1)
         model = student(ds.metadata.vocab_size)
-        common = dict(
-            output_dir=str(tmp_path / name),
-            max_steps=3,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-        )
+        common = targs_dict(tmp_path / name, max_steps=3)
         if name == "trl":
             trainer = kd_trainer_class(SFTTrainer)(
                 # SFTConfig defaults to bf16 and activation checkpointing: the same numerics here
