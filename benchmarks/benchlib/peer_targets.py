@@ -24,6 +24,12 @@ towards the named ids only". The mapping onto the peers' losses:
   top-k's logsumexp: the same renormalised top-k. Its ``symmetric_uniform`` option keeps
   ``1 − Σ exp(values)`` as a (k+1)-th bucket in teacher and student alike:
   :func:`derived_residual` (the leftover of the stored, rounded values, not the exact one).
+- Megatron-LM's offline KD (NVIDIA/Megatron-LM ``megatron/training/distillation/
+  cached_logits_loss.py``: ``CachedLogitsKDLoss`` calls ``topk_kl_div(...,
+  add_ghost_token=True)``, which appends ``1 − Σ exp(fp16 log-probs)``, clamped to ≥ 1e-8,
+  as a "ghost token" to teacher and student alike): :func:`derived_residual` of the fp16
+  values. Without the ghost token its partial KL ``Σ_top-k p (log p − log q)`` is minimised
+  by the renormalised top-k.
 - Stored values rounded to a float type before the tool sees them (fp16 log-probabilities in
   naive int32+fp16 layouts, DistillKit's bf16 exact head): :func:`rounded_logprobs`, composed
   with either of the above.
@@ -66,7 +72,8 @@ def renormalised_topk(ids: torch.Tensor, probs: torch.Tensor, residual: torch.Te
 
 
 def derived_residual(ids: torch.Tensor, probs: torch.Tensor, residual: torch.Tensor) -> Target:
-    """DistillKit with ``missing_probability_handling: symmetric_uniform``, and any tool that
+    """Megatron-LM's offline KD (its ghost token), DistillKit with
+    ``missing_probability_handling: symmetric_uniform``, and any tool that
     keeps ``1 − Σ top-k`` of the values it was given: the residual recomputed from the
     (possibly rounded) stored probabilities, clamped to [0, 1], instead of the exact one."""
     derived = (1.0 - probs.sum(-1)).clamp(0.0, 1.0)  # (...)
@@ -96,5 +103,5 @@ def truncated(ids: torch.Tensor, probs: torch.Tensor, k: int) -> tuple[torch.Ten
 PEER_TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Target]] = {
     "exact residual (logitstore)": exact_residual,
     "renormalised top-k (axolotl; DistillKit default)": renormalised_topk,
-    "derived residual (DistillKit symmetric_uniform)": derived_residual,
+    "derived residual (Megatron ghost token; DistillKit symmetric_uniform)": derived_residual,
 }
