@@ -53,6 +53,7 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
     ),
     # the store and both exports; the peers' own loaders run only in a full run
     "peers_check.py": (["--out", "{out}"], "results/peers.md", []),
+    "peers.py": (["--out-dir", "{out}"], "results/peers_layouts.md", ["read vs .npy (CPU-s)"]),
 }
 
 
