@@ -18,6 +18,9 @@ name a file-system path, and every bad request is a 4xx with a JSON body. The pa
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 
 import uvicorn
 from fastapi import FastAPI
@@ -28,7 +31,7 @@ from . import errors, guard, raw, stores, trl, trl_vllm, view
 from .auth import BearerAuth
 from .config import CONFIG_ENV, ServerConfig
 from .deps import State
-from .metrics import Metrics, Observe
+from .metrics import SHARED_ENV, Metrics, Observe
 from .metrics import router as metrics_router
 
 __all__ = ["ServerConfig", "app_from_env", "create_app", "serve"]
@@ -37,16 +40,26 @@ __all__ = ["ServerConfig", "app_from_env", "create_app", "serve"]
 FACTORY = "logitstore_server.app:app_from_env"
 
 
-def create_app(config: ServerConfig) -> FastAPI:
+def create_app(config: ServerConfig, *, shared_metrics: str | None = None) -> FastAPI:
     """The app for ``config``; opens every store now (a store that cannot be opened stops
-    the server from starting, with the reader's error)."""
+    the server from starting, with the reader's error).
+
+    ``shared_metrics``: the directory in which the worker processes of one server share
+    their counters, so that ``/metrics`` answers for all of them (server/metrics.py)."""
     state = State.open(config)
-    metrics = Metrics()
+    metrics = Metrics(shared_metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        metrics.close()  # a stopping worker's last counts stay in the sum
+
     app = FastAPI(
         title="logitstore",
         version=logitstore.__version__,
         description="Teacher distributions for knowledge distillation, streamed. "
         "Wire format: docs/PROTOCOL.md.",
+        lifespan=lifespan,
     )
     app.state.logitstore = state
     app.state.metrics = metrics
@@ -69,7 +82,7 @@ def app_from_env() -> FastAPI:
     text = os.environ.get(CONFIG_ENV)
     if not text:
         raise RuntimeError(f"{CONFIG_ENV} is not set; start the server with `logitstore serve`")
-    return create_app(ServerConfig.from_json(text))
+    return create_app(ServerConfig.from_json(text), shared_metrics=os.environ.get(SHARED_ENV))
 
 
 def serve(
@@ -77,10 +90,14 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    workers: int = 1,
     log_level: str = "warning",
 ) -> None:
     """Serve ``config`` with uvicorn until interrupted; prints each store's URL first.
+
+    With ``config.workers`` > 1, uvicorn's supervisor binds the socket and starts that many
+    worker processes, which accept connections from it in turn and are replaced if they die;
+    each builds the app from :data:`CONFIG_ENV`, and they share their counters through a
+    private temporary directory (removed when the server stops).
 
     Example:
         >>> serve(ServerConfig.from_cli(["teacher.zarr"]), port=8000)
@@ -91,14 +108,26 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     for name, path in config.stores.items():
         print(f"serving {path} at http://{shown}:{port}/v1/stores/{name}", flush=True)
+    if config.workers > 1:
+        print(f"{config.workers} worker processes share the port", flush=True)
     print(f"browse the stores at http://{shown}:{port}/", flush=True)
-    uvicorn.run(
-        FACTORY,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-        loop="auto",
-        http=guard.PROTOCOL,  # header size and time limits (server/guard.py)
+    shared: AbstractContextManager[str | None] = (
+        tempfile.TemporaryDirectory(prefix="logitstore-metrics-")
+        if config.workers > 1
+        else nullcontext(None)
     )
+    with shared as directory:
+        if directory is not None:
+            os.environ[SHARED_ENV] = directory
+        else:
+            os.environ.pop(SHARED_ENV, None)
+        uvicorn.run(
+            FACTORY,
+            factory=True,
+            host=host,
+            port=port,
+            workers=config.workers,
+            log_level=log_level,
+            loop="auto",
+            http=guard.PROTOCOL,  # header size and time limits (server/guard.py)
+        )

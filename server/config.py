@@ -16,7 +16,7 @@ from pathlib import Path
 
 import logitstore
 
-__all__ = ["CONFIG_ENV", "ServerConfig"]
+__all__ = ["CONFIG_ENV", "ServerConfig", "check_workers", "max_workers"]
 
 #: carries a :class:`ServerConfig` as JSON to every worker process (``--workers N``)
 CONFIG_ENV = "LOGITSTORE_SERVER_CONFIG"
@@ -32,6 +32,8 @@ class ServerConfig:
         max_positions: most positions one request may ask for (413 ``range_too_large`` above).
         block_positions: rows per streamed block; a stream holds about two blocks in memory.
         token_file: where ``tokens`` were read from; worker processes read them there again.
+        workers: server processes sharing the listening socket (``--workers``): 1 to
+            :func:`max_workers`.
     """
 
     stores: dict[str, str]
@@ -39,15 +41,17 @@ class ServerConfig:
     max_positions: int = 1 << 24
     block_positions: int = 1 << 14
     token_file: str | None = None
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for option in ("max_positions", "block_positions"):
             value = getattr(self, option)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 flag = "--" + option.replace("_", "-")
                 raise logitstore.LogitStoreError(
                     f"{flag} must be a positive number of positions, got {value!r}"
                 )
+        check_workers(self.workers)
 
     @classmethod
     def from_cli(
@@ -57,6 +61,7 @@ class ServerConfig:
         token_file: str | os.PathLike[str] | None = None,
         max_positions: int = 1 << 24,
         block_positions: int = 1 << 14,
+        workers: int = 1,
     ) -> ServerConfig:
         """The config for serving the store directories ``stores``, each under its
         directory's name, checked before any server starts.
@@ -68,17 +73,19 @@ class ServerConfig:
             stores: store directories or object-storage URLs (``s3://bucket/prefix/x.zarr``);
                 the URL name of each is its last component.
             token_file: a file of bearer tokens, one per line (``None``: no token needed).
-            max_positions, block_positions: as the attributes.
+            max_positions, block_positions, workers: as the attributes.
 
         Raises:
             StoreNotFoundError, IncompleteStoreError, FormatError: a store cannot be served.
             LogitStoreError: two stores have the same directory name, ``token_file``
-                cannot be read or holds no token, or a limit is not positive.
+                cannot be read or holds no token, a limit is not positive, or ``workers``
+                is outside 1 to :func:`max_workers`.
 
         Example:
             >>> config = ServerConfig.from_cli(["runs/teacher.zarr"], token_file="tokens")
             >>> config.stores          # {"teacher.zarr": "/abs/runs/teacher.zarr"}
         """
+        check_workers(workers)  # before the stores are opened: a typo fails at once
         named: dict[str, str] = {}
         for path in stores:
             opened = logitstore.LogitStore(path)  # refuses incomplete or damaged metadata now
@@ -93,7 +100,7 @@ class ServerConfig:
             named[name] = where
         tokens = _read_tokens(token_file) if token_file else ()
         resolved_file = str(Path(token_file).resolve()) if token_file else None
-        return cls(named, tokens, max_positions, block_positions, resolved_file)
+        return cls(named, tokens, max_positions, block_positions, resolved_file, workers)
 
     def to_json(self) -> str:
         """The config as JSON for worker processes: never the tokens themselves, only the
@@ -109,6 +116,7 @@ class ServerConfig:
                 "token_file": self.token_file,
                 "max_positions": self.max_positions,
                 "block_positions": self.block_positions,
+                "workers": self.workers,
             }
         )
 
@@ -122,6 +130,35 @@ class ServerConfig:
             max_positions=d.get("max_positions", cls.max_positions),
             block_positions=d.get("block_positions", cls.block_positions),
             token_file=token_file,
+            workers=d.get("workers", 1),
+        )
+
+
+def max_workers() -> int:
+    """The most ``--workers`` this machine accepts: 4 per core this process may run on.
+    Processes beyond the cores add memory (each opens every store) and no speed."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return 4 * cores
+
+
+def check_workers(workers: object) -> None:
+    """Refuse a ``--workers`` value outside 1 to :func:`max_workers`, saying why.
+
+    Raises:
+        LogitStoreError: ``workers`` is not such a number.
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise logitstore.LogitStoreError(
+            f"--workers must be a number of server processes, at least 1; got {workers!r}"
+        )
+    if workers > (most := max_workers()):
+        raise logitstore.LogitStoreError(
+            f"--workers {workers} is more than {most} (4 per core here): processes beyond the "
+            "cores add memory (each opens every store) and no speed; use fewer, or run "
+            "replicas on more machines behind a load balancer"
         )
 
 

@@ -23,7 +23,8 @@ AppMetrics = Annotated[Metrics, Depends(get_metrics)]
 
 @router.get("/v1/health", summary="Liveness")
 async def health(state: AppState) -> dict[str, Any]:
-    return {"status": "ok", "stores": len(state.stores)}
+    # One worker answers (whichever accepted the connection): "ok" says that one is up.
+    return {"status": "ok", "stores": len(state.stores), "workers": state.config.workers}
 
 
 @router.get("/v1/stores", summary="The stores this server serves")

@@ -20,8 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         max_positions=args.max_positions,
         block_positions=args.block_positions,
+        workers=args.workers,
     )
-    serve(config, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    serve(config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -42,7 +43,18 @@ def add_parsers(sub: Any) -> None:
     )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
-    sv.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
+    sv.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes sharing the port (default 1; at most 4 per core). One process "
+        "sends the compressed stream for a fraction of a core per stream: more help where the "
+        "server's CPU is the limit: row streams (clients before 0.3, or with compressed=False; "
+        "stores in object storage), TRL requests, the store browser. Each opens every store. "
+        "/metrics sums all workers; /v1/health is answered by one. Measured: "
+        "benchmarks/results/http.md",
+    )
     sv.add_argument("--token-file", help="file of bearer tokens, one per line: requests need one")
     sv.add_argument(
         "--max-positions",
