@@ -34,12 +34,12 @@ from logitstore.format.protocol import encode_end, encode_error
 
 from .deps import Span
 from .metrics import Metrics, mark_failed
+from .send import pieces
 
 __all__ = ["chunk_response", "chunk_stream_layout"]
 
 log = logging.getLogger("logitstore.server")
 _BYTES_LABEL = "/v1/stores/{name}/positions"
-_BATCH_BYTES = 4 << 20  # stored bytes read per step (one step read ahead of the socket)
 
 
 _layouts: dict[tuple[str, int], list[ChunkColumn] | None] = {}
@@ -81,37 +81,41 @@ def _read(root: Path, layout: list[ChunkColumn], items: list[tuple[int, int, int
     return b"".join(pieces)
 
 
-def _batches(
-    layout: list[ChunkColumn], plan: list[tuple[int, int, int]]
-) -> list[list[tuple[int, int, int]]]:
-    """The plan cut into steps of about _BATCH_BYTES of stored data (estimated by rows)."""
-    out: list[list[tuple[int, int, int]]] = [[]]
-    budget = 0
-    for item in plan:
-        c = layout[item[1]]
-        budget += c.rows * 64  # an upper estimate of a chunk's compressed size
-        out[-1].append(item)
-        if budget >= _BATCH_BYTES:
+def _steps(plan: list[tuple[int, int, int]], positions: int) -> list[list[tuple[int, int, int]]]:
+    """The plan cut into steps by where chunks begin: one step per window of ``positions``
+    positions (``--block-positions``, as the row stream's blocks) in which a chunk begins.
+    A stream holds the step being sent and the one read ahead, whatever its range and however
+    slowly its client reads. (A column whose chunks are longer than the window, such as a 1-D
+    one with a chunk per shard, sends each in the window where it begins.)"""
+    out: list[list[tuple[int, int, int]]] = []
+    window = -1
+    for item in plan:  # ordered by first position
+        if item[0] // positions != window:
+            window = item[0] // positions
             out.append([])
-            budget = 0
-    return [b for b in out if b]
+        out[-1].append(item)
+    return out
 
 
-def chunk_response(span: Span, layout: list[ChunkColumn], metrics: Metrics) -> StreamingResponse:
-    """``span`` as the compressed stream."""
+def chunk_response(
+    span: Span, layout: list[ChunkColumn], metrics: Metrics, step_positions: int
+) -> StreamingResponse:
+    """``span`` as the compressed stream, read ``step_positions`` positions at a time."""
     return StreamingResponse(
-        _body(span, layout, metrics),
+        _body(span, layout, metrics, step_positions),
         media_type=CHUNKS_MEDIA_TYPE,
         headers={"X-Logitstore-Positions": f"{span.start}-{span.stop}", "Vary": "Accept"},
     )
 
 
-async def _body(span: Span, layout: list[ChunkColumn], metrics: Metrics) -> AsyncIterator[bytes]:
+async def _body(
+    span: Span, layout: list[ChunkColumn], metrics: Metrics, step_positions: int
+) -> AsyncIterator[bytes | memoryview]:
     store, start, stop = span.store, span.start, span.stop
     root = Path(store.path)
     wire = [{"name": c.name, "rows": c.rows, "codec": c.codec} for c in layout]
     yield encode_chunks_header(store.metadata, start, stop, wire)
-    steps = _batches(layout, chunk_plan(layout, start, stop))
+    steps = _steps(chunk_plan(layout, start, stop), step_positions)
 
     def read_ahead(k: int) -> asyncio.Future[bytes] | None:
         if k >= len(steps):
@@ -126,7 +130,9 @@ async def _body(span: Span, layout: list[ChunkColumn], metrics: Metrics) -> Asyn
             k += 1
             pending = read_ahead(k)
             metrics.add_bytes(_BYTES_LABEL, len(data))
-            yield data
+            for piece in pieces(data):
+                yield piece
+            del data
         yield encode_end(stop, stop - start)
     except logitstore.LogitStoreError as e:
         log.warning("compressed stream of positions [%d, %d) stopped: %s", start, stop, e)

@@ -24,6 +24,7 @@ from logitstore.format.protocol import encode_block, encode_end, encode_error, e
 from .chunks import chunk_response, chunk_stream_layout
 from .deps import Span
 from .metrics import Metrics, mark_failed
+from .send import pieces
 
 if TYPE_CHECKING:
     from logitstore.format.schema import StoredRows
@@ -44,7 +45,7 @@ def stream_response(
     if CHUNKS_MEDIA_TYPE in accept:
         layout = chunk_stream_layout(span.store)
         if layout is not None:
-            return chunk_response(span, layout, metrics)
+            return chunk_response(span, layout, metrics, block_positions)
     return StreamingResponse(
         _body(span.store, span.start, span.stop, block_positions, metrics),
         media_type=MEDIA_TYPE,
@@ -54,7 +55,7 @@ def stream_response(
 
 async def _body(
     store: logitstore.LogitStore, start: int, stop: int, step: int, metrics: Metrics
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | memoryview]:
     def read_ahead(a: int) -> asyncio.Future[StoredRows] | None:
         """Start reading the block at ``a`` in a thread (``None`` at the end)."""
         if a >= stop:
@@ -69,8 +70,11 @@ async def _body(
             rows = await pending
             pending = read_ahead(a + step)  # read the next block while this one goes out
             block = encode_block(a, rows)
+            del rows  # the block holds a copy: a slow client keeps one, not two
             metrics.add_bytes(_BYTES_LABEL, len(block))
-            yield block
+            for piece in pieces(block):
+                yield piece
+            del block
             a += step
         yield encode_end(stop, stop - start)
     except logitstore.LogitStoreError as e:  # damage found mid-stream: say so, then end
