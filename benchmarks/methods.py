@@ -291,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--num-samples", type=int, default=2, help="completions per prompt")
     p.add_argument("--gen-batch", type=int, default=32)
-    p.add_argument("--teacher-minutes", type=float, default=9.0)
     p.add_argument("--tmp", type=Path, default=None)
     p.add_argument(
         "--out-dir",
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
         # A cached teacher that must be trained uses every core; the study itself, two.
-        teacher_dir = study_teacher(args.quick, tmp, args.teacher_minutes)
+        teacher_dir = study_teacher(args.quick, tmp)
         if not args.quick:
             torch.set_num_threads(2)
         facts, rows = run(args, teacher_dir, tmp)

@@ -1,12 +1,15 @@
-"""Train a small GPT-2 teacher on the Python standard library's source, fully offline.
+"""Train a small GPT-2 teacher on source code already on disk, fully offline.
 
 A byte-level BPE tokenizer and a small ``GPT2LMHeadModel`` are trained on the stdlib's
-``*.py`` files, the distributions are evaluated on held-out files, and the result is saved
-as a directory that loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` like any hub
-model, with a report.json of its metrics. The work is done by benchlib.teacher (which the
-other benchmarks import); this script is its command line.
+``*.py`` files (``--corpus stdlib``, the flat study teacher) or on the installed
+transformers' ``modeling_*.py`` files (``--corpus hf-modeling``, the sharp one), the
+distributions are evaluated on held-out files, and the result is saved as a directory that
+loads with ``AutoModelForCausalLM`` / ``AutoTokenizer`` like any hub model, with a
+report.json of its metrics. The work is done by benchlib.teacher (which the other
+benchmarks import); this script is its command line.
 
     python benchmarks/teacher.py                      # the default teacher, cached (10 min)
+    python benchmarks/teacher.py --corpus hf-modeling --steps 900   # the sharp study teacher
     python benchmarks/teacher.py --quick --out DIR    # a tiny teacher in seconds
     python benchmarks/teacher.py --export-held-out held_out.jsonl --max-docs 28
 """
@@ -20,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchlib.corpus import export_held_out
+from benchlib.corpus import SOURCES, export_held_out
 from benchlib.report import QUICK_DIR, log, one_thread_if_quick
 from benchlib.teacher import (
     QUICK_TEACHER,
@@ -36,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = TeacherSettings()
     parser = argparse.ArgumentParser(
         description=(
-            "Train a small GPT-2 teacher on the Python standard library's source (offline), "
+            "Train a small GPT-2 teacher on source code on disk (offline), "
             "evaluate its distributions on held-out files and save it as a Hugging Face model "
             "directory. A directory that already holds a report.json for the same settings "
             "is reused unless --force is given."
@@ -101,6 +104,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="use only the first N files of each split (quick smoke runs)",
     )
     add("--skip-tests", action="store_true", help="leave out the stdlib's test packages")
+    add(
+        "--corpus",
+        choices=sorted(SOURCES),
+        default=d.corpus,
+        help="the text: the Python standard library, or the installed transformers' model "
+        "implementations (more predictable: the sharp study teacher)",
+    )
     add(
         "--export-held-out",
         type=Path,

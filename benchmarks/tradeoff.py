@@ -48,11 +48,13 @@ from benchlib.report import (
 )
 from benchlib.stores import teacher_bytes, teacher_logits
 from benchlib.students import (
+    StudentJob,
     StudentRecipe,
     add_gap_closed,
     add_student_args,
+    ci95,
+    run_jobs,
     split_documents,
-    train_student,
 )
 from benchlib.teacher import study_teacher
 
@@ -60,6 +62,11 @@ import logitstore
 from logitstore import Encoding
 from logitstore.write.inputs import Document
 
+#: The options a report states (restored by --report-only).
+STUDY_OPTIONS = {"seq_len", "batch", "student_steps", "student_layers", "student_embd", "lr"}
+STUDY_OPTIONS |= {"seeds", "processes"}
+#: Where every run leaves its raw measurements (git-ignored), for --report-only.
+RAW_DIR = Path(__file__).resolve().parent.parent / "out"
 SWEEP: list[tuple[str, Encoding]] = (
     [(f"topk-{k} u8", Encoding("topk", "u8", k=k)) for k in (1, 4, 8, 16, 32, 64, 128)]
     + [
@@ -136,6 +143,7 @@ def fidelity(
 def sweep(
     args: argparse.Namespace, teacher: logitstore.Teacher, seqs: logitstore.Sequences, root: Path
 ) -> list[dict[str, Any]]:
+    """Fidelity of every encoding of :data:`SWEEP` (--quick: a few) on ``seqs``."""
     logits = teacher_logits(teacher, seqs)
     n, vocab = logits.shape
     rows = []
@@ -213,239 +221,335 @@ def sweep(
     return rows
 
 
+#: The student study's rows: (label, mode, the store it reads, the alphas it runs at). The
+#: flat teacher runs FLAT_STUDENTS only (its point is how the picture changes with sharpness).
+STUDENT_PLAN: list[tuple[str, str, str | None, tuple[float, ...]]] = [
+    ("plain CE", "ce", None, (0.0,)),
+    ("hard labels (teacher argmax)", "hard", "topk-64 u8", (0.0,)),
+    ("online KD, full logits", "online", None, (1.0, 0.5)),
+    ("KD from topk-64 u8", "store", "topk-64 u8", (1.0, 0.5)),
+    ("renormalised top-64 (axolotl/DistillKit target)", "renorm", "topk-64 u8", (1.0, 0.5)),
+    ("KD from sampled-64", "store", "sampled-64", (1.0, 0.5)),
+    ("KD from topk-8 u8", "store", "topk-8 u8", (1.0,)),
+    ("KD from sampled-16", "store", "sampled-16", (1.0,)),
+]
+#: A --quick run trains these rows only (the pool, the intervals and every mode still run).
+QUICK_STUDENTS = {"plain CE", "hard labels (teacher argmax)", "KD from topk-64 u8"}
+QUICK_STUDENTS |= {"renormalised top-64 (axolotl/DistillKit target)", "online KD, full logits"}
+FLAT_STUDENTS = {
+    "plain CE",
+    "online KD, full logits",
+    "KD from topk-64 u8",
+    "renormalised top-64 (axolotl/DistillKit target)",
+    "KD from sampled-64",
+}
+
+
 def students(
-    args: argparse.Namespace, teacher: logitstore.Teacher, root: Path
+    args: argparse.Namespace, teacher_dir: Path, source: str, sharp: bool, root: Path
 ) -> list[dict[str, Any]]:
     recipe = StudentRecipe.from_args(args)
-    train_docs, eval_docs = split_documents(args.quick)
+    teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
+    train_docs, eval_docs = split_documents(args.quick, source)
     seqs = logitstore.tokenize(train_docs, teacher.tokenizer, args.seq_len)
     eval_seqs = logitstore.tokenize(eval_docs, teacher.tokenizer, args.seq_len)
     eval_store = logitstore.capture(
         teacher, eval_seqs, root / "eval", Encoding("topk", "u8", k=1), progress=False
     )
+    plan = [p for p in STUDENT_PLAN if sharp or p[0] in FLAT_STUDENTS]
+    if args.quick:
+        keep = QUICK_STUDENTS if sharp else {"plain CE", "online KD, full logits"}
+        plan = [p for p in plan if p[0] in keep or (not sharp and p[0] == "KD from topk-64 u8")]
     stores: dict[str, Path] = {}
-    for name in STUDENT_STORES:
-        enc = dict(SWEEP)[name]
+    for name in sorted({p[2] for p in plan if p[2]} | {"topk-64 u8"}):
         stores[name] = logitstore.capture(
             teacher,
             seqs,
             root / f"train-{name.replace(' ', '_')}",
-            enc,
+            dict(SWEEP)[name],
             batch_size=8,
             progress=False,
         )
     base = stores["topk-64 u8"]
-    # (row label, mode, store, the store's config name): hard labels read topk-64 u8's ids
-    plan: list[tuple[str, str, Any, str | None]] = [
-        ("plain CE", "ce", None, None),
-        ("hard labels (teacher argmax)", "hard", base, "topk-64 u8"),
-        ("online KD, full logits", "online", None, None),
+    cells = [(label, mode, store, alpha) for label, mode, store, alphas in plan for alpha in alphas]
+    jobs = [
+        StudentJob(
+            recipe,
+            mode,
+            stores[store] if store and mode != "hard" else None,
+            base,
+            eval_store,
+            teacher_dir,
+            seed,
+            alpha if mode not in ("ce", "hard") else 1.0,
+        )
+        for label, mode, store, alpha in cells
+        for seed in range(args.seeds)
     ]
-    plan += [(f"KD from {n}", "store", stores[n], n) for n in STUDENT_STORES]
+    print(f"[student] {len(jobs)} runs on {args.processes} process(es)", file=sys.stderr)
+    t0 = time.perf_counter()
+    held_all = run_jobs(jobs, args.processes)
+    seconds = time.perf_counter() - t0
     rows = []
-    for label, mode, store, store_name in plan:
-        held = [
-            train_student(recipe, mode, store, base, eval_store, teacher, seed)
-            for seed in range(args.seeds)
-        ]
+    for i, (label, mode, store, alpha) in enumerate(cells):
+        held = held_all[i * args.seeds : (i + 1) * args.seeds]
         row = {
             "student": label,
             "mode": mode,
-            "store": store_name,
+            "alpha": alpha if mode not in ("ce", "hard") else None,
+            "store": store,
             "held_out_ce": statistics.mean(held),
+            "ci95": ci95(held),
             "seeds": held,
             "train_positions": len(seqs.input_ids),
         }
-        if store is not None and mode == "store":
-            row["bytes_per_position"] = teacher_bytes(store) / len(seqs.input_ids)
+        if store is not None and mode in ("store", "renorm"):
+            row["bytes_per_position"] = teacher_bytes(stores[store]) / len(seqs.input_ids)
         rows.append(row)
-        print(f"[student] {label}: held-out CE {row['held_out_ce']:.4f} ({held})", file=sys.stderr)
+        print(
+            f"[student] {label} alpha={row['alpha']}: held-out CE {row['held_out_ce']:.4f} "
+            f"± {row['ci95']:.4f}",
+            file=sys.stderr,
+        )
     add_gap_closed(rows)
+    for r in rows:
+        r["seconds_per_run"] = seconds * args.processes / len(jobs)
     return rows
 
 
-def plot(out: Path, rows: list[dict[str, Any]], student_rows: list[dict[str, Any]]) -> None:
+def plot(out: Path, studies: list[dict[str, Any]]) -> None:
     plt = pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in (("topk", "o"), ("sampled", "s"), ("full", "^")):
-        pts = [r for r in rows if r["encoding"] == kind and r["temperature"] == 1.0 and r["kl"]]
-        ax.scatter(
-            [r["bytes_per_position"] for r in pts],
-            [r["kl"] for r in pts],
-            marker=marker,
-            label=kind,
-        )
-        for r in pts:
-            ax.annotate(r["config"], (r["bytes_per_position"], r["kl"]), fontsize=6)
+    for study, colour in zip(studies, ("tab:blue", "tab:orange"), strict=False):
+        for kind, marker in (("topk", "o"), ("sampled", "s"), ("full", "^")):
+            pts = [
+                r
+                for r in study["fidelity"]
+                if r["encoding"] == kind and r["temperature"] == 1.0 and r["kl"]
+            ]
+            ax.scatter(
+                [r["bytes_per_position"] for r in pts],
+                [r["kl"] for r in pts],
+                marker=marker,
+                color=colour,
+                label=f"{kind} ({study['teacher']} teacher)",
+            )
+            for r in pts:
+                ax.annotate(r["config"], (r["bytes_per_position"], r["kl"]), fontsize=5)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("bytes per position on disk")
     ax.set_ylabel("KL(teacher ‖ decoded), nats (tail: see RESULTS.md)")
     ax.set_title("Fidelity frontier, T = 1")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "tradeoff_kl.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in student_rows:
-        x = r.get("bytes_per_position")
-        if x:
-            ax.scatter([x], [r["held_out_ce"]])
-            ax.annotate(r["student"], (x, r["held_out_ce"]), fontsize=7)
-        else:
-            ax.axhline(r["held_out_ce"], ls=":", lw=1, color="gray")
-            ax.text(
-                0.01,
-                r["held_out_ce"],
-                r["student"],
-                fontsize=7,
-                color="gray",
-                va="bottom",
-                transform=ax.get_yaxis_transform(),
-            )  # x in axes units
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per position of the store")
-    ax.set_ylabel("student held-out CE (nats)")
-    ax.set_title("Student outcome")
+    fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4.5), squeeze=False)
+    for ax, study in zip(axes[0], studies, strict=True):
+        for r in study["students"]:
+            x = r.get("bytes_per_position")
+            marker = "o" if r.get("alpha") == 1.0 else "s"
+            label = (
+                f"{r['student']} (α={r['alpha']})" if r.get("alpha") is not None else r["student"]
+            )
+            if x:
+                ax.errorbar([x], [r["held_out_ce"]], yerr=[r["ci95"]], fmt=marker, capsize=3)
+                ax.annotate(label, (x, r["held_out_ce"]), fontsize=6)
+            else:
+                ax.axhline(r["held_out_ce"], ls=":", lw=1, color="gray")
+                ax.text(
+                    0.01,
+                    r["held_out_ce"],
+                    label,
+                    fontsize=6,
+                    color="gray",
+                    va="bottom",
+                    transform=ax.get_yaxis_transform(),
+                )  # x in axes units
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per position of the store")
+        ax.set_ylabel("student held-out CE (nats), mean ± 95% CI")
+        ax.set_title(f"Students of the {study['teacher']} teacher (○ α=1, □ α=0.5)")
     fig.tight_layout()
     fig.savefig(out / "tradeoff_student.png", dpi=120)
 
 
-def report(
-    args: argparse.Namespace,
-    argv: list[str],
-    info: dict[str, Any],
-    rows: list[dict[str, Any]],
-    student_rows: list[dict[str, Any]],
-) -> None:
-    fmt = lambda x, f: "" if x is None or (isinstance(x, float) and math.isnan(x)) else f.format(x)  # noqa: E731
+def _fmt(x: Any, f: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f.format(x)
+
+
+def fidelity_table(rows: list[dict[str, Any]]) -> list[str]:
+    return md_table(
+        [
+            "config",
+            "T",
+            "B/position",
+            "B/entry",
+            "order-0 entropy B/pos",
+            "KL (full vocab)",
+            "bucketed KL",
+            "top-1 agreement",
+            "residual mass",
+            "write pos/s",
+        ],
+        [
+            [
+                r["config"],
+                f"{r['temperature']}",
+                f"{r['bytes_per_position']:.1f}",
+                f"{r['bytes_per_entry']:.2f}",
+                _fmt(r.get("order0_floor_bytes_per_position"), "{:.1f}"),
+                _fmt(r.get("kl"), "{:.4f}"),
+                _fmt(r.get("bucketed_kl"), "{:.4f}"),
+                _fmt(r.get("top1_agreement"), "{:.3f}"),
+                _fmt(r.get("residual_mass"), "{:.3f}"),
+                _fmt(r.get("write_positions_per_s"), "{:,.0f}"),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def student_table(rows: list[dict[str, Any]]) -> list[str]:
+    return md_table(
+        [
+            "student",
+            "α",
+            "held-out CE (mean ± 95% CI)",
+            "Δ vs plain CE (paired, ± 95% CI)",
+            "gap closed (CE → online KD)",
+            "store B/position",
+            "per seed",
+        ],
+        [
+            [
+                r["student"],
+                _fmt(r.get("alpha"), "{:g}"),
+                f"{r['held_out_ce']:.4f} ± {_fmt(r['ci95'], '{:.4f}')}",
+                _fmt(r.get("delta_vs_ce"), "{:+.4f}")
+                + _fmt(r.get("delta_vs_ce_ci95"), " ± {:.4f}"),
+                _fmt(r.get("gap_closed"), "{:.0%}"),
+                _fmt(r.get("bytes_per_position"), "{:.1f}"),
+                ", ".join(f"{x:.3f}" for x in r["seeds"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def report(args: argparse.Namespace, argv: list[str], studies: list[dict[str, Any]]) -> None:
+    recipe = StudentRecipe.from_args(args)
     body = [
-        f"Teacher: {info['name']} — {info['report']}.",
+        "Teachers: "
+        + "; ".join(f"**{st['teacher']}** {st['name']} — {st['summary']}" for st in studies)
+        + ".",
         "",
-        "## Fidelity (real stores of the real writer)",
-        "",
-        *md_table(
-            [
-                "config",
-                "T",
-                "B/position",
-                "B/entry",
-                "order-0 entropy B/pos",
-                "KL (full vocab)",
-                "bucketed KL",
-                "top-1 agreement",
-                "residual mass",
-                "write pos/s",
-            ],
-            [
-                [
-                    r["config"],
-                    f"{r['temperature']}",
-                    f"{r['bytes_per_position']:.1f}",
-                    f"{r['bytes_per_entry']:.2f}",
-                    fmt(r.get("order0_floor_bytes_per_position"), "{:.1f}"),
-                    fmt(r.get("kl"), "{:.4f}"),
-                    fmt(r.get("bucketed_kl"), "{:.4f}"),
-                    fmt(r.get("top1_agreement"), "{:.3f}"),
-                    fmt(r.get("residual_mass"), "{:.3f}"),
-                    fmt(r.get("write_positions_per_s"), "{:,.0f}"),
-                ]
-                for r in rows
-            ],
-        ),
+        f"Students: GPT-2 {recipe.layers}×{recipe.embd}, {recipe.steps} steps × "
+        f"{recipe.batch}×{recipe.seq_len} tokens, lr {recipe.lr}, {args.seeds} seeds "
+        "(seed s: the same initial weights and the same batches for every row), trained on "
+        "the teacher's held-out text and evaluated on ground truth of text neither saw. "
+        "Loss = α·KD + (1 − α)·CE on ground truth, KD at temperature 1 (the stores are written "
+        "at T = 1). Intervals: Student-t 95 % over seeds; Δ vs plain CE is paired by seed.",
+    ]
+    for st in studies:
+        body += [
+            "",
+            f"## {st['teacher'].capitalize()} teacher: fidelity (real stores of the real writer)",
+            "",
+            *fidelity_table(st["fidelity"]),
+            "",
+            f"## {st['teacher'].capitalize()} teacher: students",
+            "",
+            *student_table(st["students"]),
+        ]
+    body += [
         "",
         "KL (full vocab): top-k residual spread evenly over unnamed tokens; sampled stores "
         "smoothed with 1e-6 of mass spread evenly. Bucketed KL: stored ids plus one bucket "
         "for the rest, as `forward_kl` sees it. Order-0 entropy: the empirical entropy of the "
         "stored numbers taken one at a time — the floor for a coder that codes each number "
-        "alone; zstd/blosc beat it where neighbouring numbers are correlated (sorted-id gaps).",
-        "",
-        "## Students (same student, same steps, same batches)",
-        "",
-        *md_table(
-            [
-                "student",
-                "held-out CE (mean)",
-                "per seed",
-                "store B/position",
-                "gap closed (CE → online KD)",
-            ],
-            [
-                [
-                    r["student"],
-                    f"{r['held_out_ce']:.4f}",
-                    ", ".join(f"{x:.4f}" for x in r["seeds"]),
-                    fmt(r.get("bytes_per_position"), "{:.1f}"),
-                    fmt(r.get("gap_closed"), "{:.0%}"),
-                ]
-                for r in student_rows
-            ],
-        ),
+        "alone; zstd/blosc beat it where neighbouring numbers are correlated (sorted-id gaps). "
+        "The renormalised top-64 row trains on the same store with its candidates scaled to "
+        "sum to 1 and no residual bucket: what axolotl and DistillKit (default) train towards.",
     ]
     meta = run_meta("tradeoff.py", argv)
     write_results(
         args.out_dir / "results" / "tradeoff",
         "Trade-off study",
         meta,
-        {"fidelity": rows, "students": student_rows},
+        {"studies": studies},
         body,
     )
     # The issue's named outputs: RESULTS.md and results.json beside the scripts.
     compose_results_md(args.out_dir)
-    flat = [
-        {
-            k: r.get(k)
-            for k in (
-                "config",
-                "temperature",
-                "encoding",
-                "k",
-                "samples",
-                "values",
-                "bytes_per_position",
-                "bytes_per_entry",
-                "kl",
-                "bucketed_kl",
-                "top1_agreement",
-            )
-        }
-        for r in rows
-    ]
-    for s in student_rows:
-        match = next(
-            (
-                r
-                for r in flat
-                if s["mode"] == "store" and r["config"] == s["store"] and r["temperature"] == 1.0
-            ),
-            None,
-        )
-        if match is not None:
-            match["student_loss"] = s["held_out_ce"]
-    (args.out_dir / "results.json").write_text(
-        json.dumps({**meta, "configs": flat, "students": student_rows}, indent=2)
+    keys = (
+        "config",
+        "temperature",
+        "encoding",
+        "k",
+        "samples",
+        "values",
+        "bytes_per_position",
+        "bytes_per_entry",
+        "kl",
+        "bucketed_kl",
+        "top1_agreement",
     )
+    teachers = []
+    for st in studies:
+        flat = [{k: r.get(k) for k in keys} for r in st["fidelity"]]
+        for s in st["students"]:
+            if s["mode"] != "store" or s.get("alpha") != 1.0:
+                continue
+            for r in flat:
+                if r["config"] == s["store"] and r["temperature"] == 1.0:
+                    r["student_loss"] = s["held_out_ce"]
+        teachers.append(
+            {
+                "teacher": st["teacher"],
+                "name": st["name"],
+                "metrics": st["metrics"],
+                "configs": flat,
+                "students": st["students"],
+            }
+        )
+    (args.out_dir / "results.json").write_text(json.dumps({**meta, "teachers": teachers}, indent=2))
 
 
-def run(
-    args: argparse.Namespace, teacher_dir: Path, tmp: Path
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """The sweep and the students, on the teacher in ``teacher_dir``; also a line on the
-    teacher from its report.json."""
+def run(args: argparse.Namespace, sharp: bool, tmp: Path) -> dict[str, Any]:
+    """The sweep and the students on one of the study's teachers."""
+    # A cached teacher that must be trained uses every core; the study itself, two.
+    teacher_dir = study_teacher(args.quick, tmp, sharp=sharp)
+    if not args.quick:
+        torch.set_num_threads(2)
+    source = "hf-modeling" if sharp else "stdlib"
     teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
-    teacher_report = "?"
+    metrics: dict[str, Any] = {}
+    summary = "?"
     report_json = teacher_dir / "report.json"
     if report_json.exists():
-        m = json.loads(report_json.read_text())["metrics"]
-        teacher_report = f"held-out loss {m['held_out_loss']:.2f} nats, entropy " + ", ".join(
-            f"{v:.2f} at T={t}" for t, v in m["entropy"].items()
+        metrics = json.loads(report_json.read_text())["metrics"]
+        summary = (
+            f"held-out loss {metrics['held_out_loss']:.2f} nats, entropy "
+            + ", ".join(f"{v:.2f} at T={t}" for t, v in metrics["entropy"].items())
+            + f", top-64 mass {metrics['top64_mass']['1.0']:.3f} at T=1"
         )
-    docs = [Document(t, "stdlib") for t in held_out_documents()]
+    docs = [Document(t, source) for t in held_out_documents(source=source)]
     seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
     keep = int(np.searchsorted(seqs.offsets, args.positions, side="right"))
     seqs = logitstore.Sequences(seqs.input_ids[: seqs.offsets[keep - 1]], seqs.offsets[:keep])
-    return sweep(args, teacher, seqs, tmp), students(args, teacher, tmp), teacher_report
+    work = tmp / ("sharp" if sharp else "flat")
+    work.mkdir()
+    return {
+        "teacher": "sharp" if sharp else "flat",
+        "name": teacher_dir.name,
+        "metrics": metrics,
+        "summary": summary,
+        "fidelity": sweep(args, teacher, seqs, work),
+        "students": students(args, teacher_dir, source, sharp, work),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,12 +559,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--positions", type=int, default=16384, help="sweep positions")
     p.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.5])
-    add_student_args(p)
     p.add_argument(
-        "--teacher-minutes",
-        type=float,
-        default=9.0,
-        help="training budget of the cached teacher (if it must be trained)",
+        "--teachers",
+        nargs="+",
+        choices=["sharp", "flat"],
+        default=["sharp", "flat"],
+        help="which of the study's teachers to run (default both)",
+    )
+    add_student_args(p)
+    p.set_defaults(seeds=5)
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="students trained at once, one thread each (default 2)",
     )
     p.add_argument("--tmp", type=Path, default=None)
     p.add_argument(
@@ -473,23 +585,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a tiny teacher trained in seconds, 4096 positions, a few configs, short students",
+        help="tiny teachers trained in seconds, 4096 positions, a few configs, short students",
+    )
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="RAW.json",
+        help="rewrite the tables and plots from a run's saved measurements (the "
+        "tradeoff.raw.json every run leaves in out/) without measuring again",
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.positions, args.student_steps, args.seeds, args.temperatures = 4096, 10, 1, [1.0]
+        args.positions, args.student_steps, args.seeds, args.temperatures = 4096, 10, 2, [1.0]
     if args.out_dir is None:
         args.out_dir = results_dir(args.quick)
     one_thread_if_quick(args.quick)
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        # A cached teacher that must be trained uses every core; the study itself, two.
-        teacher_dir = study_teacher(args.quick, Path(tmp), args.teacher_minutes)
-        if not args.quick:
-            torch.set_num_threads(2)
-        rows, student_rows, teacher = run(args, teacher_dir, Path(tmp))
+    if args.report_only is not None:
+        saved = json.loads(args.report_only.read_text())
+        studies, argv = saved["studies"], saved["argv"]
+        vars(args).update({k: v for k, v in saved["options"].items() if k in STUDY_OPTIONS})
+    else:
+        studies = []
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            for t in args.teachers:
+                studies.append(run(args, t == "sharp", Path(tmp)))
+                # Each teacher's measurements are saved as soon as they exist (an hour of
+                # work must not be lost to a failure in what follows).
+                RAW_DIR.mkdir(parents=True, exist_ok=True)
+                raw = RAW_DIR / ("tradeoff-quick.raw.json" if args.quick else "tradeoff.raw.json")
+                options = {k: v for k, v in vars(args).items() if k in STUDY_OPTIONS}
+                raw.write_text(
+                    json.dumps({"argv": argv, "options": options, "studies": studies}, indent=1)
+                )
     (args.out_dir / "results").mkdir(parents=True, exist_ok=True)
-    plot(args.out_dir / "results", rows, student_rows)
-    report(args, argv, {"name": teacher_dir.name, "report": teacher}, rows, student_rows)
+    plot(args.out_dir / "results", studies)
+    report(args, argv, studies)
     print(f"wrote {args.out_dir / 'RESULTS.md'}", file=sys.stderr)
     return 0
 

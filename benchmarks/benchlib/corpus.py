@@ -1,9 +1,14 @@
-"""The benchmarks' text: the running interpreter's standard-library source, split into
-training and held-out files by a hash of each path, and the byte-level BPE trained on it.
+"""The benchmarks' text: source code that every machine with the benchmark environment has on
+disk — the running interpreter's standard library (``stdlib``) or the installed transformers
+package's model implementations (``hf-modeling``) — split into training and held-out files by
+a hash of each path, and the byte-level BPE trained on it.
 
-Every machine that runs Python has this text on disk, so benchmarks need no download. The
-split hashes each file's path relative to the stdlib root, so it is the same on every machine
-with the same Python version and independent of file order.
+No download is needed. The split hashes each file's path relative to the source's root, so
+it is the same on every machine with the same Python (or transformers) version and
+independent of file order. ``hf-modeling`` is the predictable text of the study's sharp
+teacher: the ``modeling_*.py`` files are written to a shared pattern (many are generated from
+one another), so a small model trained for minutes on a CPU reaches the low entropies of
+production teachers on natural text, which ``stdlib`` at the same budget does not.
 """
 
 from __future__ import annotations
@@ -25,6 +30,41 @@ HELD_OUT_PER_10K = 500
 def stdlib_root() -> Path:
     """Directory of the running interpreter's pure-Python standard library."""
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+#: The text sources: name → what it is (recorded in teacher reports).
+SOURCES = {
+    "stdlib": "python stdlib *.py",
+    "hf-modeling": "transformers models/**/modeling_*.py",
+}
+
+
+def source_root(source: str = "stdlib") -> Path:
+    """Root directory of a text source's files."""
+    if source == "stdlib":
+        return stdlib_root()
+    if source == "hf-modeling":
+        import transformers
+
+        return Path(transformers.__file__).parent / "models"
+    raise ValueError(f"unknown text source {source!r}; expected one of {sorted(SOURCES)}")
+
+
+def source_version(source: str = "stdlib") -> str:
+    """Version of the software whose files make up the source (the text changes with it)."""
+    if source == "hf-modeling":
+        import transformers
+
+        return f"transformers {transformers.__version__}"
+    return f"python {sysconfig.get_python_version()}"
+
+
+def source_files(source: str = "stdlib", skip_tests: bool = False) -> list[Path]:
+    """A source's files as paths relative to its root, sorted for determinism."""
+    if source == "stdlib":
+        return stdlib_files(skip_tests)
+    root = source_root(source)
+    return sorted((p.relative_to(root) for p in root.rglob("modeling_*.py")), key=Path.as_posix)
 
 
 def stdlib_files(skip_tests: bool = False) -> list[Path]:
@@ -63,24 +103,28 @@ def read_document(path: Path) -> str:
         return ""
 
 
-def _documents(held_out: bool, limit_files: int | None, skip_tests: bool) -> list[str]:
-    root = stdlib_root()
-    chosen = [rel for rel in stdlib_files(skip_tests) if is_held_out(rel) == held_out]
+def _documents(held_out: bool, limit_files: int | None, skip_tests: bool, source: str) -> list[str]:
+    root = source_root(source)
+    chosen = [rel for rel in source_files(source, skip_tests) if is_held_out(rel) == held_out]
     if limit_files is not None:
         chosen = chosen[:limit_files]
     texts = (read_document(root / rel) for rel in chosen)
     return [text for text in texts if text.strip()]
 
 
-def train_documents(limit_files: int | None = None, skip_tests: bool = False) -> list[str]:
-    """Texts of the training split (~95 % of stdlib files), in sorted path order."""
-    return _documents(False, limit_files, skip_tests)
+def train_documents(
+    limit_files: int | None = None, skip_tests: bool = False, source: str = "stdlib"
+) -> list[str]:
+    """Texts of the training split (~95 % of the source's files), in sorted path order."""
+    return _documents(False, limit_files, skip_tests, source)
 
 
-def held_out_documents(limit_files: int | None = None, skip_tests: bool = False) -> list[str]:
+def held_out_documents(
+    limit_files: int | None = None, skip_tests: bool = False, source: str = "stdlib"
+) -> list[str]:
     """Texts of the held-out split (~5 % of stdlib files), in sorted path order; empty
     files are left out (``limit_files`` counts them)."""
-    return _documents(True, limit_files, skip_tests)
+    return _documents(True, limit_files, skip_tests, source)
 
 
 def export_held_out(path: Path, max_docs: int | None, skip_tests: bool = False) -> int:
