@@ -63,51 +63,67 @@ from logitstore.write.inputs import Document
 CHUNK = 2048  # positions per logits chunk handed to the writers
 
 
-def exact_rows(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's exact float64 probabilities at ``ids`` ``(n, m)`` and its exact mass
-    outside them ``(n,)``, from ``logits`` ``(n, V)``."""
-    p = torch.softmax(logits.double(), -1)  # (n, V)
-    named = p.gather(-1, ids)
-    tail = p.scatter(-1, ids, 0.0).sum(-1)
-    return named, tail
-
-
 def bucket_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Σ p log(p / q) per row over the last axis (0 where p = 0; inf where q = 0 < p)."""
     ratio = torch.where(p > 0, p.log() - q.clamp_min(0).log(), torch.zeros_like(p))
     return torch.where(p > 0, p * ratio, torch.zeros_like(p)).sum(-1)
 
 
-def fidelity(layout: Layout, decoded: list[Decoded], logits: torch.Tensor) -> dict[str, Any]:
-    """Both KLs between the layout's training target and the teacher, over the named ids
-    plus one tail bucket, averaged over positions; and the fraction of positions where the
-    forward KL is finite."""
-    fwd, rev, start = [], [], 0
-    target = PEER_TARGETS[layout.target]
-    for d in decoded:
-        n = len(d.ids)
-        stored_res = d.residual if d.residual is not None else torch.zeros(n)
-        ids, q, r_q = target(d.ids, d.probs(), stored_res.double())
-        p, r_p = exact_rows(logits[start : start + n], ids)
-        P = torch.cat([p, r_p[:, None]], -1)  # (n, m + 1)
-        Q = torch.cat([q.double(), r_q.double()[:, None]], -1)
-        fwd.append(bucket_kl(P, Q))
-        rev.append(bucket_kl(Q, P))
-        start += n
-    f, r = torch.cat(fwd), torch.cat(rev)
-    finite = torch.isfinite(f)
-    return {
-        "kl_target_teacher": float(r.mean()),
-        "kl_teacher_target": float(f.mean()) if bool(finite.all()) else math.inf,
-        "forward_kl_finite_fraction": float(finite.double().mean()),
-    }
+def joined(decoded: list[Decoded]) -> Decoded:
+    """A layout's chunks as one ``(N, k)`` Decoded."""
+    res = [d.residual for d in decoded]
+    return Decoded(
+        torch.cat([d.ids for d in decoded]),
+        torch.cat([d.values for d in decoded]),
+        None if res[0] is None else torch.cat([r for r in res if r is not None]),
+        decoded[0].logprobs,
+    )
 
 
-def timed(fn: Any, repeats: int) -> tuple[float, float, Any]:
-    """Median wall-clock and CPU seconds of ``fn()`` over ``repeats`` calls after one
-    untimed warm-up call, and the last result. CPU time is this process's (all its
+def fidelity(
+    layouts: list[Layout], decoded: list[Decoded], logits: torch.Tensor
+) -> list[dict[str, Any]]:
+    """For each layout: both KLs between its training target and the teacher's exact
+    float64 distribution, over the target's ids plus one bucket for the rest, averaged over
+    positions; and the fraction of positions where the forward KL is finite. One softmax of
+    the logits serves every layout."""
+    fwd: list[list[torch.Tensor]] = [[] for _ in layouts]
+    rev: list[list[torch.Tensor]] = [[] for _ in layouts]
+    for a in range(0, len(logits), CHUNK):
+        p_all = torch.softmax(logits[a : a + CHUNK].double(), -1)  # (c, V)
+        for j, (layout, d) in enumerate(zip(layouts, decoded, strict=True)):
+            c = d.ids[a : a + CHUNK]
+            stored = torch.zeros(len(c)) if d.residual is None else d.residual[a : a + CHUNK]
+            chunk = Decoded(c, d.values[a : a + CHUNK], None, d.logprobs)
+            ids, q, r_q = PEER_TARGETS[layout.target](c, chunk.probs(), stored.double())
+            p = p_all.gather(-1, ids)  # (c, m)
+            r_p = p_all.scatter(-1, ids, 0.0).sum(-1)  # (c,) exact tail
+            P = torch.cat([p, r_p[:, None]], -1)  # (c, m + 1)
+            Q = torch.cat([q.double(), r_q.double()[:, None]], -1)
+            fwd[j].append(bucket_kl(P, Q))
+            rev[j].append(bucket_kl(Q, P))
+    out = []
+    for f_parts, r_parts in zip(fwd, rev, strict=True):
+        f, r = torch.cat(f_parts), torch.cat(r_parts)
+        finite = torch.isfinite(f)
+        out.append(
+            {
+                "kl_target_teacher": float(r.mean()),
+                "kl_teacher_target": float(f.mean()) if bool(finite.all()) else math.inf,
+                "kl_teacher_target_where_finite": float(f[finite].mean())
+                if bool(finite.any())
+                else math.nan,
+                "forward_kl_finite_fraction": float(finite.double().mean()),
+            }
+        )
+    return out
+
+
+def timed(fn: Any, repeats: int, warm_up: bool) -> tuple[float, float, Any]:
+    """Median wall-clock and CPU seconds of ``fn()`` over ``repeats`` calls (after one
+    untimed call if ``warm_up``), and the last result. CPU time is this process's (all its
     threads: the store writer's too)."""
-    walls, cpus, out = [], [], fn()
+    walls, cpus, out = [], [], fn() if warm_up else None
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         out = fn()
@@ -118,7 +134,9 @@ def timed(fn: Any, repeats: int) -> tuple[float, float, Any]:
 
 def measure(
     layout: Layout, logits: torch.Tensor, info: RunInfo, root: Path, repeats: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Decoded]:
+    """Write ``logits`` in ``layout`` ``repeats`` times, read it back ``repeats`` times
+    (after a warm-up read): the row of figures and what was read."""
     path = root / layout.name.replace(" ", "_").replace("/", "_")
     n = len(logits)
 
@@ -126,11 +144,17 @@ def measure(
         shutil.rmtree(path, ignore_errors=True)
         layout.write((logits[a : a + CHUNK] for a in range(0, n, CHUNK)), info, path)
 
-    w_wall, w_cpu, _ = timed(write, repeats)
-    r_wall, r_cpu, decoded = timed(lambda: layout.read(path, info), repeats)
-    got = sum(len(d.ids) for d in decoded)
-    if got != n:
-        raise RuntimeError(f"{layout.name}: read {got} positions back, wrote {n}")
+    # warm-up: the layout's first write of a few positions (library set-up, first-call costs)
+    m = min(n, CHUNK)
+    cut = info.offsets[info.offsets < m]
+    head = RunInfo(info.k, info.vocab, info.input_ids[:m], np.append(cut, m))
+    layout.write(iter([logits[:m]]), head, root / "warm-up")
+    shutil.rmtree(root / "warm-up")
+    w_wall, w_cpu, _ = timed(write, repeats, warm_up=False)
+    r_wall, r_cpu, decoded = timed(lambda: layout.read(path, info), repeats, warm_up=True)
+    got = joined(decoded)
+    if len(got.ids) != n:
+        raise RuntimeError(f"{layout.name}: read {len(got.ids)} positions back, wrote {n}")
     row = {
         "layout": layout.name,
         "stores": layout.stores,
@@ -141,22 +165,49 @@ def measure(
         "write_positions_per_cpu_s": n / w_cpu,
         "read_positions_per_s": n / r_wall,
         "read_positions_per_cpu_s": n / r_cpu,
-        **fidelity(layout, decoded, logits),
     }
     shutil.rmtree(path)
     log(
         "peers",
-        f"{layout.name}: {row['bytes_per_position']:.1f} B/pos, KL(target‖teacher) "
-        f"{row['kl_target_teacher']:.4f}, read {row['read_positions_per_s']:,.0f} pos/s",
+        f"{layout.name}: {row['bytes_per_position']:.1f} B/pos, write "
+        f"{row['write_positions_per_cpu_s']:,.0f} / read {row['read_positions_per_cpu_s']:,.0f} "
+        "positions per CPU-s",
     )
-    return row
+    return row, got
+
+
+def measure_all(
+    logits: torch.Tensor, info: RunInfo, root: Path, repeats: int
+) -> list[dict[str, Any]]:
+    """Every layout of :data:`LAYOUTS`: sizes, rates, then the fidelity of its target."""
+    rows, decoded = [], []
+    for layout in LAYOUTS:
+        row, got = measure(layout, logits, info, root, repeats)
+        rows.append(row)
+        decoded.append(got)
+    log("peers", "fidelity of each layout's training target")
+    for row, fid in zip(rows, fidelity(LAYOUTS, decoded, logits), strict=True):
+        row.update(fid)
+    return rows
+
+
+def teacher_corpus(teacher_dir: Path) -> str:
+    """The text a cached teacher was trained on (its report.json), whose held-out split it
+    is measured on: ``stdlib`` unless the report names another source."""
+    report = teacher_dir / "report.json"
+    if not report.is_file():
+        return "stdlib"
+    return str(json.loads(report.read_text()).get("settings", {}).get("corpus", "stdlib"))
 
 
 def held_out_rows(teacher_dir: Path, positions: int, k: int) -> tuple[torch.Tensor, RunInfo]:
-    """The teacher's ``(N, V)`` logits on the first ``positions`` held-out positions (256-token
-    windows, as the trade-off study reads them) and the sequences they belong to."""
+    """The teacher's ``(N, V)`` logits on the first ``positions`` positions of its corpus's
+    held-out text (256-token windows, as the trade-off study reads them) and the sequences
+    they belong to."""
     teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
-    docs = [Document(t, "stdlib") for t in held_out_documents()]
+    corpus = teacher_corpus(teacher_dir)
+    texts = held_out_documents() if corpus == "stdlib" else held_out_documents(source=corpus)
+    docs = [Document(t, corpus) for t in texts]
     seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
     logits = teacher_logits(teacher, seqs, positions)  # (N, V)
     n = len(logits)
@@ -182,19 +233,24 @@ def dump_topk(logits: torch.Tensor, k: int, out: Path) -> None:
     ids, logp, res = [], [], []
     for a in range(0, len(logits), CHUNK):
         i, lp = topk_logprobs(logits[a : a + CHUNK], k)
-        _, tail = exact_rows(logits[a : a + CHUNK], i)
+        p = torch.softmax(logits[a : a + CHUNK].double(), -1)  # (c, V)
+        tail = p.scatter(-1, i, 0.0).sum(-1)  # (c,) exact mass outside the top-k
         ids.append(i.numpy().astype(np.int32))
         logp.append(lp.numpy())
         res.append(tail.float().numpy())
     np.savez(
-        out, ids=np.concatenate(ids), logprobs=np.concatenate(logp), residual=np.concatenate(res)
+        out,
+        ids=np.concatenate(ids),
+        logprobs=np.concatenate(logp),
+        residual=np.concatenate(res),
+        vocab=np.int64(logits.shape[1]),
     )
     log("peers", f"wrote the exact top-{k} rows to {out}")
 
 
 def fmt_kl(x: float) -> str:
     """A KL in nats; a tiny negative one (float32 values that do not sum to exactly 1) as 0."""
-    return "∞ (no tail mass)" if math.isinf(x) else f"{max(x, 0.0):.2e}"
+    return "∞" if math.isinf(x) else f"{max(x, 0.0):.2e}"
 
 
 def section(run: dict[str, Any]) -> list[str]:
@@ -204,8 +260,8 @@ def section(run: dict[str, Any]) -> list[str]:
     t = run["teacher"]
     body = [
         f"## Teacher `{t['name']}`: V = {t['vocab']}, top-{run['k']}, {run['positions']:,} "
-        f"held-out positions; mean entropy {t['entropy']:.2f} nats, mean mass outside the "
-        f"top-{run['k']} {t['residual']:.3f}",
+        f"held-out positions of its corpus ({t.get('corpus', 'stdlib')}); mean entropy "
+        f"{t['entropy']:.2f} nats, mean mass outside the top-{run['k']} {t['residual']:.3f}",
         "",
         f"`{run['command']}` ({run['date']}; {run['machine']}; median of {run['repeats']}).",
         "",
@@ -217,6 +273,7 @@ def section(run: dict[str, Any]) -> list[str]:
                 "training target",
                 "KL(target ‖ teacher)",
                 "KL(teacher ‖ target)",
+                "finite at",
                 "write pos/s (wall)",
                 "write pos/CPU-s",
                 "read pos/s (wall)",
@@ -231,6 +288,7 @@ def section(run: dict[str, Any]) -> list[str]:
                     r["target"],
                     fmt_kl(r["kl_target_teacher"]),
                     fmt_kl(r["kl_teacher_target"]),
+                    f"{r['forward_kl_finite_fraction']:.1%}",
                     f"{r['write_positions_per_s']:,.0f}",
                     f"{r['write_positions_per_cpu_s']:,.0f}",
                     f"{r['read_positions_per_s']:,.0f}",
@@ -258,6 +316,7 @@ def section(run: dict[str, Any]) -> list[str]:
                     "training target",
                     "KL(target ‖ teacher)",
                     "KL(teacher ‖ target)",
+                    "finite at",
                 ],
                 [
                     [
@@ -267,6 +326,7 @@ def section(run: dict[str, Any]) -> list[str]:
                         c["target"],
                         fmt_kl(c["kl_target_teacher"]),
                         fmt_kl(c["kl_teacher_target"]),
+                        f"{c['forward_kl_finite_fraction']:.1%}",
                     ]
                     for c in dk["configs"]
                 ],
@@ -378,13 +438,19 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--k {args.k} is wider than the teacher's vocabulary ({vocab})")
         if args.dump_topk is not None:
             dump_topk(logits, min(128, vocab), args.dump_topk)
-        rows = [measure(layout, logits, info, root, args.repeats) for layout in LAYOUTS]
+        rows = measure_all(logits, info, root, args.repeats)
         summary = teacher_summary(logits, args.k)
     meta = run_meta("peers.py", argv)
     name = "quick-teacher" if args.quick else teacher_dir.name
     run = {
         **meta,
-        "teacher": {"name": name, "path": str(teacher_dir), "vocab": vocab, **summary},
+        "teacher": {
+            "name": name,
+            "path": str(teacher_dir),
+            "corpus": teacher_corpus(teacher_dir),
+            "vocab": vocab,
+            **summary,
+        },
         "k": args.k,
         "positions": n,
         "repeats": args.repeats,
