@@ -1,31 +1,32 @@
 """The memory/accuracy trade-off: bytes per position against fidelity and student quality.
 
-1. A teacher trained offline on the standard library's source (benchmarks/teacher.py, cached;
-   a --quick run trains a tiny one for a few seconds in its scratch directory).
+1. Two teachers trained offline (benchmarks/teacher.py, cached): a sharp one on transformers'
+   model implementations (held-out entropy ~1.9 nats, like production teachers on natural
+   text) and a flat one on the standard library (~4.6 nats); a --quick run trains tiny ones
+   for a few seconds in its scratch directory.
 2. Fidelity: real stores written by `logitstore.capture` over held-out text, for top-k,
    sampled and full encodings and several value types; each compared with the teacher's exact
    distribution at the same positions.
 3. Students: the same small student trained for the same steps on the same batches with plain
    CE, hard labels (teacher argmax), online KD from the live teacher's full logits (the
-   reference), and KD from several stores; held-out CE on ground truth.
+   reference), KD from several stores and from the peers' renormalised top-k, at α = 1 and
+   0.5 (KD + CE), over 5 seeds; held-out CE on ground truth with 95 % intervals.
 
 Writes benchmarks/RESULTS.md, benchmarks/results.json and two plots (benchmarks/results/);
 --out-dir writes them elsewhere (a --quick run: out/benchmarks-quick/ unless given).
 
-    python benchmarks/tradeoff.py            # the committed run (tens of minutes on 2 cores)
-    python benchmarks/tradeoff.py --quick    # a smoke run of about half a minute
+    python benchmarks/tradeoff.py            # the committed run (~1.5 hours on 2 cores)
+    python benchmarks/tradeoff.py --quick    # a smoke run of a minute or two
+    python benchmarks/tradeoff.py --report-only out/tradeoff.raw.json --sweep-only
 
-Tail treatment for KL(teacher ‖ decoded) over the whole vocabulary: a top-k store's residual is
-spread evenly over the tokens it does not name; a sampled store is smoothed with 1e-6 of mass
-spread evenly (counts/n has zeros where p has not). The bucketed KL is what `forward_kl`
-optimises: the stored ids plus one bucket for everything else (top-k and full only).
+How KL to the teacher is computed (tails, buckets): benchlib.fidelity. Tables and plots:
+benchlib.tradeoff_report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -37,15 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 from benchlib.corpus import held_out_documents
-from benchlib.report import (
-    compose_results_md,
-    md_table,
-    one_thread_if_quick,
-    pyplot,
-    results_dir,
-    run_meta,
-    write_results,
-)
+from benchlib.fidelity import fidelity, order0_bytes
+from benchlib.report import one_thread_if_quick, results_dir
 from benchlib.stores import teacher_bytes, teacher_logits
 from benchlib.students import (
     StudentJob,
@@ -57,6 +51,7 @@ from benchlib.students import (
     split_documents,
 )
 from benchlib.teacher import study_teacher
+from benchlib.tradeoff_report import plot, report
 
 import logitstore
 from logitstore import Encoding
@@ -79,65 +74,6 @@ SWEEP: list[tuple[str, Encoding]] = (
 SHARPER = ["topk-8 u8", "topk-64 u8", "sampled-64"]  # repeated at T = 0.7 and 0.5
 STUDENT_STORES = ["topk-8 u8", "topk-64 u8", "topk-64 u6", "sampled-16", "sampled-64"]
 QUICK_CONFIGS = {"topk-8 u8", "topk-64 u8", "sampled-16", "full fp16", *STUDENT_STORES}
-
-
-def order0_bytes(store: logitstore.LogitStore) -> float:
-    """Order-0 empirical entropy of the stored fields, bytes per position: the floor of a
-    coder that codes each stored number on its own (context coders can go below it)."""
-    rows = store.read_stored(0, len(store))
-    total = 0.0
-    for a in (rows.gaps, rows.values, rows.residual):
-        if a is None:
-            continue
-        symbols = a.view(np.uint8) if a.dtype == np.float32 else a  # residual: its bytes
-        _, counts = np.unique(symbols, return_counts=True)
-        p = counts / counts.sum()
-        total += float(-(counts * np.log2(p)).sum()) / 8
-    return total / len(store)
-
-
-def fidelity(
-    store: logitstore.LogitStore, logits: torch.Tensor, temperature: float
-) -> dict[str, float]:
-    """KL to the exact distribution (whole vocabulary, stated tail), bucketed KL, top-1
-    agreement and the mean residual, over every position."""
-    n, vocab = logits.shape
-    kl_full, kl_bucket, top1, residual, stored = [], [], [], [], []
-    kind = store.encoding.kind
-    for a in range(0, n, 1024):
-        b = min(a + 1024, n)
-        batch = store.read(a, b)
-        p = torch.softmax(logits[a:b].double() / temperature, -1)  # (c, V)
-        ids = torch.from_numpy(np.ascontiguousarray(batch.ids))
-        probs = torch.from_numpy(batch.probs).double()
-        real = probs > 0
-        q = torch.zeros_like(p).scatter_add_(-1, ids, probs)  # (c, V) stored mass
-        named = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, ids, real)
-        if kind == "sampled":
-            q = q * (1 - 1e-6) + 1e-6 / vocab
-        else:
-            rest = (~named).sum(-1, keepdim=True).clamp_min(1)
-            q = torch.where(named, q, torch.from_numpy(batch.residual).double()[:, None] / rest)
-        kl = torch.where(p > 0, p * (p.log() - q.clamp_min(1e-300).log()), 0).sum(-1)
-        kl_full.append(kl)
-        if kind != "sampled":
-            p_named = torch.where(named, p, 0)
-            r = (1 - p_named.sum(-1)).clamp_min(0)
-            r_hat = torch.from_numpy(batch.residual).double()
-            bucket = torch.where(named & (p > 0), p * (p.log() - q.clamp_min(1e-300).log()), 0)
-            tail = torch.where(r > 0, r * (r.log() - r_hat.clamp_min(1e-300).log()), 0)
-            kl_bucket.append(bucket.sum(-1) + tail)
-            residual.append(r)
-        top1.append((q.argmax(-1) == p.argmax(-1)).double())
-        stored.append(real.sum(-1).double())
-    cat = lambda xs: float(torch.cat(xs).mean()) if xs else float("nan")  # noqa: E731
-    return {
-        "kl": cat(kl_full),
-        "bucketed_kl": cat(kl_bucket),
-        "top1_agreement": cat(top1),
-        "residual_mass": cat(residual),
-        "entries_per_position": cat(stored),
-    }
 
 
 def sweep(
@@ -317,205 +253,25 @@ def students(
     return rows
 
 
-def plot(out: Path, studies: list[dict[str, Any]]) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for study, colour in zip(studies, ("tab:blue", "tab:orange"), strict=False):
-        for kind, marker in (("topk", "o"), ("sampled", "s"), ("full", "^")):
-            pts = [
-                r
-                for r in study["fidelity"]
-                if r["encoding"] == kind and r["temperature"] == 1.0 and r["kl"]
-            ]
-            ax.scatter(
-                [r["bytes_per_position"] for r in pts],
-                [r["kl"] for r in pts],
-                marker=marker,
-                color=colour,
-                label=f"{kind} ({study['teacher']} teacher)",
-            )
-            for r in pts:
-                ax.annotate(r["config"], (r["bytes_per_position"], r["kl"]), fontsize=5)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("bytes per position on disk")
-    ax.set_ylabel("KL(teacher ‖ decoded), nats (tail: see RESULTS.md)")
-    ax.set_title("Fidelity frontier, T = 1")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "tradeoff_kl.png", dpi=120)
-    fig, axes = plt.subplots(1, len(studies), figsize=(6 * len(studies), 4.5), squeeze=False)
-    for ax, study in zip(axes[0], studies, strict=True):
-        for r in study["students"]:
-            x = r.get("bytes_per_position")
-            marker = "o" if r.get("alpha") == 1.0 else "s"
-            label = (
-                f"{r['student']} (α={r['alpha']})" if r.get("alpha") is not None else r["student"]
-            )
-            if x:
-                ax.errorbar([x], [r["held_out_ce"]], yerr=[r["ci95"]], fmt=marker, capsize=3)
-                ax.annotate(label, (x, r["held_out_ce"]), fontsize=6)
-            else:
-                ax.axhline(r["held_out_ce"], ls=":", lw=1, color="gray")
-                ax.text(
-                    0.01,
-                    r["held_out_ce"],
-                    label,
-                    fontsize=6,
-                    color="gray",
-                    va="bottom",
-                    transform=ax.get_yaxis_transform(),
-                )  # x in axes units
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes per position of the store")
-        ax.set_ylabel("student held-out CE (nats), mean ± 95% CI")
-        ax.set_title(f"Students of the {study['teacher']} teacher (○ α=1, □ α=0.5)")
-    fig.tight_layout()
-    fig.savefig(out / "tradeoff_student.png", dpi=120)
+def sweep_sequences(
+    args: argparse.Namespace, teacher: logitstore.Teacher, source: str
+) -> logitstore.Sequences:
+    """The sweep's text: the first ``args.positions`` positions (whole 256-token windows) of
+    the teacher's held-out files."""
+    docs = [Document(t, source) for t in held_out_documents(source=source)]
+    seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
+    keep = int(np.searchsorted(seqs.offsets, args.positions, side="right"))
+    return logitstore.Sequences(seqs.input_ids[: seqs.offsets[keep - 1]], seqs.offsets[:keep])
 
 
-def _fmt(x: Any, f: str) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f.format(x)
-
-
-def fidelity_table(rows: list[dict[str, Any]]) -> list[str]:
-    return md_table(
-        [
-            "config",
-            "T",
-            "B/position",
-            "B/entry",
-            "order-0 entropy B/pos",
-            "KL (full vocab)",
-            "bucketed KL",
-            "top-1 agreement",
-            "residual mass",
-            "write pos/s",
-        ],
-        [
-            [
-                r["config"],
-                f"{r['temperature']}",
-                f"{r['bytes_per_position']:.1f}",
-                f"{r['bytes_per_entry']:.2f}",
-                _fmt(r.get("order0_floor_bytes_per_position"), "{:.1f}"),
-                _fmt(r.get("kl"), "{:.4f}"),
-                _fmt(r.get("bucketed_kl"), "{:.4f}"),
-                _fmt(r.get("top1_agreement"), "{:.3f}"),
-                _fmt(r.get("residual_mass"), "{:.3f}"),
-                _fmt(r.get("write_positions_per_s"), "{:,.0f}"),
-            ]
-            for r in rows
-        ],
-    )
-
-
-def student_table(rows: list[dict[str, Any]]) -> list[str]:
-    return md_table(
-        [
-            "student",
-            "α",
-            "held-out CE (mean ± 95% CI)",
-            "Δ vs plain CE (paired, ± 95% CI)",
-            "gap closed (CE → online KD)",
-            "store B/position",
-            "per seed",
-        ],
-        [
-            [
-                r["student"],
-                _fmt(r.get("alpha"), "{:g}"),
-                f"{r['held_out_ce']:.4f} ± {_fmt(r['ci95'], '{:.4f}')}",
-                _fmt(r.get("delta_vs_ce"), "{:+.4f}")
-                + _fmt(r.get("delta_vs_ce_ci95"), " ± {:.4f}"),
-                _fmt(r.get("gap_closed"), "{:.0%}"),
-                _fmt(r.get("bytes_per_position"), "{:.1f}"),
-                ", ".join(f"{x:.3f}" for x in r["seeds"]),
-            ]
-            for r in rows
-        ],
-    )
-
-
-def report(args: argparse.Namespace, argv: list[str], studies: list[dict[str, Any]]) -> None:
-    recipe = StudentRecipe.from_args(args)
-    body = [
-        "Teachers: "
-        + "; ".join(f"**{st['teacher']}** {st['name']} — {st['summary']}" for st in studies)
-        + ".",
-        "",
-        f"Students: GPT-2 {recipe.layers}×{recipe.embd}, {recipe.steps} steps × "
-        f"{recipe.batch}×{recipe.seq_len} tokens, lr {recipe.lr}, {args.seeds} seeds "
-        "(seed s: the same initial weights and the same batches for every row), trained on "
-        "the teacher's held-out text and evaluated on ground truth of text neither saw. "
-        "Loss = α·KD + (1 − α)·CE on ground truth, KD at temperature 1 (the stores are written "
-        "at T = 1). Intervals: Student-t 95 % over seeds; Δ vs plain CE is paired by seed.",
-    ]
-    for st in studies:
-        body += [
-            "",
-            f"## {st['teacher'].capitalize()} teacher: fidelity (real stores of the real writer)",
-            "",
-            *fidelity_table(st["fidelity"]),
-            "",
-            f"## {st['teacher'].capitalize()} teacher: students",
-            "",
-            *student_table(st["students"]),
-        ]
-    body += [
-        "",
-        "KL (full vocab): top-k residual spread evenly over unnamed tokens; sampled stores "
-        "smoothed with 1e-6 of mass spread evenly. Bucketed KL: stored ids plus one bucket "
-        "for the rest, as `forward_kl` sees it. Order-0 entropy: the empirical entropy of the "
-        "stored numbers taken one at a time — the floor for a coder that codes each number "
-        "alone; zstd/blosc beat it where neighbouring numbers are correlated (sorted-id gaps). "
-        "The renormalised top-64 row trains on the same store with its candidates scaled to "
-        "sum to 1 and no residual bucket: what axolotl and DistillKit (default) train towards.",
-    ]
-    meta = run_meta("tradeoff.py", argv)
-    write_results(
-        args.out_dir / "results" / "tradeoff",
-        "Trade-off study",
-        meta,
-        {"studies": studies},
-        body,
-    )
-    # The issue's named outputs: RESULTS.md and results.json beside the scripts.
-    compose_results_md(args.out_dir)
-    keys = (
-        "config",
-        "temperature",
-        "encoding",
-        "k",
-        "samples",
-        "values",
-        "bytes_per_position",
-        "bytes_per_entry",
-        "kl",
-        "bucketed_kl",
-        "top1_agreement",
-    )
-    teachers = []
-    for st in studies:
-        flat = [{k: r.get(k) for k in keys} for r in st["fidelity"]]
-        for s in st["students"]:
-            if s["mode"] != "store" or s.get("alpha") != 1.0:
-                continue
-            for r in flat:
-                if r["config"] == s["store"] and r["temperature"] == 1.0:
-                    r["student_loss"] = s["held_out_ce"]
-        teachers.append(
-            {
-                "teacher": st["teacher"],
-                "name": st["name"],
-                "metrics": st["metrics"],
-                "configs": flat,
-                "students": st["students"],
-            }
-        )
-    (args.out_dir / "results.json").write_text(json.dumps({**meta, "teachers": teachers}, indent=2))
+def resweep(args: argparse.Namespace, sharp: bool, tmp: Path) -> list[dict[str, Any]]:
+    """The fidelity sweep alone, on a cached teacher of the study (--sweep-only)."""
+    teacher_dir = study_teacher(args.quick, tmp, sharp=sharp)
+    teacher = logitstore.load_teacher(str(teacher_dir), "cpu")
+    seqs = sweep_sequences(args, teacher, "hf-modeling" if sharp else "stdlib")
+    work = tmp / ("sharp" if sharp else "flat")
+    work.mkdir()
+    return sweep(args, teacher, seqs, work)
 
 
 def run(args: argparse.Namespace, sharp: bool, tmp: Path) -> dict[str, Any]:
@@ -536,10 +292,7 @@ def run(args: argparse.Namespace, sharp: bool, tmp: Path) -> dict[str, Any]:
             + ", ".join(f"{v:.2f} at T={t}" for t, v in metrics["entropy"].items())
             + f", top-64 mass {metrics['top64_mass']['1.0']:.3f} at T=1"
         )
-    docs = [Document(t, source) for t in held_out_documents(source=source)]
-    seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
-    keep = int(np.searchsorted(seqs.offsets, args.positions, side="right"))
-    seqs = logitstore.Sequences(seqs.input_ids[: seqs.offsets[keep - 1]], seqs.offsets[:keep])
+    seqs = sweep_sequences(args, teacher, source)
     work = tmp / ("sharp" if sharp else "flat")
     work.mkdir()
     return {
@@ -588,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny teachers trained in seconds, 4096 positions, a few configs, short students",
     )
     p.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="with --report-only: measure the fidelity sweep again on the same cached "
+        "teachers (e.g. after a codec change) and keep the saved students",
+    )
+    p.add_argument(
         "--report-only",
         type=Path,
         default=None,
@@ -605,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.report_only.read_text())
         studies, argv = saved["studies"], saved["argv"]
         vars(args).update({k: v for k, v in saved["options"].items() if k in STUDY_OPTIONS})
+        if args.sweep_only:
+            with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+                for st in studies:
+                    st["fidelity"] = resweep(args, st["teacher"] == "sharp", Path(tmp))
+            argv = [*argv, "# fidelity sweep rerun:", *sys.argv[1:]]
+            args.report_only.write_text(
+                json.dumps({**saved, "argv": argv, "studies": studies}, indent=1)
+            )
     else:
         studies = []
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
