@@ -151,18 +151,25 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (str(max_workers() + 1), "4 per core here"),
     ],
 )
-def test_a_bad_worker_count_is_refused_before_anything_starts(value: str, says: str) -> None:
+def test_a_bad_worker_count_is_refused_before_anything_starts(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from logitstore.cli import main
+
     # The store does not exist: the count is checked first, so its error is the one shown.
-    cmd = [sys.executable, "-m", "logitstore", "serve", "/nonexistent/x.zarr", "--workers", value]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr
-    assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["serve", "/nonexistent/x.zarr", "--workers", value]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
 
 
-def test_a_worker_count_that_is_no_number_is_a_usage_error() -> None:
-    cmd = [sys.executable, "-m", "logitstore", "serve", "x.zarr", "--workers", "two"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2 and "invalid int value: 'two'" in proc.stderr
+def test_a_worker_count_that_is_no_number_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from logitstore.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "x.zarr", "--workers", "two"])
+    assert stop.value.code == 2 and "invalid int value: 'two'" in capsys.readouterr().err
 
 
 def test_the_config_carries_the_worker_count_to_the_workers(store: Path) -> None:
