@@ -17,11 +17,12 @@ baseline, all in one run. For each layout:
 
 DistillKit's compressed form is not rebuilt here (it is not on PyPI and its layout is its
 code): ``--dump-topk FILE`` saves the exact top-128 rows for a one-off run of its compressor
-from its source, outside this repository, and ``--distillkit-json FILE`` adds that run's
-figures to the results as a separate table (see benchmarks/results/peers_layouts.md).
+from its source, outside this repository, and ``--add-distillkit FILE`` records that run's
+figures beside the teacher's section as a separate table, without measuring anything.
 
 Results: benchmarks/results/peers_layouts.{md,json}, one section per teacher (a run on
-another teacher adds its section, a rerun replaces it).
+another teacher adds its section, a rerun replaces it); peers_layouts_distillkit.json holds
+the DistillKit figures, peers_layouts_notes.md hand-written notes appended to the page.
 
     python benchmarks/peers.py                           # the cached study teacher
     python benchmarks/peers.py --teacher benchmarks/.cache/OTHER
@@ -253,8 +254,8 @@ def fmt_kl(x: float) -> str:
     return "∞" if math.isinf(x) else f"{max(x, 0.0):.2e}"
 
 
-def section(run: dict[str, Any]) -> list[str]:
-    """One teacher's tables."""
+def section(run: dict[str, Any], dk: dict[str, Any] | None) -> list[str]:
+    """One teacher's tables; ``dk``: the one-off DistillKit figures on that teacher."""
     rows = run["layouts"]
     base = next(r for r in rows if r["layout"].startswith("raw .npy"))
     t = run["teacher"]
@@ -300,7 +301,6 @@ def section(run: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
-    dk = run.get("distillkit_compressed")
     if dk:
         body += [
             f"DistillKit's compressed form, its own compressor run once from its source "
@@ -358,8 +358,24 @@ NOTES = [
 ]
 
 
+def render(out: Path) -> None:
+    """``out``.md from ``out``.json (the measured runs), ``out``_distillkit.json (the one-off
+    DistillKit figures per teacher) and ``out``_notes.md (hand-written: the shared sample)."""
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+    dk_path = out.parent / f"{out.name}_distillkit.json"
+    dk = json.loads(dk_path.read_text()) if dk_path.exists() else {}
+    body = list(NOTES)
+    for name in sorted(runs):
+        body += section(runs[name], dk.get(name))
+    notes = out.parent / f"{out.name}_notes.md"
+    if notes.exists():
+        body += [notes.read_text()]
+    out.with_suffix(".md").write_text("\n".join(body).rstrip() + "\n")
+
+
 def write_results(out: Path, key: str, run: dict[str, Any]) -> None:
-    """Merge ``run`` into ``out``.json under ``key`` and rewrite ``out``.md."""
+    """Merge ``run`` into ``out``.json under ``key`` (a rerun on the same teacher replaces
+    it) and rewrite ``out``.md."""
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".json")
     runs: dict[str, Any] = {}
@@ -367,13 +383,16 @@ def write_results(out: Path, key: str, run: dict[str, Any]) -> None:
         runs = json.loads(path.read_text()).get("runs", {})
     runs[key] = run
     path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    extra = out.parent / "peers_layouts_notes.md"
-    body = list(NOTES)
-    for name in sorted(runs):
-        body += section(runs[name])
-    if extra.exists():  # hand-written: the shared-sample figures
-        body += [extra.read_text()]
-    out.with_suffix(".md").write_text("\n".join(body).rstrip() + "\n")
+    render(out)
+
+
+def add_distillkit(out: Path, key: str, figures: Path) -> None:
+    """Record the one-off DistillKit run's ``figures`` for teacher ``key`` and re-render."""
+    path = out.parent / f"{out.name}_distillkit.json"
+    have = json.loads(path.read_text()) if path.exists() else {}
+    have[key] = json.loads(figures.read_text())
+    path.write_text(json.dumps(have, indent=2) + "\n")
+    render(out)
 
 
 def default_teacher() -> Path:
@@ -396,10 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per layout (median)")
     p.add_argument("--dump-topk", type=Path, default=None, help="also save top-128 rows here")
     p.add_argument(
-        "--distillkit-json",
+        "--add-distillkit",
         type=Path,
         default=None,
-        help="figures of the one-off DistillKit compressor run on this teacher, to include",
+        metavar="JSON",
+        help="measure nothing: record the one-off DistillKit compressor run's figures on "
+        "--teacher (its directory name is the key) and re-render the results",
     )
     p.add_argument("--tmp", type=Path, default=None, help="scratch directory")
     p.add_argument(
@@ -418,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir is None:
         args.out_dir = BENCH_DIR if not args.quick else BENCH_DIR.parent / "out/benchmarks-quick"
     one_thread_if_quick(args.quick)
+    out = args.out_dir / "results" / "peers_layouts"
+    if args.add_distillkit is not None:
+        if not out.with_suffix(".json").exists():
+            p.error(f"{out.with_suffix('.json')} does not exist: run a measurement first")
+        add_distillkit(out, (args.teacher or default_teacher()).name, args.add_distillkit)
+        print(f"wrote {out.with_suffix('.md')}", file=sys.stderr)
+        return 0
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         root = Path(tmp)
         if args.quick:
@@ -456,10 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "layouts": rows,
     }
-    if args.distillkit_json is not None:
-        run["distillkit_compressed"] = json.loads(args.distillkit_json.read_text())
-    write_results(args.out_dir / "results" / "peers_layouts", name, run)
-    print(f"wrote {args.out_dir / 'results' / 'peers_layouts.md'}", file=sys.stderr)
+    write_results(out, name, run)
+    print(f"wrote {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 
 
