@@ -194,7 +194,8 @@ def test_train_on_all_writes_no_mask_and_last_assistant_one_turn(
     data = _jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[1]}])
     assert main(_write_argv(chat_dir, [data], tmp_path / "all", "--train-on", "all")) == 0
     every = logitstore.open(tmp_path / "all")
-    assert not every.metadata.has_loss_mask and every.metadata.format_version == "1.0"
+    # 1.2 for its top-k codec chains (FORMAT.md §10), not 1.1: no loss_mask extension
+    assert not every.metadata.has_loss_mask and every.metadata.format_version == "1.2"
     argv = _write_argv(chat_dir, [data], tmp_path / "last", "--train-on", "last-assistant")
     assert main(argv) == 0
     last = logitstore.open(tmp_path / "last")

@@ -12,6 +12,8 @@ import zarr
 
 import logitstore
 import logitstore.format.metadata
+from logitstore.format.schema import column
+from logitstore.format.storage import per_position_codecs
 
 from .golden.make_golden import HERE, INPUT, MASK, STORES, TABLE, write
 
@@ -72,28 +74,71 @@ def test_sampled_counts_add_up_and_hit_only_possible_tokens() -> None:
 
 @pytest.mark.parametrize("name", list(STORES))
 def test_the_writer_still_stores_the_same_integers(name: str, tmp_path: Path) -> None:
+    # The golden stores were written as 1.0/1.1; today's writer writes 1.2 where an array's
+    # codec chain changed (FORMAT.md §4, §10). The integers, and everything else in each
+    # array's metadata, are the same; each store's chains are its version's table.
     fresh = write(name, tmp_path / name)
     golden = HERE / f"{name}.zarr"
+    old_md, new_md = logitstore.open(golden).metadata, logitstore.open(fresh).metadata
     for array in ("input_ids", "ids", "values", "residual", "loss_mask", "offsets", "commits"):
         if not (golden / array).exists():
             assert not (fresh / array).exists()
             continue
         a = zarr.open_array(str(golden / array))
         b = zarr.open_array(str(fresh / array))
-        assert a.metadata.to_dict() == b.metadata.to_dict(), array
+        col = column(old_md, array)
+        if col is not None:
+            for arr, md in ((a, old_md), (b, new_md)):
+                inner = arr.metadata.codecs[0].codecs[1:]
+                assert list(inner) == per_position_codecs(col, md.format_version), array
+        a_meta, b_meta = a.metadata.to_dict(), b.metadata.to_dict()
+        if col is not None:
+            for meta in (a_meta, b_meta):
+                meta["codecs"][0]["configuration"].pop("codecs")
+        assert a_meta == b_meta, array
         np.testing.assert_array_equal(a[:], b[:], err_msg=array)
-    old = logitstore.open(golden).metadata.to_dict()
-    new = logitstore.open(fresh).metadata.to_dict()
-    for volatile in ("created_at", "tool", "identity"):
+    old, new = old_md.to_dict(), new_md.to_dict()
+    for volatile in ("created_at", "tool", "identity", "format_version"):
         old.pop(volatile), new.pop(volatile)
     assert old == new
+    assert new_md.format_version == max(old_md.format_version, EXPECTED_VERSION[name])
 
 
-def test_stores_without_1_1_features_are_still_written_as_1_0(tmp_path: Path) -> None:
-    for name in ("topk-u8", "sampled-8", "full-fp16"):  # today's writer, not the golden files
+#: the version today's writer records for each golden store: 1.2 where it has an ``ids``,
+#: ``residual`` or 1-byte ``values`` array, else the lowest describing its features
+EXPECTED_VERSION = {
+    "topk-u8": "1.2",
+    "topk-fp32": "1.2",
+    "sampled-8": "1.2",
+    "full-fp16": "1.0",
+    "topk-u8-masked": "1.2",
+    "tokens-masked": "1.1",
+}
+
+
+def test_the_writer_records_the_lowest_version_that_describes_the_store(tmp_path: Path) -> None:
+    for name, version in EXPECTED_VERSION.items():  # today's writer, not the golden files
         md = logitstore.open(write(name, tmp_path / name)).metadata
-        assert (md.format_version, md.extensions, md.generation) == ("1.0", (), None), name
-        assert "generation" not in md.to_dict()
+        assert md.format_version == version, name
+        if version != "1.1" and not name.endswith("-masked"):
+            assert (md.extensions, md.generation) == ((), None), name
+            assert "generation" not in md.to_dict()
+
+
+def test_old_layout_stores_read_bit_identically_to_new_ones(tmp_path: Path) -> None:
+    """The golden stores keep the 1.0/1.1 codec chains: read through today's reader they
+    give exactly what the same store written today (1.2 chains) gives."""
+    for name in STORES:
+        golden = logitstore.open(HERE / f"{name}.zarr")
+        fresh = logitstore.open(write(name, tmp_path / name))
+        assert golden.metadata.format_version in ("1.0", "1.1"), name
+        old, new = golden.read(0, len(golden)), fresh.read(0, len(fresh))
+        for a, b in zip(old, new, strict=True):
+            if a is None or b is None:
+                assert a is b, name
+            else:
+                assert a.dtype == b.dtype, name
+                np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_the_loss_mask_is_stored_and_read_as_written() -> None:

@@ -29,7 +29,7 @@ __all__ = [
 #: The group attribute that holds the metadata.
 ATTRS_KEY = "logitstore"
 #: ``major.minor``; readers reject another major, and minors only add optional keys.
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 #: Extensions of version 1.1 (FORMAT.md §3): a per-position ``loss_mask`` array, and stores
 #: of tokens without teacher distributions (encoding kind ``none``).
 LOSS_MASK_EXTENSION, TOKENS_ONLY_EXTENSION = "loss_mask", "tokens_only"

@@ -19,7 +19,7 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import zarr
@@ -27,13 +27,15 @@ import zarr.codecs as zc
 from zarr.storage import LocalStore
 
 from ..errors import CorruptStoreError, FormatError, StoreNotFoundError
-from .metadata import ATTRS_KEY, StoreMetadata
+from .metadata import ATTRS_KEY, Encoding, Layout, StoreMetadata
 from .objects import CREATING_KEY, WRITER_KEY, ObjectLocation, is_object_url
 from .schema import (
     COMMITS,
+    IDS,
     INPUT_IDS,
     LOSS_MASK,
     OFFSETS,
+    RESIDUAL,
     TEACHER_COLUMNS,
     TOKENIZER,
     VALUES,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # zarr's private module; only its type is used
 __all__ = [
     "StorePath",
     "array",
+    "codecs_version",
     "create_arrays",
     "create_store",
     "is_object_url",
@@ -54,6 +57,7 @@ __all__ = [
     "location",
     "nbytes_stored",
     "open_group",
+    "per_position_codecs",
     "read_all",
     "read_metadata",
     "read_shard_tail",
@@ -113,13 +117,55 @@ def _crc() -> zc.Crc32cCodec:
     return zc.Crc32cCodec()
 
 
-def _per_position_codecs(col: Column) -> list[Any]:
-    # Measured on real top-64 output (docs/FORMAT.md §8): byte-shuffled blosc-zstd is the
-    # best fast codec for id gaps; plain zstd level 1 for values already near their entropy.
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+def per_position_codecs(col: Column, version: str) -> list[Any]:
+    """The inner chunk codecs (after ``bytes``) of per-position array ``col`` in a store of
+    format ``version`` (FORMAT.md §4): the 1.0/1.1 table below 1.2, the 1.2 table from it.
+
+    Readers never depend on these (any standard chain decoding to the same array is valid);
+    the writer uses them, and a store keeps the table of the version it records.
+    """
     itemsize = np.dtype(col.dtype).itemsize
+    if _minor(version) < (1, 2):
+        # Measured on real top-64 output (FORMAT.md §8): byte-shuffled blosc-zstd is the best
+        # fast codec for id gaps; plain zstd level 1 for values already near their entropy.
+        if col.name == VALUES and itemsize == 1:
+            return [zc.ZstdCodec(level=1), _crc()]
+        return [zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), _crc()]
+    # 1.2 (FORMAT.md §8, benchmarks/results/write.md (c)): id gaps are compressed as one
+    # blosc block per chunk (blosc's default cuts a chunk into blocks that each start without
+    # context) at a higher level; the float32 residual is bit-shuffled. Both lossless.
+    if col.name == IDS:
+        block = min(col.chunk_positions * col.row_nbytes, _MAX_BLOCK)
+        blosc = zc.BloscCodec(
+            cname="zstd", clevel=IDS_CLEVEL, shuffle="shuffle", typesize=itemsize, blocksize=block
+        )
+        return [blosc, _crc()]
     if col.name == VALUES and itemsize == 1:
         return [zc.ZstdCodec(level=1), _crc()]
-    return [zc.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=itemsize), _crc()]
+    shuffle: Literal["shuffle", "bitshuffle"] = "bitshuffle" if col.name == RESIDUAL else "shuffle"
+    return [zc.BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=itemsize), _crc()]
+
+
+#: blosc's level for the 1.2 ``ids`` chain (blosc maps it to zstd level 2·clevel − 1)
+IDS_CLEVEL = 4
+#: blosc blocks of at most 64 MiB (a chunk is at most 256 MiB decoded, FORMAT.md §3)
+_MAX_BLOCK = 1 << 26
+
+
+def codecs_version(encoding: Encoding, layout: Layout) -> str:
+    """The lowest format version whose codec table a new store of ``encoding`` and
+    ``layout`` is written with: ``"1.2"`` when it has an array whose chain changed in 1.2
+    (``ids``, ``residual``: ``topk`` and ``sampled``), else ``"1.0"`` (FORMAT.md §3, §10)."""
+    probe = StoreMetadata(encoding, layout, 0, 0, 0, None, 0, "")  # columns() reads no more
+    changed = any(
+        per_position_codecs(c, "1.2") != per_position_codecs(c, "1.1") for c in columns(probe)
+    )
+    return "1.2" if changed else "1.0"
 
 
 def create_arrays(
@@ -147,7 +193,7 @@ def create_arrays(
             dtype=col.dtype,
             chunks=col.shape(col.chunk_positions),
             shards=col.shape(sp),
-            compressors=_per_position_codecs(col),
+            compressors=per_position_codecs(col, md.format_version),
             fill_value=0,
             config=_CONFIG,
             dimension_names=("position",) if col.ndim == 1 else ("position", "candidate"),

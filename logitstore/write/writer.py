@@ -44,6 +44,7 @@ from ..format.schema import COMMITS, IDS, RESIDUAL, TEACHER_COLUMNS, VALUES
 from ..format.storage import (
     StorePath,
     array,
+    codecs_version,
     create_store,
     open_group,
     read_all,
@@ -181,6 +182,8 @@ class StoreWriter:
         version = "1.1" if extensions or generation is not None else "1.0"
         self.path: StorePath = store_path(path)  # a directory, or an object-storage URL
         layout = Layout.choose(encoding, vocab_size, chunk_positions, shard_positions)
+        if codecs_version(encoding, layout) == "1.2":  # an array with a chain new in 1.2
+            version = "1.2"
         teacher = dict(teacher or {})
         settings = {
             "format_version": version,
