@@ -3,11 +3,18 @@
 The stored row layout is docs/FORMAT.md §5: candidate ids sorted ascending and kept as gaps
 (first id, then differences; a gap of 0 after the first column marks padding), values in the
 same order. Encoding, on the teacher's device, is :mod:`logitstore.write.encode`.
+
+Decoding is one pass over tiles of about :data:`TILE_VALUES` values that stay in the core's
+cache: the gaps' running sum, the value table lookup, the row sum and the rescale each read
+what the step before just wrote, and every step writes into the output arrays (a caller may
+pass its own, e.g. memory it reuses), so no temporary as large as the block is made. The bits
+are FORMAT.md §5.2's: integer sums, table lookups, and the row sum in NumPy's own order.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,7 +22,22 @@ from ..errors import CorruptStoreError, FormatError
 from .metadata import SQRT_BINS, StoreMetadata
 from .schema import StoredRows
 
-__all__ = ["Batch", "StoredRows", "decode_ids", "decode_rows", "decode_values", "sqrt_table"]
+__all__ = [
+    "TILE_VALUES",
+    "Batch",
+    "StoredRows",
+    "decode_candidates_into",
+    "decode_ids",
+    "decode_rows",
+    "decode_values",
+    "decode_values_into",
+    "rescale_into",
+    "sqrt_table",
+]
+
+#: Values decoded at a time (512 rows of top-64): a tile's gaps, ids, values and
+#: probabilities (~330 KB) stay in a core's L2 cache between the steps of the pass.
+TILE_VALUES = 1 << 15
 
 
 class Batch(NamedTuple):
@@ -40,21 +62,50 @@ def sqrt_table(bins: int) -> np.ndarray:
 
 
 _SQRT_TABLES = {kind: sqrt_table(bins) for kind, bins in SQRT_BINS.items()}
+_PAIR_TABLES: dict[str, np.ndarray] = {}
+
+
+def _pair_table(kind: str) -> np.ndarray:
+    """``(65536,)`` uint64: two float32 table entries for each pair of u8 codes read as one
+    little-endian uint16, so one lookup decodes two values (half the index conversions
+    of a per-code lookup; 512 KB, built on first use)."""
+    pairs = _PAIR_TABLES.get(kind)
+    if pairs is None:
+        table = _SQRT_TABLES[kind]
+        codes = np.arange(1 << 16)
+        two = np.empty((1 << 16, 2), dtype=np.float32)  # (65536, 2): low code, high code
+        two[:, 0], two[:, 1] = table[codes & 0xFF], table[codes >> 8]
+        pairs = _PAIR_TABLES[kind] = two.view("<u8").reshape(-1)
+    return pairs
+
+
+def decode_values_into(stored: np.ndarray, values: str, out: np.ndarray) -> None:
+    """Stored values ``(n, m)`` → float32 probabilities in ``out`` (before any rescale).
+
+    Raises:
+        FormatError: an unknown value kind.
+    """
+    if values in ("fp32", "fp16"):
+        np.copyto(out, stored, casting="unsafe")
+    elif values == "bf16":  # the 16 stored bits are the float32's high half
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif values in _SQRT_TABLES:
+        pairs = stored.shape[-1] % 2 == 0 and stored.flags.c_contiguous and out.flags.c_contiguous
+        if pairs and np.little_endian:
+            np.take(_pair_table(values), stored.view("<u2"), out=out.view("<u8"), mode="clip")
+        else:
+            np.take(_SQRT_TABLES[values], stored, out=out, mode="clip")
+    else:
+        raise FormatError(f"cannot decode values of kind {values!r}")
 
 
 def decode_values(stored: np.ndarray, values: str) -> np.ndarray:
     """Stored values → float32 probabilities (before any renormalisation)."""
     if values == "fp32":
         return np.asarray(stored, dtype=np.float32)
-    if values == "fp16":
-        return stored.astype(np.float32)
-    if values == "bf16":
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    table = _SQRT_TABLES.get(values)
-    if table is not None:
-        decoded: np.ndarray = np.take(table, stored)  # one lookup pass, float32 out
-        return decoded
-    raise FormatError(f"cannot decode values of kind {values!r}")
+    out = np.empty(stored.shape, dtype=np.float32)
+    decode_values_into(np.ascontiguousarray(stored), values, out)
+    return out
 
 
 def decode_ids(
@@ -69,38 +120,93 @@ def decode_ids(
         CorruptStoreError: ``vocab_size`` is given and a decoded id reaches it.
     """
     ids: np.ndarray = np.empty(gaps.shape, dtype=dtype)  # (n, m)
-    if ids.size:
-        # add.accumulate into a given buffer: measured 2x np.cumsum's time on (65536, 64) u16.
-        np.add.accumulate(gaps, axis=1, dtype=dtype, out=ids)
-    # Padding adds 0, so the last column holds each row's largest id: a free range check.
-    top = int(ids[:, -1].max()) if ids.size else 0
+    _ids_into(gaps, ids, vocab_size)
+    pad = gaps == 0
+    pad[:, 0] = False
+    return ids, pad
+
+
+def _ids_into(gaps: np.ndarray, ids: np.ndarray, vocab_size: int | None) -> None:
+    """(n, m) gaps → (n, m) ids: each row's running sum, then 0 where a later gap is 0
+    (padding).
+
+    Raises:
+        CorruptStoreError: ``vocab_size`` is given and a decoded id reaches it.
+    """
+    if not ids.size:
+        return
+    np.add.accumulate(gaps, axis=1, dtype=ids.dtype, out=ids)
+    # Before padding is zeroed, the last column holds each row's largest id (padding adds 0).
+    top = int(ids[:, -1].max())
     if vocab_size is not None and top >= vocab_size:
         raise CorruptStoreError(
             f"decoded token ids reach {top}, outside the vocabulary of {vocab_size}; "
             "run `logitstore verify`"
         )
-    pad = gaps == 0
-    pad[:, 0] = False
-    if ids.size:
-        ids[:, 1:] *= ~pad[:, 1:]  # padding → id 0 (a multiply: cheaper than putmask)
-    return ids, pad
+    later = gaps[:, 1:]  # (n, m - 1)
+    if not later.all():  # padding is rare in top-k rows: find it only where it is
+        ids[:, 1:] *= later != 0
 
 
-def _rescale(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
-    # Lossy values: scale each row to its known total (1 − residual), which removes the
-    # quantiser's systematic bias in the row sum (FORMAT.md §5.2).
-    total = probs.sum(axis=1, dtype=np.float32)  # (n,)
+def rescale_into(probs: np.ndarray, target: np.ndarray) -> None:
+    """Scale each row of ``probs`` ``(n, m)`` in place to its known total ``target``
+    ``(n,)`` (``1 − residual``), in FORMAT.md §5.2's float32 order: this removes the
+    quantiser's systematic bias in the row sum. A row summing to 0 becomes 0."""
+    total = np.add.reduce(probs, axis=1, dtype=np.float32)  # (n,) NumPy's pairwise order
     empty = total <= 0
-    total[empty] = 1
-    scale = np.divide(target, total, dtype=np.float32)  # (n,)
-    scale[empty] = 0
+    if empty.any():
+        total[empty] = 1
+        scale = np.divide(target, total, dtype=np.float32)  # (n,)
+        scale[empty] = 0
+    else:
+        scale = np.divide(target, total, dtype=np.float32)
     probs *= scale[:, None]
-    return probs
 
 
-def decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) -> Batch:
+def decode_candidates_into(
+    md: StoreMetadata,
+    gaps: np.ndarray | None,
+    values: np.ndarray,
+    target: np.ndarray | None,
+    ids: np.ndarray | None,
+    probs: np.ndarray,
+) -> None:
+    """Stored candidate rows ``(n, m)`` → ``ids`` and ``probs`` (given arrays of ``n``
+    rows, written in place), tile by tile. ``target`` ``(n,)`` is each row's total
+    (``1 − residual`` for top-k, ones for full) where the values are lossy; ``ids`` is
+    ``None`` for a store without gaps (``full``).
+
+    Raises:
+        CorruptStoreError: a decoded id falls outside the vocabulary.
+    """
+    enc = md.encoding
+    n = len(values)
+    rescale = enc.lossy and target is not None
+    tile = max(1, TILE_VALUES // max(1, values.shape[1]))
+    for a in range(0, n, tile):
+        z = min(a + tile, n)
+        if gaps is not None and ids is not None:
+            _ids_into(gaps[a:z], ids[a:z], md.vocab_size)
+        p = probs[a:z]
+        if enc.kind == "sampled":
+            assert enc.samples is not None
+            np.divide(values[a:z], np.float32(enc.samples), out=p, dtype=np.float32)
+        else:
+            decode_values_into(values[a:z], enc.values, p)
+        if rescale:
+            assert target is not None
+            rescale_into(p, target[a:z])
+
+
+def decode_rows(
+    md: StoreMetadata,
+    rows: StoredRows,
+    id_dtype: type = np.int64,
+    alloc: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty,
+) -> Batch:
     """Stored rows → ids and probabilities (FORMAT.md §5). The one decoder every reader uses,
-    local or remote, so both give the same bits.
+    local or remote, so both give the same bits. ``ids`` and ``probs`` are allocated with
+    ``alloc(shape, dtype)`` (e.g. memory the caller reuses).
 
     Raises:
         CorruptStoreError: a decoded id falls outside the vocabulary.
@@ -113,19 +219,15 @@ def decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) 
     if enc.kind == "none":  # tokens only: no candidates
         empty: np.ndarray = np.zeros((n, 0), dtype=id_dtype)
         return Batch(input_ids, empty, np.zeros((n, 0), dtype=np.float32), residual, mask)
-    if enc.kind == "sampled":
-        assert enc.samples is not None
-        probs = rows.values.astype(np.float32) / np.float32(enc.samples)
+    values = np.ascontiguousarray(rows.values)
+    probs = alloc(values.shape, np.float32)  # (n, m)
+    ids: np.ndarray
+    if rows.gaps is None:  # full: column j is token j
+        ids = np.broadcast_to(np.arange(md.vocab_size, dtype=id_dtype), (n, md.vocab_size))
+        target = np.ones(n, dtype=np.float32)
+        decode_candidates_into(md, None, values, target, None, probs)
     else:
-        probs = decode_values(rows.values, enc.values)
-    if rows.gaps is None:
-        ids: np.ndarray = np.broadcast_to(
-            np.arange(md.vocab_size, dtype=id_dtype), (n, md.vocab_size)
-        )
-        if enc.lossy:
-            probs = _rescale(probs, np.ones(n, dtype=np.float32))
-    else:
-        ids, _ = decode_ids(rows.gaps, id_dtype, md.vocab_size)
-        if enc.lossy and enc.kind == "topk":
-            probs = _rescale(probs, 1.0 - residual)
+        ids = alloc(rows.gaps.shape, id_dtype)  # (n, m)
+        target = np.subtract(np.float32(1), residual, dtype=np.float32)  # fl32(1 − residual)
+        decode_candidates_into(md, rows.gaps, values, target, ids, probs)
     return Batch(input_ids, ids, probs, residual, mask)

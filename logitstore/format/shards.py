@@ -1,0 +1,310 @@
+"""A shard's inner chunks, read straight from disk (FORMAT.md §4): what the compressed stream
+sends (server/chunks.py) and what a local reader decodes without zarr's per-chunk machinery.
+
+Every chunk is checked as zarr checks it (the shard index's CRC-32C and bounds, the chunk's
+own CRC-32C), then decompressed by the codec its array names, straight into the memory it
+belongs in when the whole chunk is wanted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+from numcodecs import blosc
+from numcodecs.zstd import Zstd
+
+from ..errors import CorruptStoreError, ProtocolError
+from .metadata import StoreMetadata
+from .schema import StoredRows, columns, rows_from_columns
+from .storage import shard_file
+from .validate import check_shard_index
+
+__all__ = [
+    "CHUNK_CODECS",
+    "ChunkColumn",
+    "checked",
+    "chunk_bytes",
+    "chunk_layout",
+    "chunk_plan",
+    "decode_chunk",
+    "decode_chunk_into",
+    "into_place",
+    "read_chunked",
+]
+
+#: the compressors a reader decodes (each inner chunk: bytes → one of these → crc32c)
+CHUNK_CODECS = ("zstd", "blosc")
+_ZSTD = Zstd()
+
+
+def _checked_body(data: bytes) -> memoryview:
+    # The compressed bytes of a stored chunk, after its trailing CRC-32C is checked.
+    if len(data) < 4:
+        raise ProtocolError(f"a chunk of {len(data)} bytes has no room for its checksum")
+    body = memoryview(data)[:-4]
+    (crc,) = struct.unpack("<I", data[-4:])
+    if crc32c.crc32c(body) != crc:
+        raise ProtocolError("chunk CRC-32C mismatch (corrupted in transit or on disk)")
+    return body
+
+
+def _declared_size(body: memoryview, codec: str) -> int | None:
+    """The decoded size a compressed chunk's own header declares, or ``None`` if it declares
+    none: blosc's ``nbytes`` (header bytes 4-7), a zstd frame's content size (RFC 8878
+    §3.1.1.1)."""
+    if codec == "blosc":
+        return int.from_bytes(body[4:8], "little") if len(body) >= 16 else None
+    if len(body) < 6 or bytes(body[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = body[4]
+    fcs, single, dictionary = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    at = 5 + (1 - single) + (0, 1, 2, 4)[dictionary]  # after the window and dictionary ids
+    width = (single, 2, 4, 8)[fcs]
+    if width == 0 or len(body) < at + width:
+        return None
+    size = int.from_bytes(body[at : at + width], "little")
+    return size + 256 if width == 2 else size
+
+
+def decode_chunk(data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
+    """Stored inner-chunk bytes → the array they hold, after checking their CRC-32C.
+
+    Raises:
+        ProtocolError: the checksum, the codec's frame or the decoded size is wrong.
+    """
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if not data:  # not in the shard: the fill value
+        return np.zeros(shape, dtype=dtype)
+    body = _checked_body(data)
+    try:
+        raw = _ZSTD.decode(body) if codec == "zstd" else blosc.decompress(body)
+    except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
+        raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None
+    if len(raw) != nbytes:
+        raise ProtocolError(f"chunk holds {len(raw)} bytes, expected {nbytes}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_chunk_into(data: bytes, codec: str, out: np.ndarray) -> None:
+    """:func:`decode_chunk` into ``out`` (C-contiguous, the chunk's dtype and shape): the
+    codec writes straight into it, with no decoded copy in between.
+
+    Raises:
+        ProtocolError: as :func:`decode_chunk`.
+    """
+    if not data:
+        out.fill(0)
+        return
+    body = _checked_body(data)
+    if _declared_size(body, codec) != out.nbytes:  # wrong, or not declared: the slow path
+        out[...] = decode_chunk(data, codec, out.dtype, out.shape)
+        return
+    try:  # the declared size is out's: the codec fills all of it, or fails
+        if codec == "zstd":
+            _ZSTD.decode(body, out=out)
+        else:
+            blosc.decompress(body, out)
+    except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
+        raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None
+
+
+_ABSENT = (1 << 64) - 1  # a shard index entry for a chunk that was never written
+_indexes: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ChunkColumn:
+    """A per-position array as its inner chunks are found in its shards."""
+
+    name: str
+    ndim: int
+    rows: int  # positions per inner chunk
+    shard_rows: int  # positions per shard
+    codec: str  # "zstd" or "blosc"
+
+
+def chunk_layout(root: Path, md: StoreMetadata) -> list[ChunkColumn] | None:
+    """The store's per-position arrays, in schema order, or ``None`` if one is not
+    ``sharding_indexed`` over ``bytes`` → zstd or blosc → ``crc32c`` with its index (``bytes``
+    → ``crc32c``) at the end and whole rows per inner chunk (FORMAT.md §4)."""
+    out = []
+    for col in columns(md):
+        try:
+            meta = json.loads((root / col.name / "zarr.json").read_text())
+            (shard,) = meta["codecs"]
+            cfg = shard["configuration"]
+            names = [c["name"] for c in cfg["codecs"]]
+            index = [c["name"] for c in cfg["index_codecs"]]
+            inner, shape = cfg["chunk_shape"], meta["shape"]
+            shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if (
+            shard["name"] != "sharding_indexed"
+            or len(names) != 3
+            or names[0] != "bytes"
+            or names[1] not in CHUNK_CODECS
+            or names[2] != "crc32c"
+            or index != ["bytes", "crc32c"]
+            or cfg.get("index_location", "end") != "end"
+            or list(inner[1:]) != list(shape[1:])
+            or shard_rows % inner[0]
+            or meta.get("data_type") != col.dtype
+            or meta.get("fill_value", 0) != 0
+        ):
+            return None
+        out.append(ChunkColumn(col.name, len(shape), inner[0], shard_rows, names[1]))
+    return out
+
+
+def _shard_index(path: Path, chunks: int) -> np.ndarray:
+    """``(chunks, 2)`` offsets and sizes from a shard's index, checked once, then cached.
+
+    Raises:
+        CorruptStoreError: the shard is missing, too short, or its index fails its CRC-32C.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        raise CorruptStoreError(f"shard {path} is missing") from None
+    if not stat.S_ISREG(st.st_mode):  # a directory or a named pipe: damage, never a read
+        raise CorruptStoreError(f"shard {path} is not a file; run `logitstore verify`")
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    with _lock:
+        hit = _indexes.get(key)
+    if hit is not None:
+        return hit
+    size = chunks * 16 + 4
+    if st.st_size < size:
+        raise CorruptStoreError(f"shard {path} is shorter than its index")
+    with path.open("rb") as f:
+        f.seek(st.st_size - size)
+        raw = f.read(size)
+    (crc,) = struct.unpack("<I", raw[-4:])
+    if crc32c.crc32c(raw[:-4]) != crc:
+        raise CorruptStoreError(f"shard {path}: index CRC-32C mismatch; run `logitstore verify`")
+    # every stored entry inside the file before the index (a valid CRC proves nothing
+    # about where an entry points: FORMAT.md §4)
+    check_shard_index(raw, st.st_size, chunks, 0, f"shard {path}")
+    index = np.frombuffer(raw[:-4], dtype="<u8").reshape(chunks, 2)
+    with _lock:
+        _indexes[key] = index
+        if len(_indexes) > 4096:
+            _indexes.popitem(last=False)
+    return index
+
+
+def chunk_plan(layout: list[ChunkColumn], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """``(first position, column, chunk)`` of every inner chunk covering ``[start, stop)``,
+    ordered by first position (columns advance together)."""
+    plan = []
+    for i, c in enumerate(layout):
+        if stop > start:
+            plan += [(k * c.rows, i, k) for k in range(start // c.rows, (stop - 1) // c.rows + 1)]
+    plan.sort()
+    return plan
+
+
+def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: dict[Path, int]) -> bytes:
+    """Inner chunk ``chunk`` of ``c`` as its shard holds it. ``files`` keeps the file
+    descriptors a caller opened (it closes them).
+
+    Raises:
+        CorruptStoreError: the index marks the chunk as not stored. Callers ask only for
+            chunks holding positions, which are always written (FORMAT.md §4): reading
+            one as zeros would hand out data the store does not hold.
+    """
+    shard, inner = divmod(chunk, c.shard_rows // c.rows)
+    path = shard_file(root, c.name, c.ndim, shard)
+    offset, nbytes = (int(v) for v in _shard_index(path, c.shard_rows // c.rows)[inner])
+    if (offset, nbytes) == (_ABSENT, _ABSENT):
+        raise CorruptStoreError(
+            f"shard {path}: inner chunk {inner} is marked not stored, yet holds positions "
+            "(FORMAT.md §4); run `logitstore verify`"
+        )
+    fd = files.get(path)
+    if fd is None:
+        fd = files[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, nbytes, offset)
+    if len(data) != nbytes:
+        raise CorruptStoreError(f"shard {path} is cut short; run `logitstore verify`")
+    return data
+
+
+def read_chunked(
+    root: Path,
+    md: StoreMetadata,
+    layout: list[ChunkColumn],
+    start: int,
+    stop: int,
+    names: tuple[str, ...] | None = None,
+) -> StoredRows:
+    """Positions ``[start, stop)`` as stored, read straight from the shards of a complete
+    local store: the same bytes and checks as zarr's reader (the index's and every chunk's
+    CRC-32C), without its per-chunk machinery. With ``names``, only those columns are read
+    (the others hold no rows).
+
+    Raises:
+        CorruptStoreError: a missing or damaged shard or chunk.
+    """
+    n = stop - start
+    arrays: dict[str, np.ndarray] = {}
+    files: dict[Path, int] = {}
+    try:
+        for i, col in enumerate(columns(md)):
+            if names is not None and col.name not in names:
+                arrays[col.name] = col.empty(0)
+                continue
+            c = layout[i]
+            out = np.empty(col.shape(n), dtype=np.dtype(col.dtype).newbyteorder("<"))
+            for first, _, chunk in chunk_plan([c], start, stop):
+                lo, hi = max(start, first), min(stop, first + c.rows)
+                data = chunk_bytes(root, c, chunk, files)
+                where = f"array {col.name!r}, chunk {chunk}"
+                if hi - lo == c.rows:  # the whole chunk is wanted: decoded where it belongs
+                    into_place(data, c.codec, out[lo - start : hi - start], where)
+                else:
+                    arr = checked(data, c.codec, out.dtype, col.shape(c.rows), where)
+                    out[lo - start : hi - start] = arr[lo - first : hi - first]
+            arrays[col.name] = out
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    return rows_from_columns(md, arrays, n)
+
+
+def checked(
+    data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...], where: str
+) -> Any:
+    """:func:`decode_chunk` of a chunk read from this machine's disk: damage is the store's.
+
+    Raises:
+        CorruptStoreError: naming ``where``.
+    """
+    try:
+        return decode_chunk(data, codec, dtype, shape)
+    except ProtocolError as e:
+        raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None
+
+
+def into_place(data: bytes, codec: str, out: np.ndarray, where: str) -> None:
+    """:func:`decode_chunk_into` of a chunk read from this machine's disk.
+
+    Raises:
+        CorruptStoreError: naming ``where``.
+    """
+    try:
+        decode_chunk_into(data, codec, out)
+    except ProtocolError as e:
+        raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None
