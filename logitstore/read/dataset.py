@@ -24,83 +24,26 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import LogitStoreError
-from ..format.chunks import ChunkColumn, chunk_layout, read_chunked
 from ..format.codec import Batch, decode_rows
+from ..format.direct import Alloc, read_decoded
 from ..format.provenance import tokenizer_identity
+from ..format.shards import ChunkColumn, chunk_layout
 from . import open as open_store
+from .blocks import Block, BlockReader, BufferPool, block_of
+from .collate import collate, fold_to_vocab
 from .local import LogitStore
 from .store import StoreBase
 
-__all__ = ["LogitDataset", "collate", "fold_to_vocab"]
-
-
-def fold_to_vocab(batch: Batch, vocab_size: int, *, full: bool = False) -> Batch:
-    """``batch`` with the teacher's mass on ids ``>= vocab_size`` moved into the residual.
-
-    Candidates at those ids become padding (id 0, probability 0) and each row's residual
-    gains exactly their probability (summed in float64, rounded once to float32), so
-    probabilities plus residual keep their total. Ids ascend in every row (FORMAT.md §5.1):
-    the dropped candidates are the last real ones, and padding stays a suffix. With
-    ``full`` (a ``full`` store: column ``j`` is token ``j``) rows are cut to their first
-    ``vocab_size`` columns instead. A batch without such ids is returned as it is.
-
-    Example:
-        >>> folded = fold_to_vocab(store.read(0, 512), 151_936)
-    """
-    ids, probs = batch.ids, batch.probs
-    if full:
-        if ids.shape[1] <= vocab_size:
-            return batch
-        dropped = probs[:, vocab_size:].sum(axis=1, dtype=np.float64)  # (n,)
-        ids, probs = ids[:, :vocab_size], probs[:, :vocab_size]  # (n, vocab_size)
-    else:
-        if ids.size == 0 or ids.max() < vocab_size:
-            return batch
-        out = ids >= vocab_size  # (n, m)
-        dropped = np.where(out, probs, 0).sum(axis=1, dtype=np.float64)  # (n,)
-        ids = np.where(out, 0, ids).astype(ids.dtype)
-        probs = np.where(out, np.float32(0), probs)
-    residual = (batch.residual.astype(np.float64) + dropped).astype(np.float32)
-    return batch._replace(ids=ids, probs=probs, residual=residual)
-
-
-def collate(
-    samples: list[dict[str, torch.Tensor]], *, pin_memory: bool = False
-) -> dict[str, torch.Tensor]:
-    """Stack samples into a batch, trimmed to the longest real window in it.
-
-    Shapes: ``input_ids``, ``labels``, ``attention_mask``, ``loss_mask`` ``(B, T)``;
-    ``ids`` ``(B, T, m)`` int32 (half the bytes of int64 to move; the losses accept it),
-    ``probs`` ``(B, T, m)``; ``residual`` ``(B, T)``.
-
-    With ``pin_memory`` (a CUDA trainer reading with ``num_workers=0``) the batch is stacked
-    straight into page-locked memory, ready for ``.to("cuda", non_blocking=True)``: one
-    copy, where ``DataLoader(pin_memory=True)`` stacks and then copies again. Pass it as
-    ``collate_fn=functools.partial(collate, pin_memory=True)``. (Worker processes cannot
-    hand pinned memory over: with workers, use the DataLoader's own ``pin_memory``.)
-    """
-    longest = max(int(s["attention_mask"].sum()) for s in samples)
-    out = {}
-    for key in samples[0]:
-        parts = [s[key][:longest] for s in samples]
-        if pin_memory:
-            shape = (len(parts), *parts[0].shape)
-            buf = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
-            out[key] = torch.stack(parts, out=buf)
-        else:
-            out[key] = torch.stack(parts)
-    return out
+__all__ = ["LogitDataset", "collate", "fold_to_vocab"]  # the last two: collate.py
 
 
 class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
@@ -287,18 +230,33 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         todo = order[skip:]
         blocks = self._starts[todo] // self.block_positions
         _, first = np.unique(blocks, return_index=True)
-        with _BlockReader(self, blocks[np.sort(first)]) as reader:
+        cached = self.buffer_blocks + 1
+        # Memory for the cached blocks, the one read ahead, and the one being decoded.
+        pool = BufferPool(keep=2 * (cached + 2))
+
+        def load(b: int) -> Block:
+            start, stop = self._block_range(b)
+            data = self._for_student(start, self._read_block(start, stop, pool.alloc))
+            return block_of(start, data, self._offsets)
+
+        def close() -> None:
+            if self._store is not None:
+                self._store.close()  # e.g. the read-ahead thread's HTTP connection
+
+        with BlockReader(load, blocks[np.sort(first)], cached, close) as reader:
             for w in todo:
                 sample = self._sample(int(w), reader)
                 self._yielded += 1
                 yield sample
 
-    def _read_block(self, start: int, stop: int) -> Batch:
-        """Decode positions ``[start, stop)`` (int32 ids); subclasses may read elsewhere.
+    def _read_block(self, start: int, stop: int, alloc: Alloc = np.empty) -> Batch:
+        """Decode positions ``[start, stop)`` (int32 ids; ids and probabilities in memory
+        from ``alloc``); subclasses may read elsewhere.
 
-        A complete local store is read straight from its shards (format/chunks.py: the same
-        bytes and checksums as zarr's reader, without its per-chunk machinery, measured at
-        ~1.35x zarr's rate); any other store through its ``read``."""
+        A complete local store is read and decoded straight from its shards, one inner chunk
+        at a time (format/direct.py: the same bytes and checksums as zarr's reader, without
+        its per-chunk machinery); any other store through its ``read_stored``, then the same
+        decoder."""
         store = self._store
         assert store is not None
         if self._direct_pid != os.getpid():
@@ -312,9 +270,10 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             ):
                 self._direct = chunk_layout(Path(store.path), self.metadata)
         if self._direct is not None:
-            rows = read_chunked(Path(store.path), self.metadata, self._direct, start, stop)
-            return decode_rows(self.metadata, rows, np.int32)
-        return store.read(start, stop, id_dtype=np.int32)
+            return read_decoded(
+                Path(store.path), self.metadata, self._direct, start, stop, np.int32, alloc
+            )
+        return decode_rows(self.metadata, store.read_stored(start, stop), np.int32, alloc)
 
     def _for_student(self, start: int, data: Batch) -> Batch:
         """A decoded block as the student can use it: ids folded below its vocabulary."""
@@ -337,33 +296,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             start + self.block_positions + self.seq_len + 1, self.metadata.num_positions
         )
 
-    def _prepare(self, start: int, data: Batch) -> _Block:
-        """A decoded block as torch tensors, its labels computed once for all its windows."""
-        n = len(data.input_ids)
-        assert data.loss_mask is not None
-        input_ids = torch.from_numpy(data.input_ids)  # (L,) int64, shares the block's memory
-        loss_mask = torch.from_numpy(data.loss_mask)  # (L,) bool
-        # labels[t] = the next token; -100 at the block's end, where the next position starts
-        # another sequence, and where the store's mask excludes the position.
-        labels = torch.full((n,), -100, dtype=torch.long)
-        labels[:-1] = input_ids[1:]
-        offsets = self._offsets
-        starts = offsets[np.searchsorted(offsets, start + 1) : np.searchsorted(offsets, start + n)]
-        labels[torch.from_numpy(starts - start - 1)] = -100
-        labels[~loss_mask] = -100
-        # A full store's ids are a read-only broadcast view: each sample copies its rows.
-        ids = torch.from_numpy(data.ids) if data.ids.strides[0] else data.ids
-        return _Block(
-            start,
-            input_ids,
-            labels,
-            loss_mask,
-            ids,
-            torch.from_numpy(data.probs),
-            torch.from_numpy(data.residual),
-        )
-
-    def _sample(self, w: int, reader: _BlockReader) -> dict[str, torch.Tensor]:
+    def _sample(self, w: int, reader: BlockReader) -> dict[str, torch.Tensor]:
         a, e = int(self._starts[w]), int(self._ends[w])
         block = reader.get(a // self.block_positions)
         n, lo = e - a, a - block.start
@@ -390,58 +323,3 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             # collate's stack is the one copy.
             sample = {key: t.clone() for key, t in sample.items()}
         return sample
-
-
-class _Block(NamedTuple):
-    """A decoded block, as tensors over its ``L`` positions from ``start``."""
-
-    start: int
-    input_ids: torch.Tensor  # (L,) int64
-    labels: torch.Tensor  # (L,) int64: the next token or -100
-    loss_mask: torch.Tensor  # (L,) bool
-    ids: Any  # (L, m) int32 tensor; a full store's read-only broadcast ndarray
-    probs: torch.Tensor  # (L, m) float32
-    residual: torch.Tensor  # (L,) float32
-
-
-class _BlockReader:
-    """Decoded blocks for one iteration: an LRU of ``buffer_blocks + 1`` blocks, and the next
-    block in the iteration's order read ahead on a thread while the current one is used
-    (which also hides network latency for remote stores)."""
-
-    def __init__(self, ds: LogitDataset, blocks_in_order: np.ndarray) -> None:
-        self.ds = ds
-        order = [int(b) for b in blocks_in_order]
-        self.next = dict(itertools.pairwise(order))
-        self.cache: OrderedDict[int, _Block] = OrderedDict()
-        self.pending: dict[int, Future[_Block]] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logitstore-prefetch")
-
-    def __enter__(self) -> _BlockReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.ds._store is not None:
-            self.ds._store.close()  # e.g. the read-ahead thread's HTTP connection
-
-    def _load(self, b: int) -> _Block:
-        start, stop = self.ds._block_range(b)
-        return self.ds._prepare(
-            start, self.ds._for_student(start, self.ds._read_block(start, stop))
-        )
-
-    def get(self, b: int) -> _Block:
-        hit = self.cache.get(b)
-        if hit is not None:
-            self.cache.move_to_end(b)
-            return hit
-        future = self.pending.pop(b, None)
-        entry = future.result() if future is not None else self._load(b)
-        self.cache[b] = entry
-        if len(self.cache) > self.ds.buffer_blocks + 1:
-            self.cache.popitem(last=False)
-        nxt = self.next.get(b)
-        if nxt is not None and nxt not in self.cache and nxt not in self.pending:
-            self.pending[nxt] = self.pool.submit(self._load, nxt)
-        return entry
