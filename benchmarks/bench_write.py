@@ -9,6 +9,11 @@ encode beside the teacher's forward pass.
 (b) Device side. ``encode_rows`` (log-softmax, temperature, top-k or sampling, quantise)
     on logits of a GPT-2-shaped model at a realistic vocabulary, as a fraction of that
     model's forward pass, on CPU (and CUDA when present).
+(c) Codec layouts. Top-64 u8 rows of the benchmark teachers (benchmarks/.cache; --quick
+    trains a tiny one) stored with the codec chains of format 1.1 and of 1.2 in the same
+    run: bytes/entry against the 1.15 target and the order-0 entropy floor, added KL (0:
+    asserted lossless), and the encode rate, wall and per CPU-second, against 500k
+    positions/s; then the candidate codecs that were weighed (benchlib/codec_layouts.py).
 
     python benchmarks/bench_write.py            # default: ~3 minutes on 2 cores
     python benchmarks/bench_write.py --quick    # smoke run, well under a minute
@@ -29,6 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib.codec_layouts import (
+    candidates,
+    codec_body,
+    codec_plot,
+    codec_teachers,
+    measure_layouts,
+    teacher_rows,
+    teacher_vocab,
+)
 from benchlib.models import gpt2
 from benchlib.report import (
     md_table,
@@ -277,11 +291,34 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> list[dict[st
     return results
 
 
+# -- (c) codec layouts ------------------------------------------------------------------------
+
+
+def bench_codecs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    layouts: list[dict[str, Any]] = []
+    weighed: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        root = Path(tmp)
+        for teacher_dir in codec_teachers(args.quick, args.codec_teachers):
+            rows, entropy = teacher_rows(teacher_dir, args.codec_positions)
+            vocab = teacher_vocab(teacher_dir)
+            label = f"{teacher_dir.name} (entropy {entropy:.2f} nats)"
+            print(f"[codecs] {label}: {len(rows['values'])} positions", file=sys.stderr)
+            for r in measure_layouts(label, rows, vocab, args.repeats, root):
+                layouts.append({**r, "entropy_nats": entropy, "teacher_dir": str(teacher_dir)})
+            weighed += candidates(label, rows, vocab)
+    return layouts, weighed
+
+
 # -- output ----------------------------------------------------------------------------------
 
 
 def write_outputs(
-    out: Path, host: list[dict[str, Any]], device: list[dict[str, Any]], argv: list[str]
+    out: Path,
+    host: list[dict[str, Any]],
+    device: list[dict[str, Any]],
+    argv: list[str],
+    codecs: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], []),
 ) -> None:
     body = [
         "## (a) Host side: pre-encoded rows → committed store, beside np.memmap of the same bytes",
@@ -356,14 +393,30 @@ def write_outputs(
                 for r in device
             ],
         ),
+        *codec_body(*codecs),
     ]
-    write_results(
-        out, "Write path", run_meta("bench_write.py", argv), {"host": host, "device": device}, body
-    )
+    data = {"host": host, "device": device, "codecs": codecs[0], "codec_candidates": codecs[1]}
+    write_results(out, "Write path", run_meta("bench_write.py", argv), data, body)
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(host)))
+    layouts = codecs[0]
+    panels = [x for x in (bool(host), bool(layouts)) if x]
+    if not panels:
+        return
+    heights = [1.2 + 0.45 * len(host)] * bool(host) + [1.6 + 0.35 * len(layouts)] * bool(layouts)
+    fig, axes = plt.subplots(
+        len(heights), 1, figsize=(8, sum(heights)), height_ratios=heights, squeeze=False
+    )
+    if host:
+        _host_plot(axes[0][0], host)
+    if layouts:
+        codec_plot(axes[-1][0], layouts)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def _host_plot(ax: Any, host: list[dict[str, Any]]) -> None:
     names = [f"{r['config']}, V={r['vocab']:,}" for r in host]
     y = np.arange(len(names))
     ax.barh(
@@ -381,8 +434,6 @@ def write_outputs(
     ax.set_xlabel("positions / s (host side, 2 cores)")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Write path, host side")
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,23 +496,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="small sizes for a smoke run (well under a minute)"
     )
-    p.add_argument("--skip-device", action="store_true", help="only the host side")
+    p.add_argument("--skip-device", action="store_true", help="no device side (b)")
+    p.add_argument("--skip-host", action="store_true", help="no host side (a)")
+    p.add_argument("--skip-codecs", action="store_true", help="no codec layouts (c)")
+    p.add_argument(
+        "--codec-teachers",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="(c) teacher directories (default: every cached teacher in benchmarks/.cache; "
+        "--quick: a tiny one trained in seconds)",
+    )
+    p.add_argument(
+        "--codec-positions",
+        type=int,
+        default=1 << 16,
+        help="(c) held-out positions per teacher (default 65,536)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.positions, args.full_positions, args.sample_positions = 1 << 17, 1 << 13, 1 << 13
         args.repeats, args.vocabs, args.tokens, args.layers, args.embd = 1, [32768], 128, 2, 256
         args.host_vocabs, args.spread_positions = [131072], 1024
+        args.codec_positions = 1 << 13
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "write"
     one_thread_if_quick(args.quick)
     torch.set_grad_enabled(False)
-    host = bench_host(args)
+    host = [] if args.skip_host else bench_host(args)
+    codecs = ([], []) if args.skip_codecs else bench_codecs(args)
     device: list[dict[str, Any]] = []
     if not args.skip_device:
         device += bench_device(args, torch.device("cpu"))
         if torch.cuda.is_available():
             device += bench_device(args, torch.device("cuda"))
-    write_outputs(args.out, host, device, argv)
+    write_outputs(args.out, host, device, argv, codecs)
     print(f"wrote {args.out.with_suffix('.md')}", file=sys.stderr)
     return 0
 
