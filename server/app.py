@@ -130,4 +130,5 @@ def serve(
             log_level=log_level,
             loop="auto",
             http=guard.PROTOCOL,  # header size and time limits (server/guard.py)
+            timeout_keep_alive=int(guard.KEEP_ALIVE),
         )

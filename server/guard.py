@@ -12,6 +12,11 @@ headers are complete:
 * at most :data:`MAX_WAITING` such connections per process: the oldest is closed when one
   more arrives, so half-sent requests cannot take every descriptor from new clients.
 
+Between requests, a kept-alive connection waits up to :data:`KEEP_ALIVE` seconds for the next
+one (a trainer reads, trains a step, reads again: with uvicorn's 5 s, every step longer than
+that found its connection closed and paid a retry), and at most :data:`MAX_IDLE` connections
+per process wait so: the longest idle is closed when one more arrives.
+
 And a request's body must be whole within :data:`BODY_TIMEOUT` seconds of its headers, or
 the connection is closed: each byte received restarts uvicorn's keep-alive timer, so a body
 sent a byte at a time would otherwise hold its connection for ever. A body of more than
@@ -31,8 +36,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = [
     "BODY_TIMEOUT",
     "HEADER_TIMEOUT",
+    "KEEP_ALIVE",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_IDLE",
     "MAX_WAITING",
     "PROTOCOL",
     "GuardedHttpTools",
@@ -46,11 +53,17 @@ BODY_TIMEOUT = 60.0
 #: the largest request body (TRL's requests of token ids: a few MiB)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_WAITING = 256
+#: seconds a kept-alive connection may wait for its next request (uvicorn's setting)
+KEEP_ALIVE = 75.0
+#: kept-alive connections per process waiting for their next request
+MAX_IDLE = 1024
 #: what uvicorn's ``http`` setting names (an import string reaches worker processes)
 PROTOCOL = "logitstore_server.guard:GuardedHttpTools"
 
 #: connections of this process still waiting for a request's headers, oldest first
 _waiting: OrderedDict[GuardedHttpTools, float] = OrderedDict()
+#: kept-alive connections of this process between requests, longest idle first
+_idle: OrderedDict[GuardedHttpTools, float] = OrderedDict()
 
 
 class _TooLarge(Exception):
@@ -129,7 +142,16 @@ class GuardedHttpTools(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_done()
         self._body_done()
+        _idle.pop(self, None)
         super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # kept alive, no request pipelined
+            _idle[self] = time.monotonic()
+            while len(_idle) > MAX_IDLE:
+                oldest, _ = _idle.popitem(last=False)
+                oldest._drop()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -148,6 +170,7 @@ class GuardedHttpTools(HttpToolsProtocol):
             super().send_400_response(msg)
 
     def on_message_begin(self) -> None:
+        _idle.pop(self, None)
         super().on_message_begin()
         self._await_headers()
 

@@ -246,3 +246,18 @@ def test_two_workers_serve_one_port_and_metrics_answer_for_both(store: Path) -> 
     finally:
         server.stop()
     assert not [p for p in workers if Path(f"/proc/{p}").exists()], "a worker outlived the server"
+
+
+def test_a_trainer_that_pauses_between_reads_keeps_its_connection(store: Path) -> None:
+    # uvicorn closes an idle connection after 5 s by default: every training step longer
+    # than that cost a retry (and its backoff) on the next read.
+    server = Serving([store])
+    try:
+        with logitstore.RemoteStore(server.url("w.zarr")) as remote:
+            first = remote.read(0, 100)
+            time.sleep(6.0)
+            again = remote.read(0, 100)
+            assert remote.retried == 0
+        assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    finally:
+        server.stop()
