@@ -180,12 +180,21 @@ def measure(
 def measure_all(
     logits: torch.Tensor, info: RunInfo, root: Path, repeats: int
 ) -> list[dict[str, Any]]:
-    """Every layout of :data:`LAYOUTS`: sizes, rates, then the fidelity of its target."""
+    """Every layout of :data:`LAYOUTS`: sizes, rates, then the fidelity of its target.
+
+    Timed with one torch thread, as a DataLoader worker reads: on a loaded machine a second
+    OpenMP thread spin-waits at every small op and its CPU time would be charged to the
+    layout (a Megatron read measured 55k positions per CPU-s on two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     rows, decoded = [], []
-    for layout in LAYOUTS:
-        row, got = measure(layout, logits, info, root, repeats)
-        rows.append(row)
-        decoded.append(got)
+    try:
+        for layout in LAYOUTS:
+            row, got = measure(layout, logits, info, root, repeats)
+            rows.append(row)
+            decoded.append(got)
+    finally:
+        torch.set_num_threads(threads)
     log("peers", "fidelity of each layout's training target")
     for row, fid in zip(rows, fidelity(LAYOUTS, decoded, logits), strict=True):
         row.update(fid)
@@ -351,7 +360,8 @@ NOTES = [
     "loss minimises, is infinite, and KL(target ‖ teacher) = −log Σ top-k. Write: teacher "
     "logits (float32, 2,048 positions a chunk) → files, each layout doing its own top-k; "
     "read: files → torch tensors (int64 ids, float32 values; log-probs where the layout "
-    "stores log-probs). The machine is shared with a long CPU study: the CPU-second rates "
+    "stores log-probs), one torch thread (as in a DataLoader worker). The machine is shared "
+    "with a long CPU study: the CPU-second rates "
     "(time.process_time of this process, all its threads) are the ones to judge speed by; "
     "wall-clock rates are beside them.",
     "",
