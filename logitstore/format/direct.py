@@ -53,9 +53,10 @@ def read_decoded(
     n = stop - start
     vectors = read_chunked(root, md, layout, start, stop, (INPUT_IDS, RESIDUAL, LOSS_MASK))
     input_ids = vectors.input_ids.astype(np.int64)  # (n,)
-    residual = vectors.residual if RESIDUAL in cols else np.zeros(n, dtype=np.float32)
-    mask = vectors.loss_mask.astype(bool) if LOSS_MASK in cols else np.ones(n, dtype=bool)
-    assert residual is not None and mask is not None
+    residual = vectors.residual
+    if residual is None:  # no residual column: 0 (FORMAT.md §5.2)
+        residual = np.zeros(n, dtype=np.float32)
+    mask = np.ones(n, dtype=bool) if vectors.loss_mask is None else vectors.loss_mask.astype(bool)
     m = values_col[0].width or 0
     probs = alloc((n, m), np.float32)  # (n, m)
     ids: np.ndarray

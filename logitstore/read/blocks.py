@@ -46,11 +46,18 @@ class BufferPool:
             # 3 references: the list, this loop's name, getrefcount's argument. Any view of
             # it (and so any tensor made from one) holds another.
             if sys.getrefcount(buf) == 3 and nbytes <= buf.nbytes <= 2 * nbytes:
-                return buf[:nbytes].view(dtype).reshape(shape)
+                return _shaped(buf, nbytes, dtype, shape)
         buf = np.empty(max(nbytes, 1), dtype=np.uint8)
         if len(self._buffers) < self._keep:
             self._buffers.append(buf)
-        return buf[:nbytes].view(dtype).reshape(shape)
+        return _shaped(buf, nbytes, dtype, shape)
+
+
+def _shaped(
+    buf: np.ndarray, nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> np.ndarray:
+    out: np.ndarray = buf[:nbytes].view(dtype).reshape(shape)
+    return out
 
 
 class Block(NamedTuple):
