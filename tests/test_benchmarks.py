@@ -34,7 +34,7 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
     "bench_read.py": (
         ["--out", "{out}/read"],
         "read.md",
-        ["vs memmap, same workers", "vs CE only"],
+        ["per CPU s vs previous decoder", "per CPU s vs memmap", "wall vs memmap", "CPU vs CE"],
     ),
     "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP", "vs rows"]),
     "bench_loss.py": (["--out", "{out}/loss"], "loss.md", ["vs CE only", "peak vs CE"]),
