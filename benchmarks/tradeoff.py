@@ -18,6 +18,12 @@ Writes benchmarks/RESULTS.md, benchmarks/results.json and two plots (benchmarks/
     python benchmarks/tradeoff.py            # the committed run (~1.5 hours on 2 cores)
     python benchmarks/tradeoff.py --quick    # a smoke run of a minute or two
     python benchmarks/tradeoff.py --report-only out/tradeoff.raw.json --sweep-only
+    # the committed run, one teacher at a time, then one page from both:
+    python benchmarks/tradeoff.py --teachers sharp --raw out/tradeoff-sharp.raw.json
+    python benchmarks/tradeoff.py --teachers flat --alphas 1 --temperatures 1 \
+        --positions 8192 --raw out/tradeoff-flat.raw.json
+    python benchmarks/tradeoff.py --report-only out/tradeoff-sharp.raw.json \
+        out/tradeoff-flat.raw.json
 
 How KL to the teacher is computed (tails, buckets): benchlib.fidelity. Tables and plots:
 benchlib.tradeoff_report.
@@ -207,7 +213,12 @@ def students(
             progress=False,
         )
     base = stores["topk-64 u8"]
-    cells = [(label, mode, store, alpha) for label, mode, store, alphas in plan for alpha in alphas]
+    cells = [
+        (label, mode, store, alpha)
+        for label, mode, store, alphas in plan
+        for alpha in alphas
+        if mode in ("ce", "hard") or alpha in args.alphas
+    ]
     jobs = [
         StudentJob(
             recipe,
@@ -349,10 +360,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--report-only",
         type=Path,
+        nargs="+",
         default=None,
         metavar="RAW.json",
-        help="rewrite the tables and plots from a run's saved measurements (the "
-        "tradeoff.raw.json every run leaves in out/) without measuring again",
+        help="rewrite the tables and plots from runs' saved measurements (the --raw file "
+        "every run leaves) without measuring again; several files are one study (e.g. the "
+        "teachers run separately)",
+    )
+    p.add_argument(
+        "--raw",
+        type=Path,
+        default=None,
+        help="where this run saves its measurements (default out/tradeoff.raw.json; "
+        "--quick: out/tradeoff-quick.raw.json)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5],
+        help="KD weights α the KD students run at (default 1 and 0.5)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -361,28 +388,34 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir = results_dir(args.quick)
     one_thread_if_quick(args.quick)
     if args.report_only is not None:
-        saved = json.loads(args.report_only.read_text())
-        studies, argv = saved["studies"], saved["argv"]
-        vars(args).update({k: v for k, v in saved["options"].items() if k in STUDY_OPTIONS})
+        saved = [json.loads(path.read_text()) for path in args.report_only]
+        vars(args).update({k: v for k, v in saved[0]["options"].items() if k in STUDY_OPTIONS})
         if args.sweep_only:
-            with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-                for st in studies:
-                    st["fidelity"] = resweep(args, st["teacher"] == "sharp", Path(tmp))
-            argv = [*argv, "# fidelity sweep rerun:", *sys.argv[1:]]
-            args.report_only.write_text(
-                json.dumps({**saved, "argv": argv, "studies": studies}, indent=1)
-            )
+            for path, raw in zip(args.report_only, saved, strict=True):
+                with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+                    for st in raw["studies"]:
+                        st["fidelity"] = resweep(args, st["teacher"] == "sharp", Path(tmp))
+                raw["argv"] = [*raw["argv"], "# fidelity sweep rerun:", *sys.argv[1:]]
+                path.write_text(json.dumps(raw, indent=1))
+        studies = [st for raw in saved for st in raw["studies"]]
+        argv = list(saved[0]["argv"])
+        for raw in saved[1:]:
+            argv += ["&&", "python", "benchmarks/tradeoff.py", *raw["argv"]]
+        if len(saved) > 1:
+            argv += ["&&", "python", "benchmarks/tradeoff.py", *sys.argv[1:]]
     else:
         studies = []
+        raw_path = args.raw or RAW_DIR / (
+            "tradeoff-quick.raw.json" if args.quick else "tradeoff.raw.json"
+        )
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             for t in args.teachers:
                 studies.append(run(args, t == "sharp", Path(tmp)))
                 # Each teacher's measurements are saved as soon as they exist (an hour of
                 # work must not be lost to a failure in what follows).
-                RAW_DIR.mkdir(parents=True, exist_ok=True)
-                raw = RAW_DIR / ("tradeoff-quick.raw.json" if args.quick else "tradeoff.raw.json")
+                raw_path.parent.mkdir(parents=True, exist_ok=True)
                 options = {k: v for k, v in vars(args).items() if k in STUDY_OPTIONS}
-                raw.write_text(
+                raw_path.write_text(
                     json.dumps({"argv": argv, "options": options, "studies": studies}, indent=1)
                 )
     (args.out_dir / "results").mkdir(parents=True, exist_ok=True)
