@@ -1,20 +1,25 @@
-"""HTTP benchmark: one `logitstore serve` process on loopback, read by one client and by 8 and
-32 concurrent clients, beside raw bytes of the same size over the same loopback, for both
-streams: the row stream (PROTOCOL.md §2) and the compressed stream (§2.1).
+"""HTTP benchmark: `logitstore serve --workers 1` and `--workers 2` on loopback, read by one
+client and by 8, 32 and 64 concurrent clients, for both streams: the row stream (PROTOCOL.md
+§2, today's path for old clients) and the compressed stream (§2.1); and 64 streams whose
+clients stop reading, for the server's memory.
 
-The store is top-64 u8 rows of the shipped teacher (held-out stdlib text), tiled to
+The store is top-64 u8 rows of a real teacher (held-out stdlib text), tiled to
 ``--positions``. Baselines, in the same run: a plain TCP socket on 127.0.0.1 sending as many
-bytes as the larger stream of the whole store takes, to a client that receives them into a
-buffer; and the row stream beside the compressed one. The server's CPU time is read from
-/proc around each measurement.
+bytes as the larger stream of the whole store takes, into a buffer (the ceiling for one
+stream); and the row stream beside the compressed one. Every rate is given twice: per second
+of wall clock (a share of a loaded machine) and per CPU-second of the processes measured
+(server: the supervisor and its workers, from /proc; clients: ``time.process_time`` in each
+client process), which is what the work costs.
 
-    python benchmarks/bench_http.py            # default: a couple of minutes on 2 cores
-    python benchmarks/bench_http.py --quick
+    python benchmarks/bench_http.py            # ~10 minutes on 2 cores
+    python benchmarks/bench_http.py --quick    # a smoke run, under a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -28,15 +33,120 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib.report import md_table, one_thread_if_quick, results_dir, run_meta, write_results
+from benchlib.report import (
+    md_table,
+    one_thread_if_quick,
+    pyplot,
+    results_dir,
+    run_meta,
+    write_results,
+)
 from benchlib.stores import add_store_args, build_store
 
 import logitstore
 from logitstore.format.chunks import CHUNKS_MEDIA_TYPE
 
+STREAMS = {"rows": False, "chunks": True}  # RemoteStore(compressed=...)
+_ROUTE = 'logitstore_response_bytes_total{route="/v1/stores/{name}/positions"}'
 
-def raw_loopback(nbytes: int) -> float:
-    """Bytes/s of a plain TCP transfer of ``nbytes`` on 127.0.0.1 (the ceiling)."""
+
+# -- processes and their CPU ------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                out += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return out
+
+
+def _cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by the server: ``pid`` and its worker
+    processes (Linux)."""
+    return _cpu(pid) + sum(_cpu(c) for c in _children(pid))
+
+
+def server_rss(pid: int) -> int:
+    """Resident bytes of the server process ``pid`` and its children."""
+    total = 0
+    for p in (pid, *_children(pid)):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class Server:
+    """`logitstore serve --workers N` in a subprocess on a free port."""
+
+    def __init__(self, store: Path, workers: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        cmd = [sys.executable, "-m", "logitstore", "serve", str(store), "--port", str(self.port)]
+        self.proc = subprocess.Popen([*cmd, "--workers", str(workers)], stdout=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}/v1/stores/store"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/v1/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the server did not start") from None
+                time.sleep(0.1)
+        time.sleep(1.0)  # every worker up (the first answer came from one)
+
+    def cpu(self) -> float:
+        return server_cpu(self.proc.pid)
+
+    def streamed(self) -> float:
+        """Bytes the server has handed to its sockets for position streams (/metrics)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        for line in text.splitlines():
+            if line.startswith(_ROUTE + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the baseline -------------------------------------------------------------------------------
+
+
+def raw_loopback(nbytes: int) -> tuple[float, float]:
+    """Bytes/s of a plain TCP transfer of ``nbytes`` on 127.0.0.1 (the ceiling), and bytes per
+    CPU-second of the sending and receiving threads together."""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
@@ -54,108 +164,210 @@ def raw_loopback(nbytes: int) -> float:
         t.start()
         buf = memoryview(bytearray(1 << 20))
         with socket.create_connection(("127.0.0.1", port)) as c:
-            t0, got = time.perf_counter(), 0
+            t0, c0, got = time.perf_counter(), time.process_time(), 0
             while got < nbytes:
                 k = c.recv_into(buf)
                 if not k:
                     break
                 got += k
-            elapsed = time.perf_counter() - t0
-        t.join()
-    return nbytes / elapsed
+            t.join()
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return nbytes / elapsed, nbytes / max(cpu, 1e-9)
 
 
-def serve(store: Path, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "logitstore", "serve", str(store), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
+# -- one stream ---------------------------------------------------------------------------------
 
 
-def raw_keys(port: int, store: Path, repeats: int) -> dict[str, Any]:
-    """The server as a file server: every shard file fetched whole from /zarr/KEY (what a zarr
-    client does), compressed bytes/s; positions/s as the stored positions over the time."""
-    import http.client
-
-    keys = [
-        str(p.relative_to(store))
-        for p in store.rglob("*")
-        if p.is_file() and "/c/" in str(p.relative_to(store))
-    ]
-    times, total = [], 0
-    for _ in range(repeats):
-        conn = http.client.HTTPConnection("127.0.0.1", port)
-        t0, total = time.perf_counter(), 0
-        for key in keys:
-            conn.request("GET", f"/v1/stores/store/zarr/{key}")
-            total += len(conn.getresponse().read())
-        times.append(time.perf_counter() - t0)
-        conn.close()
-    t = statistics.median(times)
-    n = len(logitstore.open(store))
-    return {
-        "clients": 1,
-        "what": "raw keys (compressed shard files)",
-        "mb_per_s": total / t / 1e6,
-        "positions_per_s": n / t,
-    }
-
-
-STREAMS = {"rows": False, "chunks": True}  # RemoteStore(compressed=...)
-
-
-def server_cpu(pid: int) -> float:
-    """CPU seconds (user + system) the server process has used so far (Linux)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wire_rate(port: int, n: int, accept: str) -> tuple[float, int]:
-    """Bytes/s and bytes of one stream of the whole store, read into a buffer unparsed."""
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port)
+def wire_rate(server: Server, n: int, accept: str) -> tuple[float, float, int]:
+    """One stream of the whole store read into a buffer unparsed: bytes/s, bytes per
+    CPU-second (server + this client), bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
+    s0, c0 = server.cpu(), time.process_time()
+    t0 = time.perf_counter()
     conn.request("GET", f"/v1/stores/store/positions?start=0&stop={n}", headers={"Accept": accept})
     resp = conn.getresponse()
     buf = memoryview(bytearray(1 << 20))
-    t0, total = time.perf_counter(), 0
+    total = 0
     while k := resp.readinto(buf):
         total += k
     elapsed = time.perf_counter() - t0
+    cpu = server.cpu() - s0 + time.process_time() - c0
     conn.close()
-    return total / elapsed, total
+    return total / elapsed, total / max(cpu, 1e-9), total
 
 
-def clients(url: str, n_clients: int, n_positions: int, span: int, compressed: bool) -> float:
-    """Aggregate decoded positions/s of ``n_clients`` threads, each reading ``span``-position
-    ranges with ``read`` until ``n_positions`` positions have been read in total."""
-    per_client = max(n_positions // n_clients, span)
-    done = [0] * n_clients
+def one_stream(server: Server, n: int, span: int, repeats: int) -> list[dict[str, Any]]:
+    out = []
+    for name, compressed in STREAMS.items():
+        accept = CHUNKS_MEDIA_TYPE if compressed else "*/*"
+        wire_rate(server, min(n, 4096), accept)  # warm-up
+        runs = [wire_rate(server, n, accept) for _ in range(repeats)]
+        remote = logitstore.RemoteStore(server.url, compressed=compressed)
+        remote.read(0, min(n, 4096))
+        times, cpu, mine = [], [], []
+        for _ in range(repeats):
+            c0, t0, p0 = server.cpu(), time.perf_counter(), time.process_time()
+            for a in range(0, n, span):  # in blocks, as LogitDataset reads
+                remote.read(a, min(a + span, n))
+            times.append(time.perf_counter() - t0)
+            cpu.append(server.cpu() - c0)
+            mine.append(time.process_time() - p0)
+        remote.close()
+        out.append(
+            {
+                "stream": name,
+                "wire_bytes_per_position": runs[0][2] / n,
+                "mb_per_s": statistics.median(r[0] for r in runs) / 1e6,
+                "mb_per_cpu_s": statistics.median(r[1] for r in runs) / 1e6,
+                "decoded_positions_per_s": n / statistics.median(times),
+                "server_cpu_s_per_m": statistics.median(cpu) / n * 1e6,
+                "client_cpu_s_per_m": statistics.median(mine) / n * 1e6,
+                # what one client process decodes per second of its own CPU
+                "decoded_positions_per_client_cpu_s": n / statistics.median(mine),
+            }
+        )
+    return out
+
+
+# -- many clients -------------------------------------------------------------------------------
+
+
+def _client_process(
+    url: str,
+    threads: int,
+    per_client: int,
+    span: int,
+    compressed: bool,
+    seed: int,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """``threads`` clients in one process, each reading random ``span``-position ranges
+    until it has decoded ``per_client`` positions; reports (positions, CPU s, end time)."""
+    stores = [logitstore.RemoteStore(url, compressed=compressed) for _ in range(threads)]
+    for s in stores:
+        s.read(0, 16)  # connected
+    done = [0] * threads
+    failed: list[BaseException] = []
 
     def run(i: int) -> None:
-        store = logitstore.RemoteStore(url, compressed=compressed)
-        rng = np.random.default_rng(i)
-        while done[i] < per_client:
-            a = int(rng.integers(0, len(store) - span))
-            store.read(a, a + span)
-            done[i] += span
-        store.close()
+        store = stores[i]
+        rng = np.random.default_rng(seed * 1000 + i)
+        try:
+            while done[i] < per_client:
+                a = int(rng.integers(0, len(store) - span))
+                store.read(a, a + span)
+                done[i] += span
+        except BaseException as e:  # reported to the parent, which stops the run
+            failed.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_clients)]
-    t0 = time.perf_counter()
-    for t in threads:
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    barrier.wait()
+    c0 = time.process_time()
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
-    return sum(done) / (time.perf_counter() - t0)
+    cpu, end = time.process_time() - c0, time.time()
+    retried = sum(s.retried for s in stores)
+    for s in stores:
+        s.close()
+    results.put((sum(done), cpu, end, retried, [repr(e) for e in failed]))
+
+
+def many_clients(
+    server: Server, n_clients: int, n_positions: int, span: int, compressed: bool, procs: int
+) -> dict[str, Any]:
+    """``n_clients`` clients spread over ``procs`` processes (threads in each), every one
+    reading random ``span``-position ranges; the total is about ``n_positions``."""
+    procs = min(procs, n_clients)
+    per_client = max(n_positions // n_clients, span)
+    ctx = mp.get_context("fork")  # the children never touch torch
+    barrier, results = ctx.Barrier(procs + 1), ctx.Queue()
+    shares = [n_clients // procs + (i < n_clients % procs) for i in range(procs)]
+    children = [
+        ctx.Process(
+            target=_client_process,
+            args=(server.url, k, per_client, span, compressed, i, barrier, results),
+        )
+        for i, k in enumerate(shares)
+    ]
+    for c in children:
+        c.start()
+    barrier.wait(timeout=300)  # every client connected
+    s0, t0 = server.cpu(), time.time()
+    got = [results.get(timeout=1800) for _ in children]
+    server_s = server.cpu() - s0
+    for c in children:
+        c.join()
+    errors = [e for g in got for e in g[4]]
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[:3]}")
+    positions = sum(g[0] for g in got)
+    client_s = sum(g[1] for g in got)
+    wall = max(g[2] for g in got) - t0
+    return {
+        "clients": n_clients,
+        "client_processes": procs,
+        "stream": "chunks" if compressed else "rows",
+        "positions": positions,
+        "retried": sum(g[3] for g in got),
+        "decoded_positions_per_s": positions / wall,
+        "positions_per_cpu_s": positions / (client_s + server_s),
+        "server_cpu_s_per_m": server_s / positions * 1e6,
+        "client_cpu_s_per_m": client_s / positions * 1e6,
+    }
+
+
+# -- slow readers -------------------------------------------------------------------------------
+
+
+def stalled_streams(server: Server, n: int, streams: int, wire: dict[str, float]) -> list[dict]:
+    """``streams`` requests for the whole store whose clients read the first bytes and then
+    nothing: how much the server read ahead for them, and its memory."""
+    out = []
+    # chunks first: memory the row stream's larger blocks leave behind would raise its baseline
+    for name in ("chunks", "rows"):
+        accept = CHUNKS_MEDIA_TYPE if STREAMS[name] else "*/*"
+        sent0, rss0 = server.streamed(), server_rss(server.proc.pid)
+        socks = []
+        for _ in range(streams):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            s.connect(("127.0.0.1", server.port))
+            req = f"GET /v1/stores/store/positions?start=0&stop={n} HTTP/1.1\r\nHost: b\r\n"
+            s.sendall(f"{req}Accept: {accept}\r\n\r\n".encode())
+            got = 0
+            while got < 1 << 16:  # under way; then this client reads no more
+                k = len(s.recv(1 << 16))
+                if not k:
+                    raise RuntimeError("a stream ended before its range")
+                got += k
+            socks.append(s)
+        sent, still = sent0, 0
+        while still < 3:  # the same for 3 s: every stream waits for its client
+            time.sleep(1.0)
+            last, sent = sent, server.streamed()
+            still = still + 1 if sent == last else 0
+        rss = server_rss(server.proc.pid)
+        for s in socks:
+            s.close()
+        time.sleep(1.0)
+        out.append(
+            {
+                "stream": name,
+                "streams": streams,
+                "range_mb_per_stream": wire[name] * n / 1e6,
+                "sent_mb_per_stream": (sent - sent0) / streams / 1e6,
+                "rss_before_mb": rss0 / 1e6,
+                "rss_stalled_mb": rss / 1e6,
+                "rss_mb_per_stream": (rss - rss0) / streams / 1e6,
+            }
+        )
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,109 +376,82 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_store_args(p)
-    p.add_argument("--span", type=int, default=1 << 16, help="positions per concurrent request")
+    p.add_argument("--span", type=int, default=1 << 16, help="positions per client request")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32])
+    p.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32, 64])
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="server processes")
+    p.add_argument("--client-processes", type=int, default=2, help="processes the clients use")
+    p.add_argument("--stalled", type=int, default=64, help="streams whose clients stop reading")
     p.add_argument("--tmp", type=Path, default=None)
     p.add_argument("--store", type=Path, help="serve this store instead of building one")
     p.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="results stem (.md/.json; default benchmarks/results/http, with --quick "
+        help="results stem (.md/.json/.png; default benchmarks/results/http, with --quick "
         "out/benchmarks-quick/results/http)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
-        args.positions, args.sample_positions, args.repeats = 1 << 18, 1 << 13, 1
-        args.clients = [1, 8]
+        args.positions, args.sample_positions, args.repeats = 1 << 16, 1 << 12, 1
+        args.clients, args.span, args.stalled = [1, 4], 1 << 13, 4
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "http"
     one_thread_if_quick(args.quick)
     one: list[dict[str, Any]] = []
     many: list[dict[str, Any]] = []
+    stalled: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store_path = args.store or build_store(args, Path(tmp))
-        local = logitstore.open(store_path)
-        n = len(local)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = serve(store_path, port)
-        try:
-            url = f"http://127.0.0.1:{port}/v1/stores/store"
-            for name, compressed in STREAMS.items():
-                accept = CHUNKS_MEDIA_TYPE if compressed else "*/*"
-                wire_rate(port, min(n, 4096), accept)  # warm-up
-                rates, nbytes = [], 0
-                for _ in range(args.repeats):
-                    rate, nbytes = wire_rate(port, n, accept)
-                    rates.append(rate)
-                remote = logitstore.RemoteStore(url, compressed=compressed)
-                remote.read(0, 4096)
-                times, cpu, mine = [], [], []
-                for _ in range(args.repeats):
-                    c0, t0, p0 = server_cpu(proc.pid), time.perf_counter(), time.process_time()
-                    for a in range(0, n, args.span):  # in blocks, as LogitDataset reads
-                        remote.read(a, min(a + args.span, n))
-                    times.append(time.perf_counter() - t0)
-                    cpu.append(server_cpu(proc.pid) - c0)
-                    mine.append(time.process_time() - p0)
-                remote.close()
-                one.append(
-                    {
-                        "stream": name,
-                        "wire_bytes_per_position": nbytes / n,
-                        "mb_per_s": statistics.median(rates) / 1e6,
-                        "decoded_positions_per_s": n / statistics.median(times),
-                        "server_cpu_s_per_m": statistics.median(cpu) / n * 1e6,
-                        "client_cpu_s_per_m": statistics.median(mine) / n * 1e6,
-                        # what one client process could decode with a core to itself
-                        "decoded_positions_per_client_cpu_s": n / statistics.median(mine),
+        n = len(logitstore.open(store_path))
+        span = min(args.span, n // 2)
+        for workers in args.workers:
+            server = Server(store_path, workers)
+            try:
+                for r in one_stream(server, n, span, args.repeats):
+                    one.append({"workers": workers, **r})
+                for k in args.clients:
+                    for compressed in STREAMS.values():
+                        r = many_clients(server, k, n, span, compressed, args.client_processes)
+                        many.append({"workers": workers, **r})
+                        print(
+                            f"[http] --workers {workers}, {k:>2} client(s) {r['stream']}: "
+                            f"{r['decoded_positions_per_s']:,.0f} pos/s, "
+                            f"{r['positions_per_cpu_s']:,.0f} per CPU-s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    rows, chunks = many[-2], many[-1]
+                    for key in ("decoded_positions_per_s", "positions_per_cpu_s"):
+                        chunks[f"{key}_vs_rows"] = chunks[key] / rows[key]
+                        rows[f"{key}_vs_rows"] = 1.0
+                if workers == args.workers[0] and args.stalled:
+                    wire = {
+                        r["stream"]: r["wire_bytes_per_position"]
+                        for r in one
+                        if r["workers"] == workers
                     }
-                )
-            wire = max(r["wire_bytes_per_position"] for r in one) * n
-            raw = statistics.median(raw_loopback(int(wire)) for _ in range(args.repeats))
-            for r in one:
-                r["vs_raw"] = r["mb_per_s"] * 1e6 / raw
-            keys = raw_keys(port, store_path, args.repeats)
-            for k in args.clients:
-                for name, compressed in STREAMS.items():
-                    c0 = server_cpu(proc.pid)
-                    rate = clients(url, k, n, min(args.span, n // 2), compressed)
-                    used = server_cpu(proc.pid) - c0
-                    many.append(
-                        {
-                            "clients": k,
-                            "stream": name,
-                            "decoded_positions_per_s": rate,
-                            # clients() reads k × max(n // k, span) positions in all
-                            "server_cpu_s_per_m": used
-                            / (k * max(n // k, min(args.span, n // 2)))
-                            * 1e6,
-                        }
-                    )
-                rows_rate = many[-2]["decoded_positions_per_s"]
-                many[-1]["vs_rows"] = many[-1]["decoded_positions_per_s"] / rows_rate
-                many[-2]["vs_rows"] = 1.0
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+                    stalled = [
+                        {"workers": workers, **r}
+                        for r in stalled_streams(server, n, args.stalled, wire)
+                    ]
+            finally:
+                server.stop()
+        wire_max = max(r["wire_bytes_per_position"] for r in one) * n
+        raws = [raw_loopback(int(wire_max)) for _ in range(args.repeats)]
+        raw = statistics.median(r[0] for r in raws)
+        raw_cpu = statistics.median(r[1] for r in raws)
+        for r in one:
+            r["vs_raw"] = r["mb_per_s"] * 1e6 / raw
+            r["vs_raw_per_cpu_s"] = r["mb_per_cpu_s"] * 1e6 / raw_cpu
     for r in one:
         print(
-            f"[http] {r['stream']}: {r['mb_per_s']:,.0f} MB/s on the wire ({r['vs_raw']:.2f}x raw),"
-            f" {r['decoded_positions_per_s']:,.0f} decoded pos/s, server "
-            f"{r['server_cpu_s_per_m']:.2f} CPU s per 1M positions",
+            f"[http] --workers {r['workers']} {r['stream']}: {r['mb_per_s']:,.0f} MB/s on the "
+            f"wire ({r['vs_raw']:.2f}x raw), {r['decoded_positions_per_s']:,.0f} decoded pos/s",
             file=sys.stderr,
         )
-    for r in many:
-        print(
-            f"[http] {r['clients']:>2} client(s) {r['stream']}: "
-            f"{r['decoded_positions_per_s']:,.0f} decoded pos/s ({r['vs_rows']:.2f}x rows)",
-            file=sys.stderr,
-        )
-    write(args.out, one, many, keys, argv, raw)
+    write(args.out, one, many, stalled, argv, raw, raw_cpu)
     return 0
 
 
@@ -274,71 +459,178 @@ def write(
     out: Path,
     one: list[dict[str, Any]],
     many: list[dict[str, Any]],
-    keys: dict[str, Any],
+    stalled: list[dict[str, Any]],
     argv: list[str],
     raw: float,
+    raw_cpu: float,
 ) -> None:
+    load = os.getloadavg()[0]
     body = [
-        "Server and clients share the machine's 2 cores (and, on a busy machine, other "
-        "work: compare within a run). `rows` is the row stream (PROTOCOL.md §2, what clients "
-        "before 0.3 read: the server decompresses and ships rows as stored); `chunks` is the "
-        "compressed stream (§2.1: the shards' own chunks, decoded by the client).",
+        "Server and clients share the machine's cores (and, on a busy machine, other work: "
+        f"load average {load:.1f} when this run ended). Wall-clock rates are the share of "
+        "the cores each process got; **per CPU-second** rates divide by the CPU time the "
+        "measured processes used (server: the supervisor and its workers; clients: their "
+        "processes), which is what the work costs, and are the figures to judge a target by "
+        "on a loaded machine. `rows` is the row stream (PROTOCOL.md §2: the server "
+        "decompresses and ships rows as stored, what clients before the compressed stream "
+        "read); `chunks` is the compressed stream (§2.1: the shards' own chunks, decoded by "
+        "the client).",
         "",
         "## One stream",
         "",
-        "Wall-clock rates on a loaded machine measure the share of the cores each process "
-        "got; the CPU columns (from /proc and `time.process_time`) are what the work costs. "
-        "MB/s on the wire: one request for the whole store, its body read unparsed. Decoded: "
-        "`RemoteStore.read` of the whole store in blocks of `--span` positions (as "
-        "LogitDataset reads).",
+        "MB/s on the wire: one request for the whole store, its body read unparsed, beside "
+        "raw TCP on 127.0.0.1 in the same run (target for `chunks`: ≥ 0.5× raw). MB per "
+        "CPU-s: server and client together, beside raw TCP's sender and receiver together. "
+        "Decoded: `RemoteStore.read` of the whole store in blocks of `--span` positions, "
+        "as LogitDataset reads, in this one client process.",
         "",
         *md_table(
             [
+                "workers",
                 "stream",
                 "wire bytes/position",
                 "MB/s on the wire",
                 "vs raw TCP",
+                "MB per CPU-s",
+                "vs raw TCP per CPU-s",
                 "decoded positions/s",
+                "decoded positions per client CPU-s",
                 "server CPU s per 1M positions",
                 "client CPU s per 1M positions",
-                "decoded positions per client CPU s",
             ],
             [
                 [
+                    str(r["workers"]),
                     r["stream"],
                     f"{r['wire_bytes_per_position']:.1f}",
                     f"{r['mb_per_s']:,.0f}",
                     f"{r['vs_raw']:.2f}",
+                    f"{r['mb_per_cpu_s']:,.0f}",
+                    f"{r['vs_raw_per_cpu_s']:.2f}",
                     f"{r['decoded_positions_per_s']:,.0f}",
+                    f"{r['decoded_positions_per_client_cpu_s']:,.0f}",
                     f"{r['server_cpu_s_per_m']:.3f}",
                     f"{r['client_cpu_s_per_m']:.3f}",
-                    f"{r['decoded_positions_per_client_cpu_s']:,.0f}",
                 ]
                 for r in one
             ],
         ),
         "",
-        f"Raw TCP on 127.0.0.1, same run: {raw / 1e6:,.0f} MB/s. Raw keys (every shard file "
-        f"fetched whole from /zarr/KEY): {keys['mb_per_s']:,.0f} MB/s.",
+        f"Raw TCP on 127.0.0.1, same run: {raw / 1e6:,.0f} MB/s, {raw_cpu / 1e6:,.0f} MB per "
+        "CPU-s (sender + receiver).",
         "",
-        "## Many clients (threads of one process, each reading random ranges, decoded)",
+        "## Many clients",
+        "",
+        "Clients spread over client processes (threads in each), every one reading random "
+        "ranges of `--span` positions and decoding them; aggregate decoded positions/s, beside "
+        "the row stream at the same count (target for `chunks`: ≥ 3× rows). Per CPU-s: "
+        "positions over the CPU time of the clients and the server together. `retried`: "
+        "attempts the clients had to repeat (errors hidden by retries; 0 means none).",
         "",
         *md_table(
-            ["clients", "stream", "decoded positions/s", "vs rows", "server CPU s per 1M"],
+            [
+                "workers",
+                "clients",
+                "stream",
+                "decoded positions/s",
+                "vs rows",
+                "positions per CPU-s",
+                "vs rows per CPU-s",
+                "server CPU s per 1M",
+                "client CPU s per 1M",
+                "retried",
+            ],
             [
                 [
+                    str(r["workers"]),
                     str(r["clients"]),
                     r["stream"],
                     f"{r['decoded_positions_per_s']:,.0f}",
-                    f"{r['vs_rows']:.2f}",
+                    f"{r['decoded_positions_per_s_vs_rows']:.2f}",
+                    f"{r['positions_per_cpu_s']:,.0f}",
+                    f"{r['positions_per_cpu_s_vs_rows']:.2f}",
                     f"{r['server_cpu_s_per_m']:.3f}",
+                    f"{r['client_cpu_s_per_m']:.3f}",
+                    str(r["retried"]),
                 ]
                 for r in many
             ],
         ),
     ]
-    data = {"one_stream": one, "clients": many, "raw_keys": keys, "raw_tcp_bytes_per_s": raw}
+    if stalled:
+        body += [
+            "",
+            "## Streams whose clients stop reading",
+            "",
+            f"{stalled[0]['streams']} requests for the whole store, each client reading the "
+            "first bytes and then nothing (64 KiB receive buffer): what the server sent before "
+            "every stream waited (the socket buffers take it; the rest stays on disk), and the "
+            "server's resident memory with them all open (default `--block-positions`).",
+            "",
+            *md_table(
+                [
+                    "workers",
+                    "stream",
+                    "MB per whole range",
+                    "MB sent per stream",
+                    "server RSS before, MB",
+                    "with the stalled streams, MB",
+                    "RSS MB per stream",
+                ],
+                [
+                    [
+                        str(r["workers"]),
+                        r["stream"],
+                        f"{r['range_mb_per_stream']:.1f}",
+                        f"{r['sent_mb_per_stream']:.1f}",
+                        f"{r['rss_before_mb']:.0f}",
+                        f"{r['rss_stalled_mb']:.0f}",
+                        f"{r['rss_mb_per_stream']:.2f}",
+                    ]
+                    for r in stalled
+                ],
+            ),
+        ]
+    body += ["", f"![HTTP]({out.with_suffix('.png').name})"]
+    data = {
+        "one_stream": one,
+        "clients": many,
+        "stalled": stalled,
+        "raw_tcp_bytes_per_s": raw,
+        "raw_tcp_bytes_per_cpu_s": raw_cpu,
+        "load_average": load,
+    }
     write_results(out, "HTTP", run_meta("bench_http.py", argv), data, body)
+    plot(out.with_suffix(".png"), many)
+
+
+def plot(path: Path, many: list[dict[str, Any]]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in (
+        (axes[0], "decoded_positions_per_s", "decoded positions/s (wall clock)"),
+        (axes[1], "positions_per_cpu_s", "positions per CPU-second (clients + server)"),
+    ):
+        for workers in sorted({r["workers"] for r in many}):
+            for stream, style in (("rows", "--"), ("chunks", "-")):
+                pts = [r for r in many if r["workers"] == workers and r["stream"] == stream]
+                ax.plot(
+                    [r["clients"] for r in pts],
+                    [r[key] for r in pts],
+                    style,
+                    marker="o",
+                    label=f"{stream}, --workers {workers}",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

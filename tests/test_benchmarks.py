@@ -36,7 +36,11 @@ QUICK: dict[str, tuple[list[str], str, list[str]]] = {
         "read.md",
         ["per CPU s vs previous decoder", "per CPU s vs memmap", "wall vs memmap", "CPU vs CE"],
     ),
-    "bench_http.py": (["--out", "{out}/http"], "http.md", ["vs raw TCP", "vs rows"]),
+    "bench_http.py": (
+        ["--out", "{out}/http"],
+        "http.md",
+        ["vs raw TCP", "vs raw TCP per CPU-s", "vs rows", "vs rows per CPU-s"],
+    ),
     "bench_loss.py": (["--out", "{out}/loss"], "loss.md", ["vs CE only", "peak vs CE"]),
     "bench_ranks.py": (["--out", "{out}/ranks"], "ranks.md", ["vs 1 × 1"]),
     "bench_s3.py": (["--out", "{out}/s3"], "s3.md", ["S3 / disk", "vs disk → disk"]),
