@@ -21,7 +21,7 @@ Writes benchmarks/RESULTS.md, benchmarks/results.json and two plots (benchmarks/
     # the committed run, one teacher at a time, then one page from both:
     python benchmarks/tradeoff.py --teachers sharp --raw out/tradeoff-sharp.raw.json
     python benchmarks/tradeoff.py --teachers flat --alphas 1 --temperatures 1 \
-        --positions 8192 --raw out/tradeoff-flat.raw.json
+        --positions 8192 --without online --raw out/tradeoff-flat.raw.json
     python benchmarks/tradeoff.py --report-only out/tradeoff-sharp.raw.json \
         out/tradeoff-flat.raw.json
 
@@ -217,7 +217,7 @@ def students(
         (label, mode, store, alpha)
         for label, mode, store, alphas in plan
         for alpha in alphas
-        if mode in ("ce", "hard") or alpha in args.alphas
+        if (mode in ("ce", "hard") or alpha in args.alphas) and mode not in args.without
     ]
     jobs = [
         StudentJob(
@@ -373,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where this run saves its measurements (default out/tradeoff.raw.json; "
         "--quick: out/tradeoff-quick.raw.json)",
+    )
+    p.add_argument(
+        "--without",
+        nargs="+",
+        default=[],
+        choices=["hard", "online", "renorm"],
+        help="student modes to leave out (plain CE and KD from stores always run)",
     )
     p.add_argument(
         "--alphas",
