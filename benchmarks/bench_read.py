@@ -523,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
-        args.positions = args.limit = 1 << 17
-        args.sample_positions, args.repeats, args.student_layers = 1 << 13, 1, 1
+        args.positions = args.limit = args.block = 1 << 16
+        args.sample_positions, args.repeats, args.student_layers = 1 << 12, 1, 1
         args.step_batch = 2
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "read"
