@@ -320,7 +320,7 @@ def write_outputs(
     argv: list[str],
     codecs: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], []),
 ) -> None:
-    body = [
+    host_md = [
         "## (a) Host side: pre-encoded rows → committed store, beside np.memmap of the same bytes",
         "",
         *md_table(
@@ -363,7 +363,8 @@ def write_outputs(
         "Store writes fsync each shard file, its commit record and the completed metadata "
         '(the default); "fsync time ×" is that write\'s median time over the same write '
         "with fsync=False (`--no-fsync`), measured in the same run.",
-        "",
+    ]
+    device_md = [
         "## (b) Device side: encode_rows beside the teacher's forward pass",
         "",
         *md_table(
@@ -393,6 +394,10 @@ def write_outputs(
                 for r in device
             ],
         ),
+    ]
+    body = [
+        *(host_md if host else []),
+        *(["", *device_md] if device else []),
         *codec_body(*codecs),
     ]
     data = {"host": host, "device": device, "codecs": codecs[0], "codec_candidates": codecs[1]}

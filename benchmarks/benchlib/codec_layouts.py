@@ -77,6 +77,19 @@ def teacher_rows(teacher_dir: Path, positions: int) -> tuple[dict[str, np.ndarra
     docs = [Document(t, corpus) for t in texts]
     seqs = logitstore.tokenize(docs, teacher.tokenizer, 256)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in TEACHER_ARRAYS}
+    threads = torch.get_num_threads()
+    # One thread: a small model's ops are short, and on cores shared with other work two
+    # OpenMP threads mostly wait for each other (benchlib.report.one_thread_if_quick).
+    torch.set_num_threads(1)
+    try:
+        entropy = _forward(teacher, seqs, positions, parts)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: np.concatenate(p)[:positions] for name, p in parts.items()}, entropy
+
+
+def _forward(teacher: Any, seqs: Any, positions: int, parts: dict[str, list[np.ndarray]]) -> float:
+    """Fill ``parts`` context by context; the mean entropy (nats) of the positions run."""
     entropy, have = 0.0, 0
     with torch.inference_mode():
         for i in range(len(seqs)):
@@ -93,8 +106,7 @@ def teacher_rows(teacher_dir: Path, positions: int) -> tuple[dict[str, np.ndarra
             have += len(logits)
             if have >= positions:
                 break
-    out = {name: np.concatenate(p)[:positions] for name, p in parts.items()}
-    return out, entropy / have
+    return entropy / have
 
 
 def teacher_corpus(teacher_dir: Path) -> str:
@@ -446,9 +458,9 @@ def codec_body(layouts: list[dict[str, Any]], weighed: list[dict[str, Any]]) -> 
         "residual. Blosc's default cuts a chunk into blocks that each start without context; "
         "one block per chunk keeps zstd's context across the whole chunk, and is both smaller "
         "and faster. Level 4 (zstd 7, the 1.2 chain) buys ~1 B/position more on the ids at "
-        "about two thirds of their speed; level 5 buys little more. Values sit at their "
-        "order-0 floor: no level moves them by more than ~1 B, and on sharper teachers zstd 1 "
-        "is smallest, so 1.2 keeps it. Frequency-ranked ids (ranks counted on the first half "
+        "about two thirds of their speed; level 5 buys little more. Values sit near their "
+        "order-0 floor: no level moves them by more than ~1 B (zstd 5: 0.3-0.5 B for a sixth "
+        "of the speed), so 1.2 keeps zstd 1. Frequency-ranked ids (ranks counted on the first half "
         "of the rows, measured on the second) save the most, but no standard codec does "
         "that: every reader would need the map (a new decode step); not adopted.",
     ]
