@@ -94,6 +94,17 @@ def server_rss(pid: int) -> int:
     return total
 
 
+def _stop_with_parent() -> None:
+    """In the server's process before it starts: SIGTERM when this benchmark dies (Linux), so
+    a benchmark killed by a timeout leaves no server (and no workers) behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Server:
     """`logitstore serve --workers N` in a subprocess on a free port."""
 
@@ -102,7 +113,11 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         cmd = [sys.executable, "-m", "logitstore", "serve", str(store), "--port", str(self.port)]
-        self.proc = subprocess.Popen([*cmd, "--workers", str(workers)], stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [*cmd, "--workers", str(workers)],
+            stdout=subprocess.DEVNULL,
+            preexec_fn=_stop_with_parent,
+        )
         self.url = f"http://127.0.0.1:{self.port}/v1/stores/store"
         deadline = time.monotonic() + 120
         while True:
@@ -394,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
-        args.positions, args.sample_positions, args.repeats = 1 << 16, 1 << 12, 1
-        args.clients, args.span, args.stalled = [1, 4], 1 << 13, 4
+        args.positions, args.sample_positions, args.repeats = 1 << 15, 1 << 12, 1
+        args.clients, args.span, args.stalled = [1, 4], 1 << 12, 2
+        args.workers = [2]  # the multi-process path; one process serves the same code
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "http"
     one_thread_if_quick(args.quick)
