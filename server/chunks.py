@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import logitstore
 from logitstore.format.chunks import (
     CHUNKS_MEDIA_TYPE,
     ChunkColumn,
+    ShardFiles,
     chunk_bytes,
     chunk_layout,
     chunk_plan,
@@ -62,8 +62,7 @@ def chunk_stream_layout(store: logitstore.LogitStore) -> list[ChunkColumn] | Non
 def _read(root: Path, layout: list[ChunkColumn], items: list[tuple[int, int, int]]) -> bytes:
     """The records of ``items``: shard bytes copied behind their record heads."""
     pieces: list[bytes] = []
-    files: dict[Path, int] = {}
-    try:
+    with ShardFiles() as files:
         for first, i, chunk in items:
             c = layout[i]
             data = chunk_bytes(root, c, chunk, files)
@@ -75,9 +74,6 @@ def _read(root: Path, layout: list[ChunkColumn], items: list[tuple[int, int, int
                     "run `logitstore verify`"
                 )
             pieces += encode_chunk(i, first, c.rows, data)
-    finally:
-        for fd in files.values():
-            os.close(fd)
     return b"".join(pieces)
 
 

@@ -35,6 +35,7 @@ from .schema import StoredRows, columns, rows_from_columns
 from .shards import (
     CHUNK_CODECS,
     ChunkColumn,
+    ShardFiles,
     chunk_bytes,
     chunk_layout,
     chunk_plan,
@@ -49,6 +50,7 @@ __all__ = [
     "CHUNK_CODECS",
     "ChunkColumn",
     "ChunkParser",
+    "ShardFiles",
     "chunk_bytes",
     "chunk_layout",
     "chunk_plan",

@@ -10,7 +10,6 @@ bit: the same decoder, over the same rows.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from .codec import Batch, decode_candidates_into, decode_rows
 from .metadata import StoreMetadata
 from .schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
-from .shards import ChunkColumn, chunk_bytes, chunk_plan, into_place, read_chunked
+from .shards import ChunkColumn, ShardFiles, chunk_bytes, chunk_plan, into_place, read_chunked
 
 __all__ = ["Alloc", "read_decoded"]
 
@@ -72,8 +71,7 @@ def read_decoded(
     # One chunk of stored gaps and values at a time, decoded from where it was decompressed.
     gaps_buf = np.empty((chunk, m), dtype=np.dtype(md.layout.id_dtype).newbyteorder("<"))
     values_buf = np.empty((chunk, m), dtype=np.dtype(md.layout.value_dtype).newbyteorder("<"))
-    files: dict[Path, int] = {}
-    try:
+    with ShardFiles() as files:
         for first, _, k in chunk_plan([values_col[1]], start, stop):
             lo, hi = max(start, first) - first, min(stop, first + chunk) - first
             gaps = None
@@ -92,7 +90,4 @@ def read_decoded(
                 None if ids_col is None else ids[at],
                 probs[at],
             )
-    finally:
-        for fd in files.values():
-            os.close(fd)
     return Batch(input_ids, ids, probs, residual, mask)

@@ -32,6 +32,7 @@ from .validate import check_shard_index
 __all__ = [
     "CHUNK_CODECS",
     "ChunkColumn",
+    "ShardFiles",
     "checked",
     "chunk_bytes",
     "chunk_layout",
@@ -216,9 +217,36 @@ def chunk_plan(layout: list[ChunkColumn], start: int, stop: int) -> list[tuple[i
     return plan
 
 
-def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: dict[Path, int]) -> bytes:
-    """Inner chunk ``chunk`` of ``c`` as its shard holds it. ``files`` keeps the file
-    descriptors a caller opened (it closes them).
+class ShardFiles:
+    """The shard files one read has open: a descriptor and the checked index of each, so a
+    shard is opened, stat'ed and its index looked up once per read, not once per chunk.
+    Close it (or use it as a context manager) when the read is done."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, tuple[int, np.ndarray]] = {}
+
+    def __enter__(self) -> ShardFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd, _ in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+    def get(self, path: Path, chunks: int) -> tuple[int, np.ndarray]:
+        """``path``'s descriptor and ``(chunks, 2)`` index, opened on first use."""
+        hit = self._open.get(path)
+        if hit is None:
+            index = _shard_index(path, chunks)
+            hit = self._open[path] = (os.open(path, os.O_RDONLY), index)
+        return hit
+
+
+def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: ShardFiles) -> bytes:
+    """Inner chunk ``chunk`` of ``c`` as its shard holds it, through the read's ``files``.
 
     Raises:
         CorruptStoreError: the index marks the chunk as not stored. Callers ask only for
@@ -227,15 +255,13 @@ def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: dict[Path, int]) 
     """
     shard, inner = divmod(chunk, c.shard_rows // c.rows)
     path = shard_file(root, c.name, c.ndim, shard)
-    offset, nbytes = (int(v) for v in _shard_index(path, c.shard_rows // c.rows)[inner])
+    fd, index = files.get(path, c.shard_rows // c.rows)
+    offset, nbytes = (int(v) for v in index[inner])
     if (offset, nbytes) == (_ABSENT, _ABSENT):
         raise CorruptStoreError(
             f"shard {path}: inner chunk {inner} is marked not stored, yet holds positions "
             "(FORMAT.md §4); run `logitstore verify`"
         )
-    fd = files.get(path)
-    if fd is None:
-        fd = files[path] = os.open(path, os.O_RDONLY)
     data = os.pread(fd, nbytes, offset)
     if len(data) != nbytes:
         raise CorruptStoreError(f"shard {path} is cut short; run `logitstore verify`")
@@ -260,8 +286,7 @@ def read_chunked(
     """
     n = stop - start
     arrays: dict[str, np.ndarray] = {}
-    files: dict[Path, int] = {}
-    try:
+    with ShardFiles() as files:
         for i, col in enumerate(columns(md)):
             if names is not None and col.name not in names:
                 arrays[col.name] = col.empty(0)
@@ -278,9 +303,6 @@ def read_chunked(
                     arr = checked(data, c.codec, out.dtype, col.shape(c.rows), where)
                     out[lo - start : hi - start] = arr[lo - first : hi - first]
             arrays[col.name] = out
-    finally:
-        for fd in files.values():
-            os.close(fd)
     return rows_from_columns(md, arrays, n)
 
 
