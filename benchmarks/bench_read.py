@@ -64,7 +64,7 @@ from logitstore.format.chunks import (
     encode_chunks_header,
     read_chunked,
 )
-from logitstore.format.codec import decode_rows
+from logitstore.format.codec import decode_rows, sqrt_table
 from logitstore.format.metadata import SQRT_BINS
 from logitstore.format.protocol import encode_end
 from logitstore.format.schema import StoredRows
@@ -75,14 +75,8 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 # -- the previous decoder, kept callable to time beside today's ------------------------------
 
 
-def _previous_table(bins: int) -> np.ndarray:
-    centres = (np.arange(1, bins + 1, dtype=np.float64) - 0.5) / bins
-    table = np.zeros(256, dtype=np.float32)
-    table[1 : bins + 1] = centres**2
-    return table
-
-
-_PREVIOUS_TABLES = {kind: _previous_table(bins) for kind, bins in SQRT_BINS.items()}
+# the √-bin tables are the spec's (FORMAT.md §5.2), unchanged by the new decoder
+_PREVIOUS_TABLES = {kind: sqrt_table(bins) for kind, bins in SQRT_BINS.items()}
 
 
 def previous_decode_rows(md: StoreMetadata, rows: StoredRows, id_dtype: type = np.int64) -> Batch:

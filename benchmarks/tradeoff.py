@@ -250,8 +250,6 @@ def students(
             "seeds": held,
             "train_positions": len(seqs.input_ids),
         }
-        if store is not None and mode in ("store", "renorm"):
-            row["bytes_per_position"] = teacher_bytes(stores[store]) / len(seqs.input_ids)
         rows.append(row)
         print(
             f"[student] {label} alpha={row['alpha']}: held-out CE {row['held_out_ce']:.4f} "

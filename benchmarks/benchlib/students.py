@@ -257,8 +257,8 @@ def add_gap_closed(rows: list[dict[str, Any]]) -> None:
     every row) also the paired difference to plain CE and its 95 % interval."""
     ce_row = next(r for r in rows if r["mode"] == "ce")
     ce = ce_row["held_out_ce"]
+    online_rows = [x for x in rows if x["mode"] == "online"]
     for r in rows:
-        online_rows = [x for x in rows if x["mode"] == "online"]
         same = [x for x in online_rows if x.get("alpha") == r.get("alpha")]
         online = (same or online_rows)[0]["held_out_ce"] if online_rows else ce
         r["gap_closed"] = (ce - r["held_out_ce"]) / (ce - online) if ce != online else None
