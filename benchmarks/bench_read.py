@@ -57,6 +57,7 @@ import logitstore
 from logitstore import Batch, LogitDataset, StoreMetadata, collate, losses
 from logitstore.format.chunks import (
     ChunkParser,
+    ShardFiles,
     chunk_bytes,
     chunk_layout,
     chunk_plan,
@@ -230,9 +231,11 @@ def stream_bytes(store: Path, start: int, stop: int) -> bytes:
     layout = chunk_layout(store, md)
     assert layout is not None
     wire = [{"name": c.name, "rows": c.rows, "codec": c.codec} for c in layout]
-    parts, files = [encode_chunks_header(md, start, stop, wire)], {}
-    for first, i, k in chunk_plan(layout, start, stop):
-        parts += encode_chunk(i, first, layout[i].rows, chunk_bytes(store, layout[i], k, files))
+    parts = [encode_chunks_header(md, start, stop, wire)]
+    with ShardFiles() as files:  # (the descriptors were left open before)
+        for first, i, k in chunk_plan(layout, start, stop):
+            data = chunk_bytes(store, layout[i], k, files)
+            parts += encode_chunk(i, first, layout[i].rows, data)
     parts.append(encode_end(stop, stop - start))
     return b"".join(parts)
 
