@@ -3,8 +3,10 @@
 A request whose ``Accept`` names ``application/x-logitstore-chunks`` gets, for every
 per-position array, the inner chunks that cover its range, exactly as the shard files hold
 them (compressed, checksum included); the client decodes. The server reads each shard's index
-once (checked against its CRC-32C, then cached) and afterwards only copies bytes: no
-decompression, no checksum, no per-position work. A store this cannot serve (object storage,
+once (checked against its CRC-32C, then cached); afterwards each chunk is one copy from the
+page cache into a buffer the stream reuses, and its CRC-32C is checked (damage on the
+server's disk is a store error, not something the client should retry): no decompression,
+no per-position work. A store this cannot serve (object storage,
 or codecs the protocol does not carry) answers with the row stream (stream.py) instead, which
 every client reads.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,14 +24,14 @@ from fastapi.responses import StreamingResponse
 
 import logitstore
 from logitstore.format.chunks import (
+    CHUNK_HEAD_BYTES,
     CHUNKS_MEDIA_TYPE,
     ChunkColumn,
     ShardFiles,
-    chunk_bytes,
     chunk_layout,
     chunk_plan,
-    encode_chunk,
     encode_chunks_header,
+    pack_chunk_head,
 )
 from logitstore.format.protocol import encode_end, encode_error
 
@@ -59,22 +62,37 @@ def chunk_stream_layout(store: logitstore.LogitStore) -> list[ChunkColumn] | Non
     return _layouts[key]
 
 
-def _read(root: Path, layout: list[ChunkColumn], items: list[tuple[int, int, int]]) -> bytes:
-    """The records of ``items``: shard bytes copied behind their record heads."""
-    pieces: list[bytes] = []
+def _read(
+    root: Path, layout: list[ChunkColumn], items: list[tuple[int, int, int]], buf: bytearray
+) -> tuple[bytearray, int]:
+    """The records of ``items`` written into ``buf`` (a larger one if it is short): each
+    record's head, then its chunk read from the shard straight behind it, one copy from the
+    page cache. Returns the buffer and how many of its bytes the records fill."""
     with ShardFiles() as files:
-        for first, i, chunk in items:
+        where = [files.locate(root, layout[i], chunk) for _, i, chunk in items]
+        total = sum(CHUNK_HEAD_BYTES + w[2] for w in where)
+        if len(buf) < total:
+            buf = bytearray(total + total // 8)  # a little slack: steps differ in size
+        view = memoryview(buf)
+        at = 0
+        for (first, i, chunk), (fd, offset, nbytes, path) in zip(items, where, strict=True):
             c = layout[i]
-            data = chunk_bytes(root, c, chunk, files)
+            pack_chunk_head(buf, at, i, first, c.rows, nbytes)
+            at += CHUNK_HEAD_BYTES
+            data = view[at : at + nbytes]
+            if os.preadv(fd, [data], offset) != nbytes:
+                raise logitstore.CorruptStoreError(
+                    f"shard {path} is cut short; run `logitstore verify`"
+                )
             # Checked here too: a chunk damaged on this disk is a store_error the client does
             # not retry, not a CRC mismatch it would take for damage in transit.
-            if len(data) < 4 or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            if nbytes < 4 or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
                 raise logitstore.CorruptStoreError(
                     f"array {c.name!r}, chunk {chunk} fails its CRC-32C on the server's disk; "
                     "run `logitstore verify`"
                 )
-            pieces += encode_chunk(i, first, c.rows, data)
-    return b"".join(pieces)
+            at += nbytes
+    return buf, total
 
 
 def _steps(plan: list[tuple[int, int, int]], positions: int) -> list[list[tuple[int, int, int]]]:
@@ -112,23 +130,28 @@ async def _body(
     wire = [{"name": c.name, "rows": c.rows, "codec": c.codec} for c in layout]
     yield encode_chunks_header(store.metadata, start, stop, wire)
     steps = _steps(chunk_plan(layout, start, stop), step_positions)
+    # Two buffers, used in turn: the step being sent and the one read ahead. A buffer is
+    # refilled only after every piece of it was handed to send(), which copies it into the
+    # transport (uvicorn joins each piece with its chunk-size line), so none is still in use.
+    spare = [bytearray(), bytearray()]
 
-    def read_ahead(k: int) -> asyncio.Future[bytes] | None:
+    def read_ahead(k: int) -> asyncio.Future[tuple[bytearray, int]] | None:
         if k >= len(steps):
             return None
-        return asyncio.ensure_future(asyncio.to_thread(_read, root, layout, steps[k]))
+        job = asyncio.to_thread(_read, root, layout, steps[k], spare[k % 2])
+        return asyncio.ensure_future(job)
 
     pending = read_ahead(0)
     k = 0
     try:
         while pending is not None:
-            data = await pending
+            buf, n = await pending
+            spare[k % 2] = buf
             k += 1
             pending = read_ahead(k)
-            metrics.add_bytes(_BYTES_LABEL, len(data))
-            for piece in pieces(data):
+            metrics.add_bytes(_BYTES_LABEL, n)
+            for piece in pieces(memoryview(buf)[:n]):
                 yield piece
-            del data
         yield encode_end(stop, stop - start)
     except logitstore.LogitStoreError as e:
         log.warning("compressed stream of positions [%d, %d) stopped: %s", start, stop, e)

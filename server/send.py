@@ -18,7 +18,7 @@ __all__ = ["PIECE_BYTES", "pieces"]
 PIECE_BYTES = 256 << 10
 
 
-def pieces(data: bytes) -> Iterator[memoryview]:
+def pieces(data: bytes | memoryview) -> Iterator[memoryview]:
     """``data`` as consecutive views of at most :data:`PIECE_BYTES` (no copies)."""
     view = memoryview(data)
     for i in range(0, len(view), PIECE_BYTES):

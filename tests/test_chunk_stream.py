@@ -127,6 +127,51 @@ def test_compressed_reads_are_bit_identical_to_local_and_to_rows(
     assert _same(chunked.sequence(3), local.sequence(3))
 
 
+def test_many_steps_through_reused_buffers_stay_bit_identical(
+    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server fills two buffers in turn per stream (server/chunks.py). Here each step is
+    many pieces and the consumer yields to the event loop after every piece, as a slow
+    socket makes uvicorn do, so the read-ahead runs while a step is half sent: a buffer
+    refilled too early would show as a chunk failing its checksum or a wrong row."""
+    import asyncio
+    import io
+
+    from logitstore.format.chunks import ChunkParser
+    from server import send
+    from server.chunks import _body, chunk_stream_layout
+    from server.deps import Span
+    from server.metrics import Metrics
+
+    monkeypatch.setattr(send, "PIECE_BYTES", 4096)
+    for name in ("topk", "full", "sampled"):
+        local = logitstore.open(stores[name])
+        n = len(local)
+        layout = chunk_stream_layout(local)
+        assert layout is not None
+
+        async def consume(a: int, b: int) -> bytes:
+            out = []
+            async for piece in _body(Span(local, a, b), layout, Metrics(), 300):
+                out.append(bytes(piece))
+                await asyncio.sleep(0.001)  # let the read-ahead thread run
+            return b"".join(out)
+
+        for a, b in [(0, n), (255, n - 300), (1000, 1001)]:
+            body = io.BytesIO(asyncio.run(consume(a, b)))
+            parser = ChunkParser(body.read, local.metadata, a, b)
+            got = list(parser.rows())
+            assert parser.position == b, (name, a, b)
+            rows = local.read_stored(a, b)
+            at = a
+            for start, part in got:
+                assert start == at
+                for x, y in zip(part, rows, strict=True):
+                    if x is not None:
+                        assert x.tobytes() == y[at - a : at - a + len(x)].tobytes(), (name, a, b)
+                at += len(part.input_ids)
+
+
 class CuttingProxy:
     """A TCP proxy that cuts the first position stream after ``cut`` bytes of its answer."""
 

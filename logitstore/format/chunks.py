@@ -48,6 +48,7 @@ __all__ = [
     "CHUNKS_MAGIC",
     "CHUNKS_MEDIA_TYPE",
     "CHUNK_CODECS",
+    "CHUNK_HEAD_BYTES",
     "ChunkColumn",
     "ChunkParser",
     "ShardFiles",
@@ -58,12 +59,15 @@ __all__ = [
     "decode_chunk_into",
     "encode_chunk",
     "encode_chunks_header",
+    "pack_chunk_head",
     "read_chunked",
 ]
 
 CHUNKS_MAGIC = b"LGSTRM02"
 CHUNKS_MEDIA_TYPE = "application/x-logitstore-chunks"
 _CHUNK = struct.Struct("<4sB3xQII")  # tag, column, first, rows, nbytes
+#: bytes of a chunk record before its stored bytes
+CHUNK_HEAD_BYTES = _CHUNK.size
 _YIELD_ROWS = 1 << 16
 
 
@@ -78,6 +82,14 @@ def encode_chunks_header(
 def encode_chunk(column: int, first: int, rows: int, data: bytes) -> list[bytes]:
     """One chunk record, as the pieces to send (the stored bytes are not copied)."""
     return [_CHUNK.pack(b"CHK0", column, first, rows, len(data)), data]
+
+
+def pack_chunk_head(
+    buf: bytearray, at: int, column: int, first: int, rows: int, nbytes: int
+) -> None:
+    """The head of a chunk record of ``nbytes`` stored bytes, written at ``buf[at:]`` (the
+    bytes follow at ``at + CHUNK_HEAD_BYTES``)."""
+    _CHUNK.pack_into(buf, at, b"CHK0", column, first, rows, nbytes)
 
 
 class ChunkParser:

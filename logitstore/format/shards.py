@@ -223,7 +223,7 @@ class ShardFiles:
     Close it (or use it as a context manager) when the read is done."""
 
     def __init__(self) -> None:
-        self._open: dict[Path, tuple[int, np.ndarray]] = {}
+        self._open: dict[tuple[str, int], tuple[int, np.ndarray, Path]] = {}
 
     def __enter__(self) -> ShardFiles:
         return self
@@ -232,36 +232,40 @@ class ShardFiles:
         self.close()
 
     def close(self) -> None:
-        for fd, _ in self._open.values():
+        for fd, _, _ in self._open.values():
             os.close(fd)
         self._open.clear()
 
-    def get(self, path: Path, chunks: int) -> tuple[int, np.ndarray]:
-        """``path``'s descriptor and ``(chunks, 2)`` index, opened on first use."""
-        hit = self._open.get(path)
+    def locate(self, root: Path, c: ChunkColumn, chunk: int) -> tuple[int, int, int, Path]:
+        """Where inner chunk ``chunk`` of ``c`` lies: ``(descriptor, offset, nbytes, shard
+        path)``, its shard opened and its index checked on first use.
+
+        Raises:
+            CorruptStoreError: the index marks the chunk as not stored. Callers ask only for
+                chunks holding positions, which are always written (FORMAT.md §4): reading
+                one as zeros would hand out data the store does not hold.
+        """
+        per_shard = c.shard_rows // c.rows
+        shard, inner = divmod(chunk, per_shard)
+        hit = self._open.get((c.name, shard))
         if hit is None:
-            index = _shard_index(path, chunks)
-            hit = self._open[path] = (os.open(path, os.O_RDONLY), index)
-        return hit
+            path = shard_file(root, c.name, c.ndim, shard)
+            index = _shard_index(path, per_shard)
+            hit = self._open[c.name, shard] = (os.open(path, os.O_RDONLY), index, path)
+        fd, index, path = hit
+        offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
+        if offset == _ABSENT and nbytes == _ABSENT:
+            raise CorruptStoreError(
+                f"shard {path}: inner chunk {inner} is marked not stored, yet holds positions "
+                "(FORMAT.md §4); run `logitstore verify`"
+            )
+        return fd, offset, nbytes, path
 
 
 def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: ShardFiles) -> bytes:
-    """Inner chunk ``chunk`` of ``c`` as its shard holds it, through the read's ``files``.
-
-    Raises:
-        CorruptStoreError: the index marks the chunk as not stored. Callers ask only for
-            chunks holding positions, which are always written (FORMAT.md §4): reading
-            one as zeros would hand out data the store does not hold.
-    """
-    shard, inner = divmod(chunk, c.shard_rows // c.rows)
-    path = shard_file(root, c.name, c.ndim, shard)
-    fd, index = files.get(path, c.shard_rows // c.rows)
-    offset, nbytes = (int(v) for v in index[inner])
-    if (offset, nbytes) == (_ABSENT, _ABSENT):
-        raise CorruptStoreError(
-            f"shard {path}: inner chunk {inner} is marked not stored, yet holds positions "
-            "(FORMAT.md §4); run `logitstore verify`"
-        )
+    """Inner chunk ``chunk`` of ``c`` as its shard holds it, through the read's ``files``
+    (raises as :meth:`ShardFiles.locate` does, and when the shard is cut short)."""
+    fd, offset, nbytes, path = files.locate(root, c, chunk)
     data = os.pread(fd, nbytes, offset)
     if len(data) != nbytes:
         raise CorruptStoreError(f"shard {path} is cut short; run `logitstore verify`")
