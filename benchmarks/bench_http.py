@@ -208,6 +208,8 @@ def wire_rate(server: Server, n: int, accept: str, at_least: int) -> tuple[float
             "GET", f"/v1/stores/store/positions?start=0&stop={n}", headers={"Accept": accept}
         )
         resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"the server answered {resp.status}: {resp.read()[:200]!r}")
         one = 0
         while k := resp.readinto(buf):
             one += k
@@ -410,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "--wire-mb",
         type=int,
         default=1024,
-        help="MB each one-stream wire measurement (and raw TCP) moves, the whole store "
+        help="MiB each one-stream wire measurement (and raw TCP) moves, the whole store "
         "requested again on one connection until then (default 1024)",
     )
     p.add_argument("--tmp", type=Path, default=None)
@@ -511,7 +513,7 @@ def write(
         "## One stream",
         "",
         "MB/s on the wire: the whole store requested on one connection, each body read "
-        "unparsed, again until `--wire-mb` MB have come (the steady rate, not the first "
+        "unparsed, again until `--wire-mb` MiB have come (the steady rate, not the first "
         "block's latency), beside raw TCP moving as many bytes on 127.0.0.1 in the same run "
         "(target for `chunks`: ≥ 0.5× raw). MB per "
         "CPU-s: server and client together, beside raw TCP's sender and receiver together. "

@@ -88,8 +88,8 @@ def _read(
             # not retry, not a CRC mismatch it would take for damage in transit.
             if nbytes < 4 or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
                 raise logitstore.CorruptStoreError(
-                    f"array {c.name!r}, chunk {chunk} fails its CRC-32C on the server's disk; "
-                    "run `logitstore verify`"
+                    f"array {c.name!r}, chunk {chunk} (in shard {path}) fails its CRC-32C on "
+                    "the server's disk; run `logitstore verify`"
                 )
             at += nbytes
     return buf, total
@@ -131,8 +131,11 @@ async def _body(
     yield encode_chunks_header(store.metadata, start, stop, wire)
     steps = _steps(chunk_plan(layout, start, stop), step_positions)
     # Two buffers, used in turn: the step being sent and the one read ahead. A buffer is
-    # refilled only after every piece of it was handed to send(), which copies it into the
-    # transport (uvicorn joins each piece with its chunk-size line), so none is still in use.
+    # refilled only after every piece of it was handed to send(). That is safe because this
+    # response is chunked (no Content-Length), and the server's httptools protocol
+    # (guard.py) joins each chunked piece with its size line into new bytes before the
+    # transport sees it: uvloop keeps a reference to a view it cannot send at once, so a
+    # response written unframed would have to send copies instead.
     spare = [bytearray(), bytearray()]
 
     def read_ahead(k: int) -> asyncio.Future[tuple[bytearray, int]] | None:
@@ -163,4 +166,7 @@ async def _body(
         yield encode_error("store_error", f"cannot read the store: {e}")
     finally:
         if pending is not None:
-            pending.cancel()
+            if pending.done() and not pending.cancelled():
+                pending.exception()  # a read-ahead that failed after the client left: seen
+            else:
+                pending.cancel()

@@ -144,21 +144,21 @@ def test_many_steps_through_reused_buffers_stay_bit_identical(
     from server.metrics import Metrics
 
     monkeypatch.setattr(send, "PIECE_BYTES", 4096)
-    for name in ("topk", "full", "sampled"):
+    for name in ("topk", "full", "sampled", "tokens"):
         local = logitstore.open(stores[name])
         n = len(local)
         layout = chunk_stream_layout(local)
         assert layout is not None
 
-        async def consume(a: int, b: int) -> bytes:
+        async def consume(local: logitstore.LogitStore, layout: list, a: int, b: int) -> bytes:
             out = []
             async for piece in _body(Span(local, a, b), layout, Metrics(), 300):
                 out.append(bytes(piece))
                 await asyncio.sleep(0.001)  # let the read-ahead thread run
             return b"".join(out)
 
-        for a, b in [(0, n), (255, n - 300), (1000, 1001)]:
-            body = io.BytesIO(asyncio.run(consume(a, b)))
+        for a, b in [(0, n), (255, n - 300), (1000, 1700)]:
+            body = io.BytesIO(asyncio.run(consume(local, layout, a, b)))
             parser = ChunkParser(body.read, local.metadata, a, b)
             got = list(parser.rows())
             assert parser.position == b, (name, a, b)
@@ -167,9 +167,11 @@ def test_many_steps_through_reused_buffers_stay_bit_identical(
             for start, part in got:
                 assert start == at
                 for x, y in zip(part, rows, strict=True):
+                    assert (x is None) == (y is None), (name, a, b)
                     if x is not None:
                         assert x.tobytes() == y[at - a : at - a + len(x)].tobytes(), (name, a, b)
                 at += len(part.input_ids)
+            assert at == b, (name, a, b)  # every position compared
 
 
 class CuttingProxy:

@@ -13,7 +13,8 @@ wire carries on-disk bytes, not decoded rows (2.5× fewer for top-64 u8).
 ``bytes`` is one inner chunk of column ``column`` (the header's ``columns[column]``) covering
 positions ``[first, first + rows)`` as stored: the compressed chunk followed by its CRC-32C
 (little-endian u32 over the compressed bytes). ``nbytes = 0`` is a chunk the shard does not
-hold: the array's fill value (0). Chunks may start before the requested start and end past
+hold: the array's fill value (0); clients accept it, though this server answers a
+``store_error`` instead. Chunks may start before the requested start and end past
 its stop; the client keeps exactly ``[start, stop)``.
 """
 

@@ -4,7 +4,7 @@ The stored row layout is docs/FORMAT.md §5: candidate ids sorted ascending and 
 (first id, then differences; a gap of 0 after the first column marks padding), values in the
 same order. Encoding, on the teacher's device, is :mod:`logitstore.write.encode`.
 
-Decoding is one pass over tiles of about :data:`TILE_VALUES` values that stay in the core's
+Decoding is one pass over tiles of about :data:`TILE_VALUES` values that stay in
 cache: the gaps' running sum, the value table lookup, the row sum and the rescale each read
 what the step before just wrote, and every step writes into the output arrays (a caller may
 pass its own, e.g. memory it reuses), so no temporary as large as the block is made. The bits
@@ -36,11 +36,12 @@ __all__ = [
 ]
 
 #: Values decoded at a time (2048 rows of top-64): a tile's gaps, ids, values and
-#: probabilities (~1.3 MB with int32 ids, ~2 MB with int64) stay in a core's L2 cache between
-#: the steps of the pass. Measured against 1 << 15 (2026-12-02, 2 cores, top-64 u8): one
-#: decoding thread the same (Dataset 2.38M vs 2.46M, remote reads 2.22-2.34M vs 2.15-2.21M
-#: positions per CPU-s); 16 threads decoding remote reads in one process 1.27-1.39M vs
-#: 0.80-1.05M, as each tile is one release of the GIL per NumPy step, not four.
+#: probabilities (11-17 bytes a value: ~1.4 MB with u16 gaps and int32 ids, ~2.2 MB with
+#: int64 ids) stay in a core's L2 or the L3 cache between the steps of the pass; the size
+#: was chosen for fewer GIL hand-offs. Measured against 1 << 15 (2026-12-02, 2 cores,
+#: top-64 u8, positions per CPU-s): one decoding thread the same (Dataset 2.38M vs 2.46M,
+#: remote reads 2.22-2.34M vs 2.15-2.21M); 16 threads decoding remote reads in one process
+#: 1.27-1.39M vs 0.80-1.05M, as each tile is one release of the GIL per NumPy step, not four.
 TILE_VALUES = 1 << 17
 
 

@@ -224,6 +224,7 @@ class ShardFiles:
 
     def __init__(self) -> None:
         self._open: dict[tuple[str, int], tuple[int, np.ndarray, Path]] = {}
+        self._root: Path | None = None  # one store per read: shards are keyed by array
 
     def __enter__(self) -> ShardFiles:
         return self
@@ -249,6 +250,10 @@ class ShardFiles:
         shard, inner = divmod(chunk, per_shard)
         hit = self._open.get((c.name, shard))
         if hit is None:
+            if self._root is None:
+                self._root = root
+            elif root != self._root:
+                raise ValueError(f"one ShardFiles reads one store: {self._root}, not {root}")
             path = shard_file(root, c.name, c.ndim, shard)
             index = _shard_index(path, per_shard)
             hit = self._open[c.name, shard] = (os.open(path, os.O_RDONLY), index, path)
