@@ -137,11 +137,12 @@ def test_many_steps_through_reused_buffers_stay_bit_identical(
     import asyncio
     import io
 
+    from logitstore_server import send
+    from logitstore_server.chunks import _body, chunk_stream_layout
+    from logitstore_server.deps import Span
+    from logitstore_server.metrics import Metrics
+
     from logitstore.format.chunks import ChunkParser
-    from server import send
-    from server.chunks import _body, chunk_stream_layout
-    from server.deps import Span
-    from server.metrics import Metrics
 
     monkeypatch.setattr(send, "PIECE_BYTES", 4096)
     for name in ("topk", "full", "sampled", "tokens"):

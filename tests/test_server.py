@@ -369,6 +369,27 @@ def test_concurrent_clients(server: Server, stores) -> None:
     assert not errors, errors[:3]
 
 
+def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(stores) -> None:
+    """A trainer whose step outlasts the server's keep-alive timeout (or a server restarted
+    between reads) finds its idle connection closed: the next read opens a new one at once,
+    with no backoff and no retry counted; a server that is really gone is still an error."""
+    srv = Server([stores["topk"]]).start()
+    try:
+        remote = logitstore.RemoteStore(srv.url("topk"), retries=0)
+        local = logitstore.open(stores["topk"])
+        assert _same(remote.read(0, 100), local.read(0, 100))  # the connection is kept
+        srv.stop()  # the idle connection dies with the server...
+        srv.start()  # ...and the same port answers again
+        t0 = time.monotonic()
+        assert _same(remote.read(100, 300), local.read(100, 300))  # retries=0: no retry allowed
+        assert remote.retried == 0 and time.monotonic() - t0 < 5
+        srv.stop()
+        with pytest.raises(RemoteError):
+            remote.read(0, 10)
+    finally:
+        srv.stop()
+
+
 @pytest.mark.slow
 def test_a_client_resumes_when_the_server_restarts_mid_stream(stores) -> None:
     srv = Server([stores["topk"]], "--block-positions", "16").start()

@@ -163,8 +163,20 @@ class RemoteStore(StoreBase):
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         conn = self._connection()
-        conn.request("GET", self._base + path, headers=headers)
-        resp = conn.getresponse()
+        reused = conn.sock is not None
+        try:
+            conn.request("GET", self._base + path, headers=headers)
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            # The server closed this idle keep-alive connection (its timeout, or a restart)
+            # before it read the request: not a failure, so sent again at once on a new one,
+            # with no backoff and not counted in ``retried``. (GET is idempotent.)
+            self._drop_connection()
+            conn = self._connection()
+            conn.request("GET", self._base + path, headers=headers)
+            resp = conn.getresponse()
         if resp.status < 400:
             return resp
         body = resp.read().decode(errors="replace")
