@@ -428,6 +428,12 @@ loss = trainer.evaluate(eval_dataset=ds)["eval_loss"]
 if os.environ["RANK"] == "0":
     with open(os.path.join({out!r}, "eval.json"), "w") as f:
         json.dump(loss, f)
+# Left to interpreter exit, gloo's teardown aborted a rank once in a loaded CI run
+# ("terminate called without an active exception"): end the group as a training script should.
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
