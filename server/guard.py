@@ -33,6 +33,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .cycle import use_view_cycle
+
 __all__ = [
     "BODY_TIMEOUT",
     "HEADER_TIMEOUT",
@@ -188,6 +190,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._body_bytes = 0
         self._body_timer = self.loop.call_later(BODY_TIMEOUT, self._drop)
         super().on_headers_complete()
+        use_view_cycle(self.cycle)  # body pieces written uncopied (cycle.py)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

@@ -127,22 +127,44 @@ def test_compressed_reads_are_bit_identical_to_local_and_to_rows(
     assert _same(chunked.sequence(3), local.sequence(3))
 
 
-def test_many_steps_through_reused_buffers_stay_bit_identical(
-    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The server fills two buffers in turn per stream (server/chunks.py). Here each step is
-    many pieces and the consumer yields to the event loop after every piece, as a slow
-    socket makes uvicorn do, so the read-ahead runs while a step is half sent: a buffer
-    refilled too early would show as a chunk failing its checksum or a wrong row."""
-    import asyncio
+def _compare(local: logitstore.LogitStore, body: bytes, a: int, b: int) -> None:
+    """``body``, a compressed stream of ``[a, b)``, decodes to exactly the stored rows."""
     import io
+
+    from logitstore.format.chunks import ChunkParser
+
+    parser = ChunkParser(io.BytesIO(body).read, local.metadata, a, b)
+    got = list(parser.rows())
+    assert parser.position == b, (a, b)
+    rows = local.read_stored(a, b)
+    at = a
+    for start, part in got:
+        assert start == at
+        for x, y in zip(part, rows, strict=True):
+            assert (x is None) == (y is None), (a, b)
+            if x is not None:
+                assert x.tobytes() == y[at - a : at - a + len(x)].tobytes(), (a, b)
+        at += len(part.input_ids)
+    assert at == b, (a, b)  # every position compared
+
+
+@pytest.mark.parametrize("held", [2, 1000])
+def test_many_steps_through_reused_buffers_stay_bit_identical(
+    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch, held: int
+) -> None:
+    """The server streams views of step buffers it reuses (server/chunks.py), and the
+    transport keeps views of what the socket has not taken (server/cycle.py). Here each step
+    is many pieces and the consumer keeps the last ``held`` pieces as views, copying a piece
+    only when it leaves that window (1000: nearly the whole answer, as a client that stopped
+    reading): a buffer refilled while viewed shows as a chunk failing its checksum or a
+    wrong row."""
+    import asyncio
+    from collections import deque
 
     from logitstore_server import send
     from logitstore_server.chunks import _body, chunk_stream_layout
     from logitstore_server.deps import Span
     from logitstore_server.metrics import Metrics
-
-    from logitstore.format.chunks import ChunkParser
 
     monkeypatch.setattr(send, "PIECE_BYTES", 4096)
     for name in ("topk", "full", "sampled", "tokens"):
@@ -152,27 +174,129 @@ def test_many_steps_through_reused_buffers_stay_bit_identical(
         assert layout is not None
 
         async def consume(local: logitstore.LogitStore, layout: list, a: int, b: int) -> bytes:
-            out = []
+            out: list[bytes] = []
+            window: deque[bytes | memoryview] = deque()
             async for piece in _body(Span(local, a, b), layout, Metrics(), 300):
-                out.append(bytes(piece))
-                await asyncio.sleep(0.001)  # let the read-ahead thread run
+                window.append(piece)
+                if len(window) > held:
+                    out.append(bytes(window.popleft()))
+                await asyncio.sleep(0)  # as the transport does between pieces
+            out += [bytes(p) for p in window]
             return b"".join(out)
 
         for a, b in [(0, n), (255, n - 300), (1000, 1700)]:
-            body = io.BytesIO(asyncio.run(consume(local, layout, a, b)))
-            parser = ChunkParser(body.read, local.metadata, a, b)
-            got = list(parser.rows())
-            assert parser.position == b, (name, a, b)
-            rows = local.read_stored(a, b)
-            at = a
-            for start, part in got:
-                assert start == at
-                for x, y in zip(part, rows, strict=True):
-                    assert (x is None) == (y is None), (name, a, b)
-                    if x is not None:
-                        assert x.tobytes() == y[at - a : at - a + len(x)].tobytes(), (name, a, b)
-                at += len(part.input_ids)
-            assert at == b, (name, a, b)  # every position compared
+            _compare(local, asyncio.run(consume(local, layout, a, b)), a, b)
+
+
+def test_a_client_reading_slowly_gets_every_byte_exactly(tmp_path: Path) -> None:
+    """Through the real server: a 14 MB answer in steps of ~0.7 MB, to a client that waits
+    before reading. Once the kernel's socket buffers are full the transport holds a view of
+    the piece the socket has not taken while the stream reads its next step: a buffer
+    refilled under such a view sends other bytes than it checked (server/cycle.py,
+    server/chunks.py)."""
+    vocab = 2048
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    teacher = logitstore.Teacher(
+        fn=lambda ids, mask: table[ids], vocab_size=vocab, device=torch.device("cpu")
+    )
+    rng = np.random.default_rng(8)
+    seqs = logitstore.sequences_from_token_ids([rng.integers(0, vocab, 5000)], 250)
+    path = logitstore.capture(
+        teacher,
+        seqs,
+        tmp_path / "big",
+        Encoding("full", "fp16"),
+        progress=False,
+        chunk_positions=256,
+        shard_positions=4096,
+    )
+    local = logitstore.open(path)
+    n = len(local)
+    slow = Server([path], "--block-positions", "256").start()
+    try:
+        raw = _read_slowly(slow.port, "big", n)
+    finally:
+        slow.stop()
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    body, at = bytearray(), 0
+    while True:  # undo the chunked framing
+        line_end = chunked.index(b"\r\n", at)
+        size = int(chunked[at:line_end], 16)
+        if size == 0:
+            break
+        body += chunked[line_end + 2 : line_end + 2 + size]
+        at = line_end + 2 + size + 2
+    assert len(body) > 12 << 20  # more than the kernel's socket buffers hold
+    _compare(local, bytes(body), 7, n)
+
+
+def _evict(root: Path) -> None:
+    """Ask the kernel to drop the store's files from the page cache."""
+    import os
+
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def test_steps_not_in_the_page_cache_are_read_in_a_thread_and_arrive_exactly(
+    stores: dict[str, Path], server: Server
+) -> None:
+    """The event loop reads a step only from the page cache (RWF_NOWAIT); a step on disk
+    alone goes to a thread, and the answer is the same."""
+    import os
+
+    from logitstore_server import chunks
+
+    from logitstore.format.chunks import chunk_plan
+
+    if not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"):
+        pytest.skip("reads that refuse to wait are Linux's")
+    root = stores["full"]
+    local = logitstore.open(root)
+    n = len(local)
+    layout = chunks.chunk_stream_layout(local)
+    assert layout is not None
+    items = chunk_plan(layout, 0, 600)
+    assert chunks._read(root, layout, items, bytearray(), cached_only=True) is not None
+    _evict(root)
+    shard = max((f for f in root.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        pytest.skip("this filesystem kept the store cached after POSIX_FADV_DONTNEED")
+    except BlockingIOError:
+        pass  # evicted
+    finally:
+        os.close(fd)
+    assert chunks._read(root, layout, items, bytearray(), cached_only=True) is None
+    got = chunks._read(root, layout, items, bytearray())  # as the thread reads it
+    assert got is not None
+    _evict(root)
+    remote = logitstore.RemoteStore(server.url("full"))
+    for a, b in [(0, n), (255, 1900)]:
+        _evict(root)
+        assert _same(remote.read(a, b), local.read(a, b)), (a, b)
+
+
+def _read_slowly(port: int, name: str, n: int) -> bytes:
+    import time
+
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            f"GET /v1/stores/{name}/positions?start=7&stop={n} HTTP/1.1\r\nHost: x\r\n"
+            f"Accept: {CHUNKS_MEDIA_TYPE}\r\nConnection: close\r\n\r\n".encode()
+        )
+        time.sleep(0.5)  # the server fills the socket's buffers and its transport's
+        raw = bytearray()
+        while piece := s.recv(1 << 16):
+            raw += piece
+    return bytes(raw)
 
 
 class CuttingProxy:
