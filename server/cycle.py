@@ -46,8 +46,12 @@ class ViewCycle(RequestResponseCycle):
         self.transport.writelines([b"%x\r\n" % len(body), body, b"\r\n"])
 
 
-def use_view_cycle(cycle: object) -> None:
+def use_view_cycle(cycle: object, loop: object) -> None:
     """Make ``cycle`` (the protocol's newest, its task not yet run) a :class:`ViewCycle`.
-    Only an exact uvicorn cycle is changed: another's layout is not known here."""
-    if type(cycle) is RequestResponseCycle:
+
+    Only an exact uvicorn cycle is changed (another's layout is not known here), and only on
+    uvloop, the server's loop (uvicorn[standard]): asyncio's own ``writelines`` joins the
+    parts before Python 3.12, and in 3.12.0-3.12.7 and 3.13.0 never pauses the protocol, so a
+    slow client's whole answer would pile up in memory (CPython gh-127655)."""
+    if type(cycle) is RequestResponseCycle and type(loop).__module__.startswith("uvloop"):
         cycle.__class__ = ViewCycle

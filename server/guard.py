@@ -190,7 +190,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         self._body_bytes = 0
         self._body_timer = self.loop.call_later(BODY_TIMEOUT, self._drop)
         super().on_headers_complete()
-        use_view_cycle(self.cycle)  # body pieces written uncopied (cycle.py)
+        use_view_cycle(self.cycle, self.loop)  # body pieces written uncopied (cycle.py)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

@@ -1,11 +1,10 @@
 """What a streamed body hands the socket at a time: :func:`pieces`.
 
-Each piece goes to the transport framed but not copied (cycle.py); the transport keeps what
-the socket did not take at once (uvloop, the server's loop, as a view of the piece), and the
-body waits for it to drain before the next piece. So one write hands the transport at most
-:data:`PIECE_BYTES`, and a stalled stream holds the block being sent (plus, on asyncio's own
-loop before Python 3.12, which joins the parts, a copy of one piece): docs/PROTOCOL.md §2,
-§2.1.
+On uvloop, the server's loop, each piece goes to the transport framed but not copied
+(cycle.py; elsewhere uvicorn's own framing copies it), the transport keeps what the socket
+did not take at once as a view of the piece, and the body waits for it to drain before the
+next piece. So one write hands the transport at most :data:`PIECE_BYTES`, and a stalled
+stream holds the block being sent (docs/PROTOCOL.md §2, §2.1).
 """
 
 from __future__ import annotations

@@ -73,7 +73,10 @@ async def _body(
             del rows  # the block holds a copy: a slow client keeps one, not two
             metrics.add_bytes(_BYTES_LABEL, len(block))
             for piece in pieces(block):
-                yield piece
+                # A copy: the transport keeps a view of what the socket has not taken
+                # (cycle.py), and a view of the block would keep all of it while the next
+                # is built and the one after read (three blocks per stalled client, not two).
+                yield bytes(piece)
             del block
             a += step
         yield encode_end(stop, stop - start)

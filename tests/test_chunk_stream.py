@@ -148,25 +148,30 @@ def _compare(local: logitstore.LogitStore, body: bytes, a: int, b: int) -> None:
     assert at == b, (a, b)  # every position compared
 
 
+@pytest.mark.parametrize("cached", [True, False])
 @pytest.mark.parametrize("held", [2, 1000])
 def test_many_steps_through_reused_buffers_stay_bit_identical(
-    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch, held: int
+    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch, held: int, cached: bool
 ) -> None:
     """The server streams views of step buffers it reuses (server/chunks.py), and the
     transport keeps views of what the socket has not taken (server/cycle.py). Here each step
     is many pieces and the consumer keeps the last ``held`` pieces as views, copying a piece
     only when it leaves that window (1000: nearly the whole answer, as a client that stopped
     reading): a buffer refilled while viewed shows as a chunk failing its checksum or a
-    wrong row."""
+    wrong row. Both ways of reading steps: from the page cache when their turn comes, and (a
+    filesystem that cannot say what is cached) in a thread, each while the one before is
+    sent."""
     import asyncio
     from collections import deque
 
-    from logitstore_server import send
+    from logitstore_server import send, steps
     from logitstore_server.chunks import _body, chunk_stream_layout
     from logitstore_server.deps import Span
     from logitstore_server.metrics import Metrics
 
     monkeypatch.setattr(send, "PIECE_BYTES", 4096)
+    if not cached:
+        monkeypatch.setattr(steps, "_NOWAIT", None)
     for name in ("topk", "full", "sampled", "tokens"):
         local = logitstore.open(stores[name])
         n = len(local)
@@ -245,25 +250,28 @@ def _evict(root: Path) -> None:
 
 
 def test_steps_not_in_the_page_cache_are_read_in_a_thread_and_arrive_exactly(
-    stores: dict[str, Path], server: Server
+    stores: dict[str, Path], server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The event loop reads a step only from the page cache (RWF_NOWAIT); a step on disk
     alone goes to a thread, and the answer is the same."""
     import os
 
-    from logitstore_server import chunks
+    from logitstore_server import chunks, steps
 
     from logitstore.format.chunks import chunk_plan
 
-    if not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"):
-        pytest.skip("reads that refuse to wait are Linux's")
+    monkeypatch.setattr(steps, "_no_nowait", set())  # what this test learns stays here
     root = stores["full"]
+    device = os.stat(root).st_dev
     local = logitstore.open(root)
     n = len(local)
     layout = chunks.chunk_stream_layout(local)
     assert layout is not None
     items = chunk_plan(layout, 0, 600)
-    assert chunks._read(root, layout, items, bytearray(), cached_only=True) is not None
+    got = steps.read_step(root, layout, items, bytearray(), cached_on=device)
+    if got is None:
+        assert not steps.can_read_cached(device)
+        pytest.skip("this filesystem cannot read without waiting (no RWF_NOWAIT)")
     _evict(root)
     shard = max((f for f in root.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     fd = os.open(shard, os.O_RDONLY)
@@ -274,10 +282,11 @@ def test_steps_not_in_the_page_cache_are_read_in_a_thread_and_arrive_exactly(
         pass  # evicted
     finally:
         os.close(fd)
-    assert chunks._read(root, layout, items, bytearray(), cached_only=True) is None
-    got = chunks._read(root, layout, items, bytearray())  # as the thread reads it
-    assert got is not None
-    _evict(root)
+    assert steps.read_step(root, layout, items, bytearray(), cached_on=device) is None
+    assert steps.can_read_cached(device)  # not cached is not "cannot"
+    from_disk = steps.read_step(root, layout, items, bytearray())  # as the thread reads it
+    assert from_disk is not None and from_disk[1] == got[1]
+    assert from_disk[0][: got[1]] == got[0][: got[1]]
     remote = logitstore.RemoteStore(server.url("full"))
     for a, b in [(0, n), (255, 1900)]:
         _evict(root)
