@@ -24,7 +24,7 @@ from logitstore.format.protocol import encode_block, encode_end, encode_error, e
 from .chunks import chunk_response, chunk_stream_layout
 from .deps import Span
 from .metrics import Metrics, mark_failed
-from .send import pieces
+from .send import COPIED_PIECE_BYTES, pieces
 
 if TYPE_CHECKING:
     from logitstore.format.schema import StoredRows
@@ -72,7 +72,7 @@ async def _body(
             block = encode_block(a, rows)
             del rows  # the block holds a copy: a slow client keeps one, not two
             metrics.add_bytes(_BYTES_LABEL, len(block))
-            for piece in pieces(block):
+            for piece in pieces(block, COPIED_PIECE_BYTES):
                 # A copy: the transport keeps a view of what the socket has not taken
                 # (cycle.py), and a view of the block would keep all of it while the next
                 # is built and the one after read (three blocks per stalled client, not two).
