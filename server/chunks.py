@@ -34,7 +34,15 @@ from logitstore.format.protocol import encode_end, encode_error
 from .deps import Span
 from .metrics import Metrics, mark_failed
 from .send import pieces
-from .steps import StepBuffers, can_read_cached, read_from_disk, read_step, shards, steps
+from .steps import (
+    LOOP_READ_BYTES,
+    StepBuffers,
+    can_read_cached,
+    read_from_disk,
+    read_step,
+    shards,
+    steps,
+)
 
 __all__ = ["chunk_response", "chunk_stream_layout"]
 
@@ -78,11 +86,12 @@ async def _body(
     wire = [{"name": c.name, "rows": c.rows, "codec": c.codec} for c in layout]
     yield encode_chunks_header(store.metadata, start, stop, wire)
     todo = steps(chunk_plan(layout, start, stop), step_positions)
-    device = os.stat(root).st_dev
     buffers = StepBuffers()
     opened: set[tuple[int, int]] = set()  # (column, shard) a thread has opened for this stream
     ahead: tuple[int, asyncio.Future[tuple[bytearray, int]]] | None = None
+    threaded = False  # steps too large for the loop: read in a thread, one ahead
     try:
+        device = os.stat(root).st_dev
         for k, items in enumerate(todo):
             nxt = todo[k + 1] if k + 1 < len(todo) else None
             got: tuple[bytearray, int] | None = None
@@ -93,17 +102,19 @@ async def _body(
             else:
                 place, buf = buffers.take()
                 touched = shards(layout, items)
-                if can_read_cached(device) and touched <= opened:
+                if not threaded and can_read_cached(device) and touched <= opened:
                     got = read_step(root, layout, items, buf, cached_on=device)
-                if got is None:  # a shard first opened, or chunks on disk alone
+                if got is None:  # a shard first opened, chunks on disk alone, a large step
                     hint = nxt if can_read_cached(device) else None
                     got = await asyncio.to_thread(read_from_disk, root, layout, items, buf, hint)
                     opened |= touched
             buf, n = got
             buffers.keep(place, buf)
-            if nxt is not None and not can_read_cached(device):
-                # no reads from the page cache on this filesystem: the next step is read in
-                # a thread while this one is sent, into a buffer other than this one
+            threaded = threaded or n > LOOP_READ_BYTES
+            if nxt is not None and (threaded or not can_read_cached(device)):
+                # steps too large for the loop, or a filesystem that cannot read without
+                # waiting: the next step is read in a thread while this one is sent, into a
+                # buffer other than this one
                 p2, b2 = buffers.take(busy=place)
                 ahead = (
                     p2,

@@ -6,9 +6,9 @@ into one new ``bytes``: a copy of every byte the server streams, and for pieces 
 fresh allocation each (its pages faulted in, then given back). :class:`ViewCycle` hands the
 transport the three parts instead (``writelines``: one vectored write, no copy). The
 transport then may keep a view of a piece the socket has not taken yet, so whoever yields a
-view of a buffer must not refill that buffer while such a view lives; server/chunks.py tests
-that before each refill (a ``bytearray`` with live views cannot change size), and every other
-streamed body yields fresh ``bytes``.
+view of a buffer must not refill that buffer while such a view lives: the compressed stream's
+``StepBuffers`` (server/steps.py) tests that before each refill (a ``bytearray`` with live
+views cannot change size), and every other streamed body yields fresh ``bytes``.
 
 Everything but a body piece of a chunked response (the status line and headers, the last
 piece, a HEAD answer, a body with Content-Length) goes through uvicorn's own ``send``.
@@ -29,6 +29,7 @@ class ViewCycle(RequestResponseCycle):
     async def send(self, message: Any) -> None:
         if not (
             self.response_started
+            and not self.response_complete
             and self.chunked_encoding
             and message["type"] == "http.response.body"
             and message.get("more_body", False)

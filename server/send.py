@@ -4,7 +4,7 @@ On uvloop, the server's loop, each piece goes to the transport framed but not co
 (cycle.py; elsewhere uvicorn's own framing copies it), the transport keeps what the socket
 did not take at once as a view of the piece, and the body waits for it to drain before the
 next piece. So one write hands the transport at most :data:`PIECE_BYTES`, and a stalled
-stream holds the block being sent (docs/PROTOCOL.md §2, §2.1).
+stream holds its few blocks, not copies of them (docs/PROTOCOL.md §2, §2.1).
 """
 
 from __future__ import annotations

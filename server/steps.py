@@ -7,11 +7,11 @@ socket has taken the one before:
 * on the event loop, when every chunk of it is in the page cache: a read with Linux's
   ``RWF_NOWAIT`` fails rather than wait for the disk, and a copy from the page cache costs
   less than handing the read to a thread and back (one stream went from 1.3 to 2.0 GB/s);
-* in a thread otherwise (the step's chunks on disk alone, a shard not opened before, a step
-  larger than :data:`LOOP_READ_BYTES`), which then asks the kernel to read the next step in
-  the background;
+* in a thread otherwise (the step's chunks on disk alone, a shard not opened before), which
+  then asks the kernel to read the next step in the background;
 * and where the filesystem cannot read without waiting (tmpfs, network filesystems, systems
-  without ``RWF_NOWAIT``), always in a thread, the next step read ahead while this one is sent.
+  without ``RWF_NOWAIT``), or the steps are larger than :data:`LOOP_READ_BYTES`, always in a
+  thread, the next step read ahead while this one is sent.
 
 Pieces of a step go to the transport as views of its buffer (cycle.py), and the transport
 keeps views of what the socket has not taken: :class:`StepBuffers` refills only a buffer that
@@ -20,6 +20,7 @@ nothing views.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -45,10 +46,13 @@ Step = list[tuple[int, int, int]]  # (first position, column, chunk) of each rec
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 #: devices (``st_dev``) whose filesystem refused such a read: their steps go to threads
 _no_nowait: set[int] = set()
+#: what a read with RWF_NOWAIT fails with where the filesystem cannot do it
+_CANNOT = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EPERM}
 #: the largest step read on the event loop (the copy and CRC of 8 MiB take ~2 ms, during
 #: which the worker's other connections wait)
 LOOP_READ_BYTES = 8 << 20
-#: step buffers kept per stream (with flow control, one is sent while one is filled)
+#: step buffers kept per stream: the one being sent, the one before while the transport still
+#: holds views of its end, and the one being filled
 _KEPT_BUFFERS = 3
 
 
@@ -112,8 +116,9 @@ def read_step(
                     got = os.preadv(fd, [data], offset, _NOWAIT)
                 except BlockingIOError:
                     return None
-                except OSError:  # this filesystem cannot (EOPNOTSUPP), or worse: a thread tells
-                    _no_nowait.add(cached_on)
+                except OSError as e:  # a thread's blocking read tells what is wrong
+                    if e.errno in _CANNOT:
+                        _no_nowait.add(cached_on)  # this filesystem cannot (tmpfs, NFS)
                     return None
                 if got != nbytes:  # partly cached, or cut short: the blocking read tells
                     return None

@@ -148,30 +148,60 @@ def _compare(local: logitstore.LogitStore, body: bytes, a: int, b: int) -> None:
     assert at == b, (a, b)  # every position compared
 
 
-@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("reading", ["cached", "no-nowait", "switch", "large"])
 @pytest.mark.parametrize("held", [2, 1000])
 def test_many_steps_through_reused_buffers_stay_bit_identical(
-    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch, held: int, cached: bool
+    stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch, held: int, reading: str
 ) -> None:
     """The server streams views of step buffers it reuses (server/chunks.py), and the
     transport keeps views of what the socket has not taken (server/cycle.py). Here each step
     is many pieces and the consumer keeps the last ``held`` pieces as views, copying a piece
     only when it leaves that window (1000: nearly the whole answer, as a client that stopped
     reading): a buffer refilled while viewed shows as a chunk failing its checksum or a
-    wrong row. Both ways of reading steps: from the page cache when their turn comes, and (a
-    filesystem that cannot say what is cached) in a thread, each while the one before is
-    sent."""
+    wrong row. Every way of reading steps (server/steps.py): from the page cache when their
+    turn comes; in a thread each while the one before is sent (a system without RWF_NOWAIT,
+    or steps larger than the loop reads); and a filesystem found mid-stream to refuse
+    RWF_NOWAIT, which moves the stream from the first way to the second."""
     import asyncio
     from collections import deque
 
-    from logitstore_server import send, steps
+    from logitstore_server import chunks, send, steps
     from logitstore_server.chunks import _body, chunk_stream_layout
     from logitstore_server.deps import Span
     from logitstore_server.metrics import Metrics
 
     monkeypatch.setattr(send, "PIECE_BYTES", 4096)
-    if not cached:
+    monkeypatch.setattr(steps, "_no_nowait", set())  # what this test learns stays here
+    calls, refused = [0], [0]
+    if reading == "no-nowait":
         monkeypatch.setattr(steps, "_NOWAIT", None)
+    elif reading == "large":
+        monkeypatch.setattr(steps, "LOOP_READ_BYTES", 512)
+        monkeypatch.setattr(chunks, "LOOP_READ_BYTES", 512)
+    elif reading == "switch":
+        import errno
+        import os
+
+        real = os.preadv
+        probe = os.open(stores["topk"] / "zarr.json", os.O_RDONLY)
+        try:
+            real(probe, [bytearray(1)], 0, getattr(os, "RWF_NOWAIT", 0) or -1)
+        except BlockingIOError:
+            pass
+        except (OSError, ValueError):
+            pytest.skip("this filesystem cannot read without waiting: nothing to switch from")
+        finally:
+            os.close(probe)
+
+        def preadv(fd: int, buffers: list, offset: int, flags: int = 0) -> int:
+            if flags:  # a read from the event loop: every 3rd is refused
+                calls[0] += 1
+                if calls[0] % 3 == 0:
+                    refused[0] += 1
+                    raise OSError(errno.EOPNOTSUPP, "not supported")
+            return real(fd, buffers, offset, flags)
+
+        monkeypatch.setattr(steps.os, "preadv", preadv)
     for name in ("topk", "full", "sampled", "tokens"):
         local = logitstore.open(stores[name])
         n = len(local)
@@ -190,7 +220,12 @@ def test_many_steps_through_reused_buffers_stay_bit_identical(
             return b"".join(out)
 
         for a, b in [(0, n), (255, n - 300), (1000, 1700)]:
+            steps._no_nowait.clear()  # each range starts on the loop ("switch": is moved)
+            before = refused[0]
             _compare(local, asyncio.run(consume(local, layout, a, b)), a, b)
+            if refused[0] > before:  # the refusal is remembered: the rest went to threads
+                assert steps._no_nowait, (name, a, b)
+    assert reading != "switch" or refused[0] >= 4  # streams were moved mid-way
 
 
 def test_a_client_reading_slowly_gets_every_byte_exactly(tmp_path: Path) -> None:

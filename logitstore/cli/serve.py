@@ -66,7 +66,7 @@ def add_parsers(sub: Any) -> None:
         "--block-positions",
         type=int,
         default=1 << 14,
-        help="positions per streamed block (default 16384); memory is ~2 blocks per stream",
+        help="positions per streamed block (default 16384); memory is ~2-3 blocks per stream",
     )
     sv.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     sv.set_defaults(func=_serve)
