@@ -27,21 +27,19 @@ from typing import Any
 import numpy as np
 
 from ..errors import ProtocolError, StreamMismatchError
+
+# The shards' chunks (the server's copy, a local reader's fast path) live in shards.py and
+# chunk_decode.py; named here too, where the server and the tests have always found them.
+from .chunk_decode import CHUNK_CODECS, decode_chunk, decode_chunk_into
 from .metadata import StoreMetadata
 from .protocol import encode_header, read_error_record, read_header
 from .schema import StoredRows, columns, rows_from_columns
-
-# The shards' chunks (the server's copy, a local reader's fast path) live in shards.py;
-# named here too, where the server and the tests have always found them.
 from .shards import (
-    CHUNK_CODECS,
     ChunkColumn,
     ShardFiles,
     chunk_bytes,
     chunk_layout,
     chunk_plan,
-    decode_chunk,
-    decode_chunk_into,
     read_chunked,
 )
 

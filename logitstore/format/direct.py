@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from .chunk_decode import into_place
 from .codec import Batch, decode_candidates_into, decode_rows
 from .metadata import StoreMetadata
 from .schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
-from .shards import ChunkColumn, ShardFiles, chunk_bytes, chunk_plan, into_place, read_chunked
+from .shards import ChunkColumn, ShardFiles, chunk_bytes, chunk_plan, read_chunked
 
 __all__ = ["Alloc", "read_decoded"]
 

@@ -2,8 +2,8 @@
 sends (server/chunks.py) and what a local reader decodes without zarr's per-chunk machinery.
 
 Every chunk is checked as zarr checks it (the shard index's CRC-32C and bounds, the chunk's
-own CRC-32C), then decompressed by the codec its array names, straight into the memory it
-belongs in when the whole chunk is wanted.
+own CRC-32C), then decompressed by the codec its array names (chunk_decode.py), straight
+into the memory it belongs in when the whole chunk is wanted.
 """
 
 from __future__ import annotations
@@ -16,108 +16,25 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import crc32c
 import numpy as np
-from numcodecs import blosc
-from numcodecs.zstd import Zstd
 
-from ..errors import CorruptStoreError, ProtocolError
+from ..errors import CorruptStoreError
+from .chunk_decode import CHUNK_CODECS, checked, into_place
 from .metadata import StoreMetadata
 from .schema import StoredRows, columns, rows_from_columns
 from .storage import shard_file
 from .validate import check_shard_index
 
 __all__ = [
-    "CHUNK_CODECS",
     "ChunkColumn",
     "ShardFiles",
-    "checked",
     "chunk_bytes",
     "chunk_layout",
     "chunk_plan",
-    "decode_chunk",
-    "decode_chunk_into",
-    "into_place",
     "read_chunked",
 ]
-
-#: the compressors a reader decodes (each inner chunk: bytes → one of these → crc32c)
-CHUNK_CODECS = ("zstd", "blosc")
-_ZSTD = Zstd()
-
-
-def _checked_body(data: bytes) -> memoryview:
-    # The compressed bytes of a stored chunk, after its trailing CRC-32C is checked.
-    if len(data) < 4:
-        raise ProtocolError(f"a chunk of {len(data)} bytes has no room for its checksum")
-    body = memoryview(data)[:-4]
-    (crc,) = struct.unpack("<I", data[-4:])
-    if crc32c.crc32c(body) != crc:
-        raise ProtocolError("chunk CRC-32C mismatch (corrupted in transit or on disk)")
-    return body
-
-
-def _declared_size(body: memoryview, codec: str) -> int | None:
-    """The decoded size a compressed chunk's own header declares, or ``None`` if it declares
-    none: blosc's ``nbytes`` (header bytes 4-7), a zstd frame's content size (RFC 8878
-    §3.1.1.1)."""
-    if codec == "blosc":
-        return int.from_bytes(body[4:8], "little") if len(body) >= 16 else None
-    if len(body) < 6 or bytes(body[:4]) != b"\x28\xb5\x2f\xfd":
-        return None
-    descriptor = body[4]
-    fcs, single, dictionary = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
-    at = 5 + (1 - single) + (0, 1, 2, 4)[dictionary]  # after the window and dictionary ids
-    width = (single, 2, 4, 8)[fcs]
-    if width == 0 or len(body) < at + width:
-        return None
-    size = int.from_bytes(body[at : at + width], "little")
-    return size + 256 if width == 2 else size
-
-
-def decode_chunk(data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
-    """Stored inner-chunk bytes → the array they hold, after checking their CRC-32C.
-
-    Raises:
-        ProtocolError: the checksum, the codec's frame or the decoded size is wrong.
-    """
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if not data:  # not in the shard: the fill value
-        return np.zeros(shape, dtype=dtype)
-    body = _checked_body(data)
-    try:
-        raw = _ZSTD.decode(body) if codec == "zstd" else blosc.decompress(body)
-    except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
-        raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None
-    if len(raw) != nbytes:
-        raise ProtocolError(f"chunk holds {len(raw)} bytes, expected {nbytes}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def decode_chunk_into(data: bytes, codec: str, out: np.ndarray) -> None:
-    """:func:`decode_chunk` into ``out`` (C-contiguous, the chunk's dtype and shape): the
-    codec writes straight into it, with no decoded copy in between.
-
-    Raises:
-        ProtocolError: as :func:`decode_chunk`.
-    """
-    if not data:
-        out.fill(0)
-        return
-    body = _checked_body(data)
-    if _declared_size(body, codec) != out.nbytes:  # wrong, or not declared: the slow path
-        out[...] = decode_chunk(data, codec, out.dtype, out.shape)
-        return
-    try:  # the declared size is out's: the codec fills all of it, or fails
-        if codec == "zstd":
-            _ZSTD.decode(body, out=out)
-        else:
-            blosc.decompress(body, out)
-    except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
-        raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None
-
 
 _ABSENT = (1 << 64) - 1  # a shard index entry for a chunk that was never written
 _indexes: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
@@ -313,29 +230,3 @@ def read_chunked(
                     out[lo - start : hi - start] = arr[lo - first : hi - first]
             arrays[col.name] = out
     return rows_from_columns(md, arrays, n)
-
-
-def checked(
-    data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...], where: str
-) -> Any:
-    """:func:`decode_chunk` of a chunk read from this machine's disk: damage is the store's.
-
-    Raises:
-        CorruptStoreError: naming ``where``.
-    """
-    try:
-        return decode_chunk(data, codec, dtype, shape)
-    except ProtocolError as e:
-        raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None
-
-
-def into_place(data: bytes, codec: str, out: np.ndarray, where: str) -> None:
-    """:func:`decode_chunk_into` of a chunk read from this machine's disk.
-
-    Raises:
-        CorruptStoreError: naming ``where``.
-    """
-    try:
-        decode_chunk_into(data, codec, out)
-    except ProtocolError as e:
-        raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None
