@@ -35,9 +35,9 @@ from .deps import Span
 from .metrics import Metrics, mark_failed
 from .send import pieces
 from .steps import (
-    LOOP_READ_BYTES,
     StepBuffers,
     can_read_cached,
+    fits_loop,
     read_from_disk,
     read_step,
     shards,
@@ -110,7 +110,7 @@ async def _body(
                     opened |= touched
             buf, n = got
             buffers.keep(place, buf)
-            threaded = threaded or n > LOOP_READ_BYTES
+            threaded = threaded or not fits_loop(n)
             if nxt is not None and (threaded or not can_read_cached(device)):
                 # steps too large for the loop, or a filesystem that cannot read without
                 # waiting: the next step is read in a thread while this one is sent, into a

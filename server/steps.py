@@ -24,9 +24,8 @@ import errno
 import os
 from pathlib import Path
 
-import crc32c
-
 import logitstore
+from logitstore.format.chunk_decode import crc_ok
 from logitstore.format.chunks import CHUNK_HEAD_BYTES, ChunkColumn, ShardFiles, pack_chunk_head
 
 __all__ = [
@@ -34,6 +33,7 @@ __all__ = [
     "StepBuffers",
     "advise",
     "can_read_cached",
+    "fits_loop",
     "read_from_disk",
     "read_step",
     "shards",
@@ -70,6 +70,11 @@ def steps(plan: Step, positions: int) -> list[Step]:
     return out
 
 
+def fits_loop(nbytes: int) -> bool:
+    """Whether a step of ``nbytes`` may be read on the event loop."""
+    return nbytes <= LOOP_READ_BYTES
+
+
 def can_read_cached(device: int) -> bool:
     """Whether steps of a store on ``device`` may be tried from the page cache."""
     return _NOWAIT is not None and device not in _no_nowait
@@ -99,7 +104,7 @@ def read_step(
     with ShardFiles() as files:
         where = [files.locate(root, layout[i], chunk) for _, i, chunk in items]
         total = sum(CHUNK_HEAD_BYTES + w[2] for w in where)
-        if cached_on is not None and (_NOWAIT is None or total > LOOP_READ_BYTES):
+        if cached_on is not None and (_NOWAIT is None or not fits_loop(total)):
             return None
         if len(buf) < total:
             buf = bytearray(total + total // 8)  # a little slack: steps differ in size
@@ -126,7 +131,7 @@ def read_step(
                 raise logitstore.CorruptStoreError(
                     f"shard {path} is cut short; run `logitstore verify`"
                 )
-            if nbytes < 4 or crc32c.crc32c(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            if not crc_ok(data):
                 raise logitstore.CorruptStoreError(
                     f"array {c.name!r}, chunk {chunk} (in shard {path}) fails its CRC-32C on "
                     "the server's disk; run `logitstore verify`"
@@ -149,7 +154,7 @@ def read_from_disk(
 
 def shards(layout: list[ChunkColumn], items: Step) -> set[tuple[int, int]]:
     """``(column, shard)`` of every chunk of ``items``."""
-    return {(i, chunk // (layout[i].shard_rows // layout[i].rows)) for _, i, chunk in items}
+    return {(i, layout[i].shard_of(chunk)[0]) for _, i, chunk in items}
 
 
 def advise(root: Path, layout: list[ChunkColumn], items: Step) -> None:

@@ -6,7 +6,6 @@ The chunks come from a shard on this disk (shards.py) or from the compressed str
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import crc32c
@@ -16,22 +15,34 @@ from numcodecs.zstd import Zstd
 
 from ..errors import CorruptStoreError, ProtocolError
 
-__all__ = ["CHUNK_CODECS", "checked", "decode_chunk", "decode_chunk_into", "into_place"]
+__all__ = [
+    "CHUNK_CODECS",
+    "checked",
+    "crc_ok",
+    "decode_chunk",
+    "decode_chunk_into",
+    "into_place",
+]
 
 #: the compressors a reader decodes (each inner chunk: bytes → one of these → crc32c)
 CHUNK_CODECS = ("zstd", "blosc")
 _ZSTD = Zstd()
 
 
+def crc_ok(data: bytes | memoryview) -> bool:
+    """Whether a stored chunk's trailing CRC-32C (little-endian) matches the bytes before it
+    (``False`` for a chunk too short to hold one)."""
+    view = memoryview(data)  # slices without copying the chunk
+    return len(view) >= 4 and crc32c.crc32c(view[:-4]) == int.from_bytes(view[-4:], "little")
+
+
 def _checked_body(data: bytes) -> memoryview:
     # The compressed bytes of a stored chunk, after its trailing CRC-32C is checked.
     if len(data) < 4:
         raise ProtocolError(f"a chunk of {len(data)} bytes has no room for its checksum")
-    body = memoryview(data)[:-4]
-    (crc,) = struct.unpack("<I", data[-4:])
-    if crc32c.crc32c(body) != crc:
+    if not crc_ok(data):
         raise ProtocolError("chunk CRC-32C mismatch (corrupted in transit or on disk)")
-    return body
+    return memoryview(data)[:-4]
 
 
 def _declared_size(body: memoryview, codec: str) -> int | None:

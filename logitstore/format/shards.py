@@ -51,6 +51,10 @@ class ChunkColumn:
     shard_rows: int  # positions per shard
     codec: str  # "zstd" or "blosc"
 
+    def shard_of(self, chunk: int) -> tuple[int, int]:
+        """Inner chunk ``chunk`` as (shard, inner chunk within that shard)."""
+        return divmod(chunk, self.shard_rows // self.rows)
+
 
 def chunk_layout(root: Path, md: StoreMetadata) -> list[ChunkColumn] | None:
     """The store's per-position arrays, in schema order, or ``None`` if one is not
@@ -163,8 +167,7 @@ class ShardFiles:
                 chunks holding positions, which are always written (FORMAT.md §4): reading
                 one as zeros would hand out data the store does not hold.
         """
-        per_shard = c.shard_rows // c.rows
-        shard, inner = divmod(chunk, per_shard)
+        shard, inner = c.shard_of(chunk)
         hit = self._open.get((c.name, shard))
         if hit is None:
             if self._root is None:
@@ -172,7 +175,7 @@ class ShardFiles:
             elif root != self._root:
                 raise ValueError(f"one ShardFiles reads one store: {self._root}, not {root}")
             path = shard_file(root, c.name, c.ndim, shard)
-            index = _shard_index(path, per_shard)
+            index = _shard_index(path, c.shard_rows // c.rows)
             hit = self._open[c.name, shard] = (os.open(path, os.O_RDONLY), index, path)
         fd, index, path = hit
         offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
