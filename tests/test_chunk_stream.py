@@ -355,10 +355,13 @@ def _read_slowly(port: int, name: str, n: int) -> bytes:
 
 
 class CuttingProxy:
-    """A TCP proxy that cuts the first position stream after ``cut`` bytes of its answer."""
+    """A TCP proxy that cuts the first position stream after ``cut`` bytes of its answer.
+    On the connections numbered in ``rows_on`` (0: the first) it asks for the row stream
+    whatever the client accepts, as a server without the compressed stream would answer."""
 
-    def __init__(self, port: int, cut: int) -> None:
+    def __init__(self, port: int, cut: int, rows_on: frozenset[int] = frozenset()) -> None:
         self.target, self.cut, self.cuts = port, cut, 0
+        self.rows_on, self.connections = rows_on, 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
@@ -372,7 +375,8 @@ class CuttingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            state = {"streaming": False}
+            state = {"streaming": False, "rows": self.connections in self.rows_on}
+            self.connections += 1
             threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
             threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
 
@@ -381,6 +385,8 @@ class CuttingProxy:
             while data := src.recv(65536):
                 if b"/positions" in data:
                     state["streaming"] = True
+                if state["rows"]:
+                    data = data.replace(CHUNKS_MEDIA_TYPE.encode(), b"*/*")
                 dst.sendall(data)
         except OSError:
             pass
@@ -423,6 +429,29 @@ def test_a_dropped_connection_resumes_from_the_last_verified_rows(
         assert _same(got, local.read(0, n))
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("rows_on", [frozenset({0}), frozenset(range(1, 64))])
+def test_a_read_resumed_in_the_other_stream_is_whole(
+    stores: dict[str, Path], rows_on: frozenset[int]
+) -> None:
+    """A read cut in a row stream and resumed in the compressed one, or the other way round
+    (a retry another server answers): the rows already verified and the rest are one result,
+    bit-identical to the local read."""
+    local = logitstore.open(stores["topk"])
+    n = len(local)
+    srv = Server([stores["topk"]], "--block-positions", "256").start()  # rows verified early
+    proxy = CuttingProxy(srv.port, cut=60_000, rows_on=rows_on)
+    try:
+        url = f"http://127.0.0.1:{proxy.port}/v1/stores/topk"
+        remote = logitstore.RemoteStore(url, backoff=0.01)
+        got = remote.read(3, n - 5)
+        assert proxy.cuts == 1 and remote.retried == 1
+        assert _same(got, local.read(3, n - 5))
+        assert _same(remote.read(0, n), local.read(0, n))  # and uncut, in the later stream
+    finally:
+        proxy.close()
+        srv.stop()
 
 
 def test_a_damaged_chunk_is_caught_by_its_checksum(tmp_path: Path, stores) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "ChunkColumn",
     "ChunkParser",
     "ShardFiles",
+    "alloc_columns",
     "chunk_bytes",
     "chunk_layout",
     "chunk_plan",
@@ -95,19 +96,36 @@ class ChunkParser:
     """Reads one compressed stream through ``read_exactly`` and checks it as the row stream's
     parser does (header against request and store, every chunk's checksum and place, the end
     record). ``rows()`` yields ``(start, StoredRows)`` as soon as every column covers them;
-    ``position`` is where the verified rows stop, so a cut stream resumes from there."""
+    ``position`` is where the verified rows stop, so a cut stream resumes from there.
+
+    Chunks are decoded straight into ``into`` (arrays by column name whose row 0 is position
+    ``at``, covering ``[start, stop)``: e.g. one read's result, reused across its retries),
+    or into arrays the parser allocates for ``[start, stop)``; the rows handed over are views
+    of them. A chunk that lies wholly inside the range is decompressed in place, with no
+    decoded copy; one cut by the range's ends is decoded aside and its rows copied."""
 
     def __init__(
-        self, read_exactly: Callable[[int], bytes], md: StoreMetadata, start: int, stop: int
+        self,
+        read_exactly: Callable[[int], bytes],
+        md: StoreMetadata,
+        start: int,
+        stop: int,
+        into: dict[str, np.ndarray] | None = None,
+        at: int | None = None,
     ) -> None:
         self._read = read_exactly
         self.md, self.start, self.stop = md, start, stop
         self.position = start
         self._cols = columns(md)
         self._header()
-        # Per column: decoded chunks not yet handed out, and where the next one must start.
-        self._pending: list[list[tuple[int, np.ndarray]]] = [[] for _ in self._cols]
-        self._covered = [start] * len(self._cols)
+        if into is None:
+            into, at = alloc_columns(md, stop - start), start
+        self._at = start if at is None else at
+        self._out = [into[c.name] for c in self._cols]
+        for c, out in zip(self._cols, self._out, strict=True):
+            if len(out) < stop - self._at or self._at > start or not out.flags.c_contiguous:
+                raise ValueError(f"{c.name}: {out.shape} does not cover [{start}, {stop})")
+        self._covered = [start] * len(self._cols)  # per column: where the next chunk starts
 
     def _header(self) -> None:
         info = read_header(
@@ -154,7 +172,7 @@ class ChunkParser:
             run = ready - self.position
             if run >= _YIELD_ROWS or (ready == self.stop and run > 0):
                 start = self.position
-                yield start, self._take(ready)
+                yield start, self._view(start, ready)
                 self.position = ready
 
     def _chunk(self, col: int, first: int, rows: int, nbytes: int) -> None:
@@ -167,30 +185,29 @@ class ChunkParser:
                 f"chunk of {self._cols[col].name} at {first} ({rows} rows) does not continue "
                 f"at position {want} in chunks of {inner}"
             )
-        if nbytes > 2 * rows * self._cols[col].row_nbytes + (1 << 16):  # incompressible + frame
-            raise ProtocolError(f"chunk of {nbytes} bytes is implausibly large")
         c = self._cols[col]
-        dtype = np.dtype(c.dtype).newbyteorder("<")
-        arr = decode_chunk(self._read(nbytes), self._codecs[col], dtype, c.shape(rows))
-        lo = want - first  # rows of this chunk before the verified position: not ours
-        self._pending[col].append((want, arr[lo:]))
+        if nbytes > 2 * rows * c.row_nbytes + (1 << 16):  # incompressible + frame
+            raise ProtocolError(f"chunk of {nbytes} bytes is implausibly large")
+        end = min(first + rows, self.stop)  # rows past the range's stop are not ours
+        dest = self._out[col][want - self._at : end - self._at]
+        data = self._read(nbytes)
+        if want == first and end == first + rows:  # the whole chunk is ours: in place
+            decode_chunk_into(data, self._codecs[col], dest)
+        else:  # rows before the verified position, or past the stop: decoded aside
+            dtype = np.dtype(c.dtype).newbyteorder("<")
+            dest[...] = decode_chunk(data, self._codecs[col], dtype, c.shape(rows))[
+                want - first : end - first
+            ]
         self._covered[col] = first + rows
 
-    def _take(self, stop: int) -> StoredRows:
-        """Rows ``[position, stop)`` from every column's pending chunks."""
-        n = stop - self.position
-        arrays: dict[str, np.ndarray] = {}
-        for i, c in enumerate(self._cols):
-            parts, rest, need = [], [], n
-            for at, arr in self._pending[i]:
-                if need > 0:
-                    parts.append(arr[:need])
-                    if len(arr) > need:
-                        rest.append((at + need, arr[need:]))
-                    need -= len(parts[-1])
-                else:
-                    rest.append((at, arr))
-            self._pending[i] = rest
-            # A copy: the rows own their memory (a slice would keep the whole chunk alive).
-            arrays[c.name] = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-        return rows_from_columns(self.md, arrays, n)
+    def _view(self, start: int, stop: int) -> StoredRows:
+        """Rows ``[start, stop)`` as views of the arrays the chunks were decoded into."""
+        a, b = start - self._at, stop - self._at
+        arrays = {c.name: out[a:b] for c, out in zip(self._cols, self._out, strict=True)}
+        return rows_from_columns(self.md, arrays, stop - start)
+
+
+def alloc_columns(md: StoreMetadata, n: int) -> dict[str, np.ndarray]:
+    """Uninitialised arrays for ``n`` stored positions, by column name, in the byte order the
+    chunks hold (little-endian)."""
+    return {c.name: np.empty(c.shape(n), np.dtype(c.dtype).newbyteorder("<")) for c in columns(md)}

@@ -27,10 +27,10 @@ from ..errors import (
     RemoteError,
     StoreNotFoundError,
 )
-from ..format.chunks import CHUNKS_MEDIA_TYPE, ChunkParser
+from ..format.chunks import CHUNKS_MEDIA_TYPE, ChunkParser, alloc_columns
 from ..format.metadata import StoreMetadata
 from ..format.protocol import ERROR_TYPES, StreamParser
-from ..format.schema import StoredRows, empty_rows
+from ..format.schema import StoredRows, empty_rows, rows_from_columns
 from ..format.validate import check_offsets
 from .store import StoreBase, check_range
 
@@ -223,30 +223,46 @@ class RemoteStore(StoreBase):
     def read_stored(self, start: int, stop: int) -> StoredRows:
         """Positions ``[start, stop)`` as stored, streamed and verified (PROTOCOL.md)."""
         start, stop = check_range(start, stop, len(self))
-        parts: list[StoredRows] = []
+        md, n = self.metadata, stop - start
+        parts: list[StoredRows] = []  # row-stream blocks, joined at the end
+        # Once the server sends chunks: the whole result, which they are decoded into.
+        whole: StoredRows | None = None
+        into: dict[str, np.ndarray] = {}
         position = start
 
-        def attempt(stop: int) -> None:
-            nonlocal position
-            resp = self._request(f"/positions?start={position}&stop={stop}", self._accept)
+        def attempt(piece_stop: int) -> None:
+            nonlocal position, whole
+            resp = self._request(f"/positions?start={position}&stop={piece_stop}", self._accept)
 
-            def read_exactly(n: int) -> bytes:
-                buf = bytearray(n)
+            def read_exactly(k: int) -> bytes:
+                buf = bytearray(k)
                 view, got = memoryview(buf), 0
-                while got < n:
-                    k = resp.readinto(view[got:])
-                    if not k:
+                while got < k:
+                    r = resp.readinto(view[got:])
+                    if not r:
                         raise ProtocolError(f"stream cut short after position {position}")
-                    got += k
+                    got += r
                 return buf  # type: ignore[return-value]  # writable, so arrays are too
 
             # The server chose: its compressed chunks (PROTOCOL.md §2.1), or rows (§2).
-            if (resp.getheader("Content-Type") or "").startswith(CHUNKS_MEDIA_TYPE):
-                blocks = ChunkParser(read_exactly, self.metadata, position, stop).rows()
+            chunked = (resp.getheader("Content-Type") or "").startswith(CHUNKS_MEDIA_TYPE)
+            if chunked and whole is None:
+                into.update(alloc_columns(md, n))
+                whole = rows_from_columns(md, into, n)
+                at = 0
+                for part in parts:  # rows an earlier attempt got from a row stream
+                    _put(whole, part, at)
+                    at += len(part.input_ids)
+                parts.clear()
+            if chunked:
+                blocks = ChunkParser(read_exactly, md, position, piece_stop, into, start).rows()
             else:
-                blocks = StreamParser(read_exactly, self.metadata, position, stop).blocks()
-            for block_start, rows in blocks:
-                parts.append(rows)  # verified: a retry resumes after it
+                blocks = StreamParser(read_exactly, md, position, piece_stop).blocks()
+            for block_start, rows in blocks:  # verified: a retry resumes after each
+                if whole is None:
+                    parts.append(rows)
+                elif not chunked:  # a row stream after chunks (another server's answer)
+                    _put(whole, rows, block_start - start)
                 position = block_start + len(rows.input_ids)
             if resp.read(1):  # the end record is the last byte; reading on frees the connection
                 raise ProtocolError("data after the end record")
@@ -257,9 +273,11 @@ class RemoteStore(StoreBase):
             stop_here = min(piece_stop, stop)
             if position < stop_here:
                 self._retrying(lambda s=stop_here: attempt(s))
+        if whole is not None:
+            return whole
         if len(parts) == 1:
             return parts[0]
-        return _concat(parts, self.metadata, stop - start)
+        return _concat(parts, md, n)
 
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         import tokenizers
@@ -279,6 +297,13 @@ class RemoteStore(StoreBase):
 
     def nbytes_stored(self) -> int:
         return int(self.info["bytes_on_disk"])
+
+
+def _put(whole: StoredRows, part: StoredRows, at: int) -> None:
+    """Copy ``part`` into ``whole`` from row ``at``."""
+    for dst, src in zip(whole, part, strict=True):
+        if src is not None and dst is not None:  # the same columns: both or neither
+            dst[at : at + len(src)] = src
 
 
 def _concat(parts: list[StoredRows], md: StoreMetadata, n: int) -> StoredRows:
