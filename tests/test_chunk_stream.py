@@ -362,6 +362,7 @@ class CuttingProxy:
     def __init__(self, port: int, cut: int, rows_on: frozenset[int] = frozenset()) -> None:
         self.target, self.cut, self.cuts = port, cut, 0
         self.rows_on, self.connections = rows_on, 0
+        self.requests: list[tuple[int, str]] = []  # (start, "rows" or "chunks") of each stream
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
@@ -385,6 +386,9 @@ class CuttingProxy:
             while data := src.recv(65536):
                 if b"/positions" in data:
                     state["streaming"] = True
+                    start = int(data.split(b"start=", 1)[1].split(b"&", 1)[0])
+                    chunks = CHUNKS_MEDIA_TYPE.encode() in data and not state["rows"]
+                    self.requests.append((start, "chunks" if chunks else "rows"))
                 if state["rows"]:
                     data = data.replace(CHUNKS_MEDIA_TYPE.encode(), b"*/*")
                 dst.sendall(data)
@@ -416,8 +420,11 @@ class CuttingProxy:
 
 
 def test_a_dropped_connection_resumes_from_the_last_verified_rows(
-    server: Server, stores: dict[str, Path]
+    server: Server, stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Runs of 100 rows: the retry starts after rows already decoded into the result, which
+    # it must keep.
+    monkeypatch.setattr("logitstore.format.chunks._YIELD_ROWS", 100)
     local = logitstore.open(stores["full"])  # the largest: chunks of 256 x 300 fp16
     n = len(local)
     proxy = CuttingProxy(server.port, cut=400_000)
@@ -426,6 +433,8 @@ def test_a_dropped_connection_resumes_from_the_last_verified_rows(
         remote = logitstore.RemoteStore(url, backoff=0.01)
         got = remote.read(0, n)
         assert proxy.cuts == 1 and remote.retried >= 1  # it was cut, and resumed
+        (a, kind_a), (b, kind_b) = proxy.requests
+        assert kind_a == kind_b == "chunks" and a == 0 < b < n, proxy.requests
         assert _same(got, local.read(0, n))
     finally:
         proxy.close()
@@ -433,11 +442,12 @@ def test_a_dropped_connection_resumes_from_the_last_verified_rows(
 
 @pytest.mark.parametrize("rows_on", [frozenset({0}), frozenset(range(1, 64))])
 def test_a_read_resumed_in_the_other_stream_is_whole(
-    stores: dict[str, Path], rows_on: frozenset[int]
+    stores: dict[str, Path], rows_on: frozenset[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A read cut in a row stream and resumed in the compressed one, or the other way round
     (a retry another server answers): the rows already verified and the rest are one result,
     bit-identical to the local read."""
+    monkeypatch.setattr("logitstore.format.chunks._YIELD_ROWS", 100)  # resumes mid-chunk
     local = logitstore.open(stores["topk"])
     n = len(local)
     srv = Server([stores["topk"]], "--block-positions", "256").start()  # rows verified early
@@ -447,6 +457,9 @@ def test_a_read_resumed_in_the_other_stream_is_whole(
         remote = logitstore.RemoteStore(url, backoff=0.01)
         got = remote.read(3, n - 5)
         assert proxy.cuts == 1 and remote.retried == 1
+        (a, kind_a), (b, kind_b) = proxy.requests
+        assert a == 3 < b and {kind_a, kind_b} == {"rows", "chunks"}, proxy.requests
+        assert kind_a == ("rows" if 0 in rows_on else "chunks")
         assert _same(got, local.read(3, n - 5))
         assert _same(remote.read(0, n), local.read(0, n))  # and uncut, in the later stream
     finally:

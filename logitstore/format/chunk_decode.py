@@ -63,6 +63,22 @@ def _declared_size(body: memoryview, codec: str) -> int | None:
     return size + 256 if width == 2 else size
 
 
+def _declares(body: memoryview, codec: str, nbytes: int) -> bool:
+    """Whether the frame declares its decoded size, which must then be ``nbytes``.
+
+    Raises:
+        ProtocolError: it declares another size (a stored chunk declares its own exactly),
+            or a blosc frame's compressed size is not the bytes it came in (c-blosc would read
+            past them).
+    """
+    if codec == "blosc" and (len(body) < 16 or int.from_bytes(body[12:16], "little") != len(body)):
+        raise ProtocolError(f"blosc frame of {len(body)} bytes declares another length")
+    declared = _declared_size(body, codec)
+    if declared is not None and declared != nbytes:
+        raise ProtocolError(f"chunk holds {declared} bytes, expected {nbytes}")
+    return declared is not None
+
+
 def decode_chunk(data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
     """Stored inner-chunk bytes → the array they hold, after checking their CRC-32C.
 
@@ -73,6 +89,7 @@ def decode_chunk(data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int
     if not data:  # not in the shard: the fill value
         return np.zeros(shape, dtype=dtype)
     body = _checked_body(data)
+    _declares(body, codec, nbytes)
     try:
         raw = _ZSTD.decode(body) if codec == "zstd" else blosc.decompress(body)
     except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
@@ -93,7 +110,7 @@ def decode_chunk_into(data: bytes, codec: str, out: np.ndarray) -> None:
         out.fill(0)
         return
     body = _checked_body(data)
-    if _declared_size(body, codec) != out.nbytes:  # wrong, or not declared: the slow path
+    if not _declares(body, codec, out.nbytes):  # a frame without its size: the slow path
         out[...] = decode_chunk(data, codec, out.dtype, out.shape)
         return
     try:  # the declared size is out's: the codec fills all of it, or fails

@@ -123,8 +123,18 @@ class ChunkParser:
         self._at = start if at is None else at
         self._out = [into[c.name] for c in self._cols]
         for c, out in zip(self._cols, self._out, strict=True):
-            if len(out) < stop - self._at or self._at > start or not out.flags.c_contiguous:
-                raise ValueError(f"{c.name}: {out.shape} does not cover [{start}, {stop})")
+            dtype = np.dtype(c.dtype).newbyteorder("<")
+            if (
+                out.dtype != dtype
+                or out.shape[1:] != c.shape(0)[1:]
+                or not out.flags.c_contiguous
+                or len(out) < stop - self._at
+                or self._at > start
+            ):
+                raise ValueError(
+                    f"{c.name}: a {out.dtype} array {out.shape} cannot hold [{start}, {stop}) "
+                    f"from row {self._at} (expected {dtype}, C-contiguous)"
+                )
         self._covered = [start] * len(self._cols)  # per column: where the next chunk starts
 
     def _header(self) -> None:
@@ -142,9 +152,12 @@ class ChunkParser:
             )
         self._rows: list[int] = []
         self._codecs: list[str] = []
+        shard = self.md.layout.shard_positions  # an inner chunk lies in one shard
         for c in layout:
             rows, codec = c.get("rows"), c.get("codec")
-            if not isinstance(rows, int) or rows < 1 or codec not in CHUNK_CODECS:
+            if not isinstance(rows, int) or not 0 < rows <= shard or shard % rows:
+                raise ProtocolError(f"compressed stream column {c} does not fit the store's shards")
+            if codec not in CHUNK_CODECS:
                 raise ProtocolError(f"compressed stream column {c} is not one this client reads")
             self._rows.append(rows)
             self._codecs.append(codec)
@@ -167,8 +180,8 @@ class ChunkParser:
             _, col, first, rows, nbytes = _CHUNK.unpack(head + self._read(_CHUNK.size - 4))
             self._chunk(col, first, rows, nbytes)
             ready = min(min(self._covered), self.stop)
-            # Hand rows over in runs of _YIELD_ROWS (fewer, larger arrays to join); a cut
-            # stream resumes from the last run handed over.
+            # Hand rows over in runs of _YIELD_ROWS (fewer, larger runs for a caller that
+            # decodes each); a cut stream resumes from the last run handed over.
             run = ready - self.position
             if run >= _YIELD_ROWS or (ready == self.stop and run > 0):
                 start = self.position
@@ -186,6 +199,11 @@ class ChunkParser:
                 f"at position {want} in chunks of {inner}"
             )
         c = self._cols[col]
+        if want >= self.stop:  # only a column's last chunk may end past the range
+            raise ProtocolError(
+                f"chunk of {c.name} at {first}: the column already covers [{self.start}, "
+                f"{self.stop})"
+            )
         if nbytes > 2 * rows * c.row_nbytes + (1 << 16):  # incompressible + frame
             raise ProtocolError(f"chunk of {nbytes} bytes is implausibly large")
         end = min(first + rows, self.stop)  # rows past the range's stop are not ours

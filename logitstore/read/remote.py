@@ -274,6 +274,8 @@ class RemoteStore(StoreBase):
             if position < stop_here:
                 self._retrying(lambda s=stop_here: attempt(s))
         if whole is not None:
+            if position != stop:  # the parsers checked every end record: this cannot differ
+                raise ProtocolError(f"received positions up to {position}, expected {stop}")
             return whole
         if len(parts) == 1:
             return parts[0]
