@@ -353,6 +353,37 @@ def many_clients(
     }
 
 
+def many_clients_pairs(
+    server: Server, k: int, n: int, span: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """:func:`many_clients` for both streams, ``args.repeats`` times in turns (rows, chunks,
+    rows, ...: each pair measured minutes apart at most, so both see the machine alike):
+    each stream's median run, and the chunks ÷ rows ratios as the median over the pairs."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STREAMS}
+    for _ in range(args.repeats):
+        for name, compressed in STREAMS.items():
+            r = many_clients(server, k, n, span, compressed, args.client_processes)
+            runs[name].append(r)
+            print(
+                f"[http] {k:>2} client(s) {name}: {r['decoded_positions_per_s']:,.0f} pos/s, "
+                f"{r['positions_per_cpu_s']:,.0f} per CPU-s",
+                file=sys.stderr,
+                flush=True,
+            )
+    out = []
+    for name in STREAMS:
+        ordered = sorted(runs[name], key=lambda r: r["decoded_positions_per_s"])
+        median = dict(ordered[len(ordered) // 2])
+        median["decoded_positions_per_s_runs"] = [r["decoded_positions_per_s"] for r in runs[name]]
+        median["retried"] = sum(r["retried"] for r in runs[name])  # in every run, not one
+        for key in ("decoded_positions_per_s", "positions_per_cpu_s"):
+            median[f"{key}_vs_rows"] = statistics.median(
+                r[key] / rows[key] for r, rows in zip(runs[name], runs["rows"], strict=True)
+            )
+        out.append(median)
+    return out
+
+
 # -- slow readers -------------------------------------------------------------------------------
 
 
@@ -454,20 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in one_stream(server, n, span, args.repeats, args.wire_mb << 20):
                     one.append({"workers": workers, **r})
                 for k in args.clients:
-                    for compressed in STREAMS.values():
-                        r = many_clients(server, k, n, span, compressed, args.client_processes)
-                        many.append({"workers": workers, **r})
-                        print(
-                            f"[http] --workers {workers}, {k:>2} client(s) {r['stream']}: "
-                            f"{r['decoded_positions_per_s']:,.0f} pos/s, "
-                            f"{r['positions_per_cpu_s']:,.0f} per CPU-s",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                    rows, chunks = many[-2], many[-1]
-                    for key in ("decoded_positions_per_s", "positions_per_cpu_s"):
-                        chunks[f"{key}_vs_rows"] = chunks[key] / rows[key]
-                        rows[f"{key}_vs_rows"] = 1.0
+                    pair = many_clients_pairs(server, k, n, span, args)
+                    many += [{"workers": workers, **r} for r in pair]
                 if workers == args.workers[0] and args.stalled:
                     wire = {
                         r["stream"]: r["wire_bytes_per_position"]
@@ -570,9 +589,13 @@ def write(
         f"at least {MIN_READS} ranges each, after one untimed range that connects and warms "
         "it (a trainer streams for hours: its first read's one-off costs are not its rate); "
         "aggregate decoded positions/s, beside "
-        "the row stream at the same count (target for `chunks`: ≥ 3× rows). Per CPU-s: "
+        "the row stream at the same count (target for `chunks`: ≥ 3× rows). Each cell is "
+        "measured `--repeats` times, in turns with the row stream: the row is the median "
+        "run (`runs`: every run's decoded positions/s, in thousands), and `vs rows` the "
+        "median of the ratios of runs taken side by side. Per CPU-s: "
         "positions over the CPU time of the clients and the server together. `retried`: "
-        "attempts the clients had to repeat (errors hidden by retries; 0 means none).",
+        "attempts the clients had to repeat in all the runs (errors hidden by retries; 0 means "
+        "none).",
         "",
         *md_table(
             [
@@ -586,6 +609,7 @@ def write(
                 "server CPU s per 1M",
                 "client CPU s per 1M",
                 "retried",
+                "runs (k positions/s)",
             ],
             [
                 [
@@ -599,6 +623,7 @@ def write(
                     f"{r['server_cpu_s_per_m']:.3f}",
                     f"{r['client_cpu_s_per_m']:.3f}",
                     str(r["retried"]),
+                    " ".join(f"{x / 1e3:,.0f}" for x in r["decoded_positions_per_s_runs"]),
                 ]
                 for r in many
             ],
