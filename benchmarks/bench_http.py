@@ -354,18 +354,20 @@ def many_clients(
 
 
 def many_clients_pairs(
-    server: Server, k: int, n: int, span: int, args: argparse.Namespace
+    server: Server, k: int, n: int, span: int, args: argparse.Namespace, workers: int
 ) -> list[dict[str, Any]]:
-    """:func:`many_clients` for both streams, ``args.repeats`` times in turns (rows, chunks,
-    rows, ...: each pair measured minutes apart at most, so both see the machine alike):
-    each stream's median run, and the chunks ÷ rows ratios as the median over the pairs."""
+    """:func:`many_clients` for both streams, ``args.repeats`` times in turns (each pair
+    measured back to back, the order alternating, so both see the machine alike): each
+    stream's median run (the lower of two middles), and the chunks ÷ rows ratios as the
+    median over the pairs."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STREAMS}
-    for _ in range(args.repeats):
-        for name, compressed in STREAMS.items():
-            r = many_clients(server, k, n, span, compressed, args.client_processes)
+    for i in range(args.repeats):
+        for name in list(STREAMS)[:: 1 if i % 2 == 0 else -1]:
+            r = many_clients(server, k, n, span, STREAMS[name], args.client_processes)
             runs[name].append(r)
             print(
-                f"[http] {k:>2} client(s) {name}: {r['decoded_positions_per_s']:,.0f} pos/s, "
+                f"[http] --workers {workers}, {k:>2} client(s) {name}: "
+                f"{r['decoded_positions_per_s']:,.0f} pos/s, "
                 f"{r['positions_per_cpu_s']:,.0f} per CPU-s",
                 file=sys.stderr,
                 flush=True,
@@ -373,7 +375,7 @@ def many_clients_pairs(
     out = []
     for name in STREAMS:
         ordered = sorted(runs[name], key=lambda r: r["decoded_positions_per_s"])
-        median = dict(ordered[len(ordered) // 2])
+        median = dict(ordered[(len(ordered) - 1) // 2])
         median["decoded_positions_per_s_runs"] = [r["decoded_positions_per_s"] for r in runs[name]]
         median["retried"] = sum(r["retried"] for r in runs[name])  # in every run, not one
         for key in ("decoded_positions_per_s", "positions_per_cpu_s"):
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in one_stream(server, n, span, args.repeats, args.wire_mb << 20):
                     one.append({"workers": workers, **r})
                 for k in args.clients:
-                    pair = many_clients_pairs(server, k, n, span, args)
+                    pair = many_clients_pairs(server, k, n, span, args, workers)
                     many += [{"workers": workers, **r} for r in pair]
                 if workers == args.workers[0] and args.stalled:
                     wire = {
@@ -590,7 +592,8 @@ def write(
         "it (a trainer streams for hours: its first read's one-off costs are not its rate); "
         "aggregate decoded positions/s, beside "
         "the row stream at the same count (target for `chunks`: ≥ 3× rows). Each cell is "
-        "measured `--repeats` times, in turns with the row stream: the row is the median "
+        "measured `--repeats` times, in turns with the row stream (the order alternating): "
+        "the row is the median "
         "run (`runs`: every run's decoded positions/s, in thousands), and `vs rows` the "
         "median of the ratios of runs taken side by side. Per CPU-s: "
         "positions over the CPU time of the clients and the server together. `retried`: "

@@ -139,21 +139,34 @@ def test_chunks_out_of_place_are_refused(
         _parse(store, _stream(store, a, b, edit), a, b)
 
 
-@pytest.mark.parametrize("rows", [0, 1 << 31, 100])  # none, more than a shard, not dividing it
+@pytest.mark.parametrize("rows", [0, 1 << 31, 100, 256])  # none, huge, not the layout's
 def test_a_header_with_chunks_that_cannot_be_the_stores_is_refused(
     store: logitstore.LogitStore, rows: int
 ) -> None:
     body = _stream(store, 0, 10, rows_of=lambda _: rows)
-    with pytest.raises(ProtocolError, match="does not fit the store's shards"):
+    with pytest.raises(ProtocolError, match="the store's chunks hold"):
         _parse(store, body, 0, 10)
 
 
+def _unsized(frame: bytes) -> bytes:
+    """A zstd frame (single segment, 4-byte content size) rewritten to declare no size: a
+    2**20-byte window instead (RFC 8878 §3.1.1.1)."""
+    assert frame[4] == 0b1010_0000, frame[:8].hex()
+    return frame[:4] + bytes([0, 10 << 3]) + frame[9:]
+
+
 def test_a_zstd_frame_declaring_another_size_is_refused_before_it_is_decoded(
-    store: logitstore.LogitStore,
+    store: logitstore.LogitStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stored chunk declares its own size; a frame declaring more (with a valid checksum)
-    would make the decoder allocate what it says."""
+    is refused before the codec sees it."""
     lying = _with_crc(Zstd().encode(np.zeros(1 << 20, dtype=np.uint8)))
+
+    class Untouchable:
+        def decode(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("the codec was asked to decode a frame that lies")
+
+    monkeypatch.setattr("logitstore.format.chunk_decode._ZSTD", Untouchable())
 
     layout = chunk_layout(Path(store.path), store.metadata)
     assert layout is not None
@@ -169,6 +182,22 @@ def test_a_zstd_frame_declaring_another_size_is_refused_before_it_is_decoded(
     out = np.empty(64, dtype=np.uint8)
     with pytest.raises(ProtocolError, match="holds 1048576 bytes"):
         decode_chunk_into(lying, "zstd", out)
+
+
+def test_a_zstd_frame_without_its_size_decodes_no_further_than_the_chunk() -> None:
+    """A frame that declares no size (legal zstd; this project's writer always declares it)
+    is decoded into the chunk's memory and stops at its end: more is an error, not an
+    allocation of whatever the frame expands to."""
+    data = (np.arange(1 << 20) % 7).astype(np.uint8)
+    frame = _with_crc(_unsized(Zstd().encode(data)))
+    out = np.empty_like(data)
+    decode_chunk_into(frame, "zstd", out)  # the right size: exact
+    assert (out == data).all()
+    for size in (64, len(data) + 10):  # the frame holds more, or less, than the chunk
+        with pytest.raises(ProtocolError, match="does not decompress"):
+            decode_chunk_into(frame, "zstd", np.empty(size, dtype=np.uint8))
+        with pytest.raises(ProtocolError, match="does not decompress"):
+            decode_chunk(frame, "zstd", np.dtype(np.uint8), (size,))
 
 
 def test_a_blosc_frame_whose_compressed_size_lies_is_refused() -> None:
@@ -193,9 +222,24 @@ def test_arrays_that_cannot_hold_the_range_are_refused(store: logitstore.LogitSt
 
     md, body = store.metadata, _stream(store, 0, 10)
     good = alloc_columns(md, 10)
+    wide = {
+        k: np.empty((10, 2 * v.shape[1]), v.dtype) if v.ndim == 2 else v for k, v in good.items()
+    }
+    read_only = {k: v.copy() for k, v in good.items()}
+    for v in read_only.values():
+        v.flags.writeable = False
     for _why, bad in [
         ("short", {k: v[:5] for k, v in good.items()}),
         ("another dtype", {k: v.astype(np.float64) for k, v in good.items()}),
+        ("another width", wide),
+        (
+            "not contiguous",
+            {
+                k: np.asfortranarray(np.empty((10, 2, *v.shape[1:]), v.dtype))[:, 0]
+                for k, v in good.items()
+            },
+        ),
+        ("read-only", read_only),
     ]:
         with pytest.raises(ValueError, match="cannot hold"):
             ChunkParser(io.BytesIO(body).read, md, 0, 10, bad, 0)

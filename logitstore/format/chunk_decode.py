@@ -63,20 +63,21 @@ def _declared_size(body: memoryview, codec: str) -> int | None:
     return size + 256 if width == 2 else size
 
 
-def _declares(body: memoryview, codec: str, nbytes: int) -> bool:
-    """Whether the frame declares its decoded size, which must then be ``nbytes``.
+def _check_frame(body: memoryview, codec: str, nbytes: int) -> None:
+    """What a stored chunk's frame must say before it is decoded into ``nbytes`` bytes.
 
     Raises:
-        ProtocolError: it declares another size (a stored chunk declares its own exactly),
-            or a blosc frame's compressed size is not the bytes it came in (c-blosc would read
-            past them).
+        ProtocolError: a codec this reader does not decode; a frame declaring a decoded size
+            other than ``nbytes`` (a stored chunk declares its own exactly); a blosc frame
+            whose compressed size is not the bytes it came in (c-blosc would read past them).
     """
+    if codec not in CHUNK_CODECS:
+        raise ProtocolError(f"chunk codec {codec!r} is not one of {CHUNK_CODECS}")
     if codec == "blosc" and (len(body) < 16 or int.from_bytes(body[12:16], "little") != len(body)):
         raise ProtocolError(f"blosc frame of {len(body)} bytes declares another length")
     declared = _declared_size(body, codec)
     if declared is not None and declared != nbytes:
         raise ProtocolError(f"chunk holds {declared} bytes, expected {nbytes}")
-    return declared is not None
 
 
 def decode_chunk(data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
@@ -85,38 +86,29 @@ def decode_chunk(data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int
     Raises:
         ProtocolError: the checksum, the codec's frame or the decoded size is wrong.
     """
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if not data:  # not in the shard: the fill value
-        return np.zeros(shape, dtype=dtype)
-    body = _checked_body(data)
-    _declares(body, codec, nbytes)
-    try:
-        raw = _ZSTD.decode(body) if codec == "zstd" else blosc.decompress(body)
-    except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
-        raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None
-    if len(raw) != nbytes:
-        raise ProtocolError(f"chunk holds {len(raw)} bytes, expected {nbytes}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    out = np.empty(shape, dtype=dtype)
+    decode_chunk_into(data, codec, out)
+    return out
 
 
 def decode_chunk_into(data: bytes, codec: str, out: np.ndarray) -> None:
-    """:func:`decode_chunk` into ``out`` (C-contiguous, the chunk's dtype and shape): the
-    codec writes straight into it, with no decoded copy in between.
+    """:func:`decode_chunk` into ``out`` (C-contiguous and writeable, the chunk's dtype and
+    shape): the codec writes straight into it, with no decoded copy in between, and never
+    more than it holds — whatever the frame says, decoding stops at ``out``'s end.
 
     Raises:
-        ProtocolError: as :func:`decode_chunk`.
+        ProtocolError: as :func:`decode_chunk`, or the frame decodes to fewer bytes than
+            ``out`` holds.
     """
-    if not data:
+    if not data:  # not in the shard: the fill value
         out.fill(0)
         return
     body = _checked_body(data)
-    if not _declares(body, codec, out.nbytes):  # a frame without its size: the slow path
-        out[...] = decode_chunk(data, codec, out.dtype, out.shape)
-        return
-    try:  # the declared size is out's: the codec fills all of it, or fails
+    _check_frame(body, codec, out.nbytes)
+    try:  # a zstd frame without its size, too: numcodecs stops at out's end, or fails
         if codec == "zstd":
             _ZSTD.decode(body, out=out)
-        else:
+        else:  # its header declares out's size (checked above)
             blosc.decompress(body, out)
     except Exception as e:  # the codecs raise RuntimeError/ValueError for a bad frame
         raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None

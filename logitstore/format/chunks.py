@@ -128,12 +128,13 @@ class ChunkParser:
                 out.dtype != dtype
                 or out.shape[1:] != c.shape(0)[1:]
                 or not out.flags.c_contiguous
+                or not out.flags.writeable
                 or len(out) < stop - self._at
                 or self._at > start
             ):
                 raise ValueError(
                     f"{c.name}: a {out.dtype} array {out.shape} cannot hold [{start}, {stop}) "
-                    f"from row {self._at} (expected {dtype}, C-contiguous)"
+                    f"from row {self._at} (expected {dtype}, C-contiguous, writeable)"
                 )
         self._covered = [start] * len(self._cols)  # per column: where the next chunk starts
 
@@ -152,11 +153,13 @@ class ChunkParser:
             )
         self._rows: list[int] = []
         self._codecs: list[str] = []
-        shard = self.md.layout.shard_positions  # an inner chunk lies in one shard
-        for c in layout:
+        for c, col in zip(layout, self._cols, strict=True):
             rows, codec = c.get("rows"), c.get("codec")
-            if not isinstance(rows, int) or not 0 < rows <= shard or shard % rows:
-                raise ProtocolError(f"compressed stream column {c} does not fit the store's shards")
+            if rows != col.chunk_positions:  # the store's layout fixes it (FORMAT.md §4)
+                raise ProtocolError(
+                    f"compressed stream column {c}: the store's chunks hold {col.chunk_positions}"
+                    " positions"
+                )
             if codec not in CHUNK_CODECS:
                 raise ProtocolError(f"compressed stream column {c} is not one this client reads")
             self._rows.append(rows)
