@@ -5,8 +5,9 @@ clients stop reading, for the server's memory.
 
 The store is top-64 u8 rows of a real teacher (held-out stdlib text), tiled to
 ``--positions``. Baselines, in the same run: a plain TCP socket on 127.0.0.1 sending as many
-bytes as the larger stream of the whole store takes, into a buffer (the ceiling for one
-stream); and the row stream beside the compressed one. Every rate is given twice: per second
+bytes into a buffer right before each one-stream measurement (the ceiling for one stream,
+taken beside it because this VM's speed drifts); and the row stream beside the compressed
+one. Every rate is given twice: per second
 of wall clock (a share of a loaded machine) and per CPU-second of the processes measured
 (server: the supervisor and its workers, from /proc; clients: ``time.process_time`` in each
 client process), which is what the work costs.
@@ -221,13 +222,27 @@ def wire_rate(server: Server, n: int, accept: str, at_least: int) -> tuple[float
 
 
 def one_stream(
-    server: Server, n: int, span: int, repeats: int, wire_bytes: int
+    server: Server,
+    n: int,
+    span: int,
+    repeats: int,
+    wire_bytes: int,
+    raws: list[tuple[float, float]],
 ) -> list[dict[str, Any]]:
+    """Each stream on one connection, ``repeats`` times, each time right after raw TCP moves
+    as many bytes (appended to ``raws``): this VM's speed drifts over minutes, so each
+    stream is compared with the raw transfer beside it (``vs_raw``: the median of the
+    pairs), then decoded through RemoteStore."""
     out = []
     for name, compressed in STREAMS.items():
         accept = CHUNKS_MEDIA_TYPE if compressed else "*/*"
         wire_rate(server, min(n, 4096), accept, 0)  # warm-up
-        runs = [wire_rate(server, n, accept, wire_bytes) for _ in range(repeats)]
+        runs, pairs = [], []
+        for _ in range(repeats):
+            raw = raw_loopback(max(wire_bytes, 1 << 26))
+            runs.append(wire_rate(server, n, accept, wire_bytes))
+            raws.append(raw)
+            pairs.append((runs[-1][0] / raw[0], runs[-1][1] / raw[1]))
         remote = logitstore.RemoteStore(server.url, compressed=compressed)
         remote.read(0, span, id_dtype=np.int32)
         times, cpu, mine = [], [], []
@@ -245,6 +260,8 @@ def one_stream(
                 "wire_bytes_per_position": runs[0][2] / n,
                 "mb_per_s": statistics.median(r[0] for r in runs) / 1e6,
                 "mb_per_cpu_s": statistics.median(r[1] for r in runs) / 1e6,
+                "vs_raw": statistics.median(x[0] for x in pairs),
+                "vs_raw_per_cpu_s": statistics.median(x[1] for x in pairs),
                 "decoded_positions_per_s": n / statistics.median(times),
                 "server_cpu_s_per_m": statistics.median(cpu) / n * 1e6,
                 "client_cpu_s_per_m": statistics.median(mine) / n * 1e6,
@@ -477,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     one: list[dict[str, Any]] = []
     many: list[dict[str, Any]] = []
     stalled: list[dict[str, Any]] = []
+    raws: list[tuple[float, float]] = []  # raw TCP beside each one-stream measurement
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store_path = args.store or build_store(args, Path(tmp))
         n = len(logitstore.open(store_path))
@@ -484,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         for workers in args.workers:
             server = Server(store_path, workers)
             try:
-                for r in one_stream(server, n, span, args.repeats, args.wire_mb << 20):
+                for r in one_stream(server, n, span, args.repeats, args.wire_mb << 20, raws):
                     one.append({"workers": workers, **r})
                 for k in args.clients:
                     pair = many_clients_pairs(server, k, n, span, args, workers)
@@ -501,13 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                     ]
             finally:
                 server.stop()
-        wire_max = max(max(r["wire_bytes_per_position"] for r in one) * n, args.wire_mb << 20)
-        raws = [raw_loopback(int(wire_max)) for _ in range(args.repeats)]
-        raw = statistics.median(r[0] for r in raws)
+        raw = statistics.median(r[0] for r in raws)  # for the record: the pairs set vs_raw
         raw_cpu = statistics.median(r[1] for r in raws)
-        for r in one:
-            r["vs_raw"] = r["mb_per_s"] * 1e6 / raw
-            r["vs_raw_per_cpu_s"] = r["mb_per_cpu_s"] * 1e6 / raw_cpu
     for r in one:
         print(
             f"[http] --workers {r['workers']} {r['stream']}: {r['mb_per_s']:,.0f} MB/s on the "
@@ -543,7 +556,9 @@ def write(
         "",
         "MB/s on the wire: the whole store requested on one connection, each body read "
         "unparsed, again until `--wire-mb` MiB have come (the steady rate, not the first "
-        "block's latency), beside raw TCP moving as many bytes on 127.0.0.1 in the same run "
+        "block's latency), each time right after raw TCP moves as many bytes on 127.0.0.1 "
+        "(`vs raw TCP`: the median of these side-by-side ratios; this VM's speed drifts "
+        "over minutes) "
         "(target for `chunks`: ≥ 0.5× raw). MB per "
         "CPU-s: server and client together, beside raw TCP's sender and receiver together. "
         "Decoded: `RemoteStore.read` of the whole store in blocks of `--span` positions, "
@@ -581,7 +596,8 @@ def write(
             ],
         ),
         "",
-        f"Raw TCP on 127.0.0.1, same run: {raw / 1e6:,.0f} MB/s, {raw_cpu / 1e6:,.0f} MB per "
+        f"Raw TCP on 127.0.0.1, median of this run's: {raw / 1e6:,.0f} MB/s, "
+        f"{raw_cpu / 1e6:,.0f} MB per "
         "CPU-s (sender + receiver).",
         "",
         "## Many clients",
