@@ -17,10 +17,10 @@ from ..errors import CorruptStoreError, ProtocolError
 
 __all__ = [
     "CHUNK_CODECS",
-    "checked",
     "crc_ok",
     "decode_chunk",
     "decode_chunk_into",
+    "decode_part",
     "into_place",
 ]
 
@@ -114,27 +114,31 @@ def decode_chunk_into(data: bytes, codec: str, out: np.ndarray) -> None:
         raise ProtocolError(f"chunk does not decompress ({codec}): {e}") from None
 
 
-def checked(
-    data: bytes, codec: str, dtype: np.dtype[Any], shape: tuple[int, ...], where: str
-) -> Any:
-    """:func:`decode_chunk` of a chunk read from this machine's disk: damage is the store's.
+def decode_part(data: bytes, codec: str, dest: np.ndarray, rows: int, skip: int = 0) -> None:
+    """Rows ``[skip, skip + len(dest))`` of a stored chunk of ``rows`` rows, into ``dest``:
+    decompressed in place when they are the whole chunk, else decoded aside (the chunk's
+    own memory) and copied.
+
+    Raises:
+        ProtocolError: as :func:`decode_chunk`.
+    """
+    if skip == 0 and len(dest) == rows:
+        decode_chunk_into(data, codec, dest)
+    else:
+        part = decode_chunk(data, codec, dest.dtype, (rows, *dest.shape[1:]))
+        dest[...] = part[skip : skip + len(dest)]
+
+
+def into_place(
+    data: bytes, codec: str, dest: np.ndarray, where: str, rows: int | None = None, skip: int = 0
+) -> None:
+    """:func:`decode_part` of a chunk read from this machine's disk (the whole chunk unless
+    ``rows`` says how many it holds): damage is the store's.
 
     Raises:
         CorruptStoreError: naming ``where``.
     """
     try:
-        return decode_chunk(data, codec, dtype, shape)
-    except ProtocolError as e:
-        raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None
-
-
-def into_place(data: bytes, codec: str, out: np.ndarray, where: str) -> None:
-    """:func:`decode_chunk_into` of a chunk read from this machine's disk.
-
-    Raises:
-        CorruptStoreError: naming ``where``.
-    """
-    try:
-        decode_chunk_into(data, codec, out)
+        decode_part(data, codec, dest, len(dest) if rows is None else rows, skip)
     except ProtocolError as e:
         raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None

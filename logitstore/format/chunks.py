@@ -30,7 +30,7 @@ from ..errors import ProtocolError, StreamMismatchError
 
 # The shards' chunks (the server's copy, a local reader's fast path) live in shards.py and
 # chunk_decode.py; named here too, where the server and the tests have always found them.
-from .chunk_decode import CHUNK_CODECS, decode_chunk, decode_chunk_into
+from .chunk_decode import CHUNK_CODECS, decode_chunk, decode_chunk_into, decode_part
 from .metadata import StoreMetadata
 from .protocol import encode_header, read_error_record, read_header
 from .schema import StoredRows, columns, rows_from_columns
@@ -123,9 +123,8 @@ class ChunkParser:
         self._at = start if at is None else at
         self._out = [into[c.name] for c in self._cols]
         for c, out in zip(self._cols, self._out, strict=True):
-            dtype = np.dtype(c.dtype).newbyteorder("<")
             if (
-                out.dtype != dtype
+                out.dtype != c.stored_dtype
                 or out.shape[1:] != c.shape(0)[1:]
                 or not out.flags.c_contiguous
                 or not out.flags.writeable
@@ -134,7 +133,7 @@ class ChunkParser:
             ):
                 raise ValueError(
                     f"{c.name}: a {out.dtype} array {out.shape} cannot hold [{start}, {stop}) "
-                    f"from row {self._at} (expected {dtype}, C-contiguous, writeable)"
+                    f"from row {self._at} (expected {c.stored_dtype}, C-contiguous, writeable)"
                 )
         self._covered = [start] * len(self._cols)  # per column: where the next chunk starts
 
@@ -209,16 +208,10 @@ class ChunkParser:
             )
         if nbytes > 2 * rows * c.row_nbytes + (1 << 16):  # incompressible + frame
             raise ProtocolError(f"chunk of {nbytes} bytes is implausibly large")
-        end = min(first + rows, self.stop)  # rows past the range's stop are not ours
+        # Ours: from the verified position to the range's stop (in place if that is all).
+        end = min(first + rows, self.stop)
         dest = self._out[col][want - self._at : end - self._at]
-        data = self._read(nbytes)
-        if want == first and end == first + rows:  # the whole chunk is ours: in place
-            decode_chunk_into(data, self._codecs[col], dest)
-        else:  # rows before the verified position, or past the stop: decoded aside
-            dtype = np.dtype(c.dtype).newbyteorder("<")
-            dest[...] = decode_chunk(data, self._codecs[col], dtype, c.shape(rows))[
-                want - first : end - first
-            ]
+        decode_part(self._read(nbytes), self._codecs[col], dest, rows, want - first)
         self._covered[col] = first + rows
 
     def _view(self, start: int, stop: int) -> StoredRows:
@@ -231,4 +224,4 @@ class ChunkParser:
 def alloc_columns(md: StoreMetadata, n: int) -> dict[str, np.ndarray]:
     """Uninitialised arrays for ``n`` stored positions, by column name, in the byte order the
     chunks hold (little-endian)."""
-    return {c.name: np.empty(c.shape(n), np.dtype(c.dtype).newbyteorder("<")) for c in columns(md)}
+    return {c.name: np.empty(c.shape(n), c.stored_dtype) for c in columns(md)}

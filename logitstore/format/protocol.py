@@ -225,8 +225,9 @@ class StreamParser:
         at = 0
         for col in self._columns:  # the columns, in order, as the header promised
             size = n * col.row_nbytes
-            dtype = np.dtype(col.dtype).newbyteorder("<")
-            arrays[col.name] = np.frombuffer(buf[at : at + size], dtype=dtype).reshape(col.shape(n))
+            arrays[col.name] = np.frombuffer(buf[at : at + size], col.stored_dtype).reshape(
+                col.shape(n)
+            )
             at += size
         return rows_from_columns(self.md, arrays, n)
 

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,6 +74,11 @@ class Column:
     def row_nbytes(self) -> int:
         """Bytes one position takes before compression."""
         return np.dtype(self.dtype).itemsize * (1 if self.width is None else self.width)
+
+    @property
+    def stored_dtype(self) -> np.dtype[Any]:
+        """The dtype in the byte order the chunks and the streams hold (little-endian)."""
+        return np.dtype(self.dtype).newbyteorder("<")
 
     def shape(self, n: int) -> tuple[int, ...]:
         return (n,) if self.width is None else (n, self.width)

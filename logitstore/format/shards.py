@@ -21,7 +21,7 @@ import crc32c
 import numpy as np
 
 from ..errors import CorruptStoreError
-from .chunk_decode import CHUNK_CODECS, checked, into_place
+from .chunk_decode import CHUNK_CODECS, into_place
 from .metadata import StoreMetadata
 from .schema import StoredRows, columns, rows_from_columns
 from .storage import shard_file
@@ -221,15 +221,11 @@ def read_chunked(
                 arrays[col.name] = col.empty(0)
                 continue
             c = layout[i]
-            out = np.empty(col.shape(n), dtype=np.dtype(col.dtype).newbyteorder("<"))
+            out = np.empty(col.shape(n), dtype=col.stored_dtype)
             for first, _, chunk in chunk_plan([c], start, stop):
                 lo, hi = max(start, first), min(stop, first + c.rows)
                 data = chunk_bytes(root, c, chunk, files)
                 where = f"array {col.name!r}, chunk {chunk}"
-                if hi - lo == c.rows:  # the whole chunk is wanted: decoded where it belongs
-                    into_place(data, c.codec, out[lo - start : hi - start], where)
-                else:
-                    arr = checked(data, c.codec, out.dtype, col.shape(c.rows), where)
-                    out[lo - start : hi - start] = arr[lo - first : hi - first]
+                into_place(data, c.codec, out[lo - start : hi - start], where, c.rows, lo - first)
             arrays[col.name] = out
     return rows_from_columns(md, arrays, n)

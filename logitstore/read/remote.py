@@ -30,7 +30,7 @@ from ..errors import (
 from ..format.chunks import CHUNKS_MEDIA_TYPE, ChunkParser, alloc_columns
 from ..format.metadata import StoreMetadata
 from ..format.protocol import ERROR_TYPES, StreamParser
-from ..format.schema import StoredRows, empty_rows, rows_from_columns
+from ..format.schema import COLUMN_ORDER, StoredRows, empty_rows, rows_from_columns
 from ..format.validate import check_offsets
 from .store import StoreBase, check_range
 
@@ -225,13 +225,12 @@ class RemoteStore(StoreBase):
         start, stop = check_range(start, stop, len(self))
         md, n = self.metadata, stop - start
         parts: list[StoredRows] = []  # row-stream blocks, joined at the end
-        # Once the server sends chunks: the whole result, which they are decoded into.
-        whole: StoredRows | None = None
+        # Once the server sends chunks: the whole result by column, which they decode into.
         into: dict[str, np.ndarray] = {}
         position = start
 
         def attempt(piece_stop: int) -> None:
-            nonlocal position, whole
+            nonlocal position
             resp = self._request(f"/positions?start={position}&stop={piece_stop}", self._accept)
 
             def read_exactly(k: int) -> bytes:
@@ -246,12 +245,11 @@ class RemoteStore(StoreBase):
 
             # The server chose: its compressed chunks (PROTOCOL.md §2.1), or rows (§2).
             chunked = (resp.getheader("Content-Type") or "").startswith(CHUNKS_MEDIA_TYPE)
-            if chunked and whole is None:
+            if chunked and not into:
                 into.update(alloc_columns(md, n))
-                whole = rows_from_columns(md, into, n)
                 at = 0
                 for part in parts:  # rows an earlier attempt got from a row stream
-                    _put(whole, part, at)
+                    _put(into, part, at)
                     at += len(part.input_ids)
                 parts.clear()
             if chunked:
@@ -259,10 +257,10 @@ class RemoteStore(StoreBase):
             else:
                 blocks = StreamParser(read_exactly, md, position, piece_stop).blocks()
             for block_start, rows in blocks:  # verified: a retry resumes after each
-                if whole is None:
+                if not into:
                     parts.append(rows)
                 elif not chunked:  # a row stream after chunks (another server's answer)
-                    _put(whole, rows, block_start - start)
+                    _put(into, rows, block_start - start)
                 position = block_start + len(rows.input_ids)
             if resp.read(1):  # the end record is the last byte; reading on frees the connection
                 raise ProtocolError("data after the end record")
@@ -273,10 +271,8 @@ class RemoteStore(StoreBase):
             stop_here = min(piece_stop, stop)
             if position < stop_here:
                 self._retrying(lambda s=stop_here: attempt(s))
-        if whole is not None:
-            if position != stop:  # the parsers checked every end record: this cannot differ
-                raise ProtocolError(f"received positions up to {position}, expected {stop}")
-            return whole
+        if into:  # every end record checked: the whole range has come
+            return rows_from_columns(md, into, n)
         if len(parts) == 1:
             return parts[0]
         return _concat(parts, md, n)
@@ -301,11 +297,11 @@ class RemoteStore(StoreBase):
         return int(self.info["bytes_on_disk"])
 
 
-def _put(whole: StoredRows, part: StoredRows, at: int) -> None:
-    """Copy ``part`` into ``whole`` from row ``at``."""
-    for dst, src in zip(whole, part, strict=True):
-        if src is not None and dst is not None:  # the same columns: both or neither
-            dst[at : at + len(src)] = src
+def _put(into: dict[str, np.ndarray], part: StoredRows, at: int) -> None:
+    """Copy ``part``'s columns into ``into`` (arrays by column name) from row ``at``."""
+    for name, src in zip(COLUMN_ORDER, part, strict=True):  # StoredRows' field order
+        if src is not None and name in into:  # tokens-only rows carry an empty `values`
+            into[name][at : at + len(src)] = src
 
 
 def _concat(parts: list[StoredRows], md: StoreMetadata, n: int) -> StoredRows:
