@@ -56,6 +56,29 @@ def make_teacher(path: Path, *, vocab_size: int = 320, head_scale: float = 8.0) 
     return path
 
 
+def table_store(
+    path: Path,
+    encoding: Any,
+    docs: list[Any],
+    seq_len: int,
+    *,
+    vocab: int,
+    seed: int = 0,
+    **capture: Any,
+) -> Path:
+    """A store at ``path`` captured from a teacher that is a random table (the logits after
+    token ``t`` are row ``t``, scaled ×3 to be peaked) over ``docs`` cut into ``seq_len``
+    sequences; ``capture`` goes to :func:`logitstore.capture` (chunk sizes, a loss mask)."""
+    import logitstore
+
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    teacher = logitstore.Teacher(
+        fn=lambda ids, mask: table[ids], vocab_size=vocab, device=torch.device("cpu")
+    )
+    seqs = logitstore.sequences_from_token_ids(docs, seq_len)
+    return logitstore.capture(teacher, seqs, path, encoding, progress=False, **capture)
+
+
 def dies_at_call(teacher: Any, call: int) -> Any:
     """A copy of ``teacher`` whose forward pass raises ``RuntimeError("teacher died")`` on
     its ``call``-th batch: a crash in the middle of a real write, without a mock."""

@@ -11,7 +11,6 @@ from pathlib import Path
 import crc32c
 import numpy as np
 import pytest
-import torch
 from numcodecs import blosc
 from numcodecs.zstd import Zstd
 
@@ -31,24 +30,21 @@ from logitstore.format.chunks import (
 )
 from logitstore.format.protocol import encode_end
 
-VOCAB = 200
+from .conftest import table_store
+
 Record = tuple[int, int, int, bytes]  # column, first position, rows, stored bytes
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> logitstore.LogitStore:
     rng = np.random.default_rng(5)
-    seqs = logitstore.sequences_from_token_ids([rng.integers(0, VOCAB, 200) for _ in range(12)], 64)
-    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(1)) * 3
-    teacher = logitstore.Teacher(
-        fn=lambda ids, mask: table[ids], vocab_size=VOCAB, device=torch.device("cpu")
-    )
-    path = logitstore.capture(
-        teacher,
-        seqs,
+    path = table_store(
         tmp_path_factory.mktemp("parser") / "s",
         Encoding("topk", "u8", k=8),
-        progress=False,
+        [rng.integers(0, 200, 200) for _ in range(12)],
+        64,
+        vocab=200,
+        seed=1,
         chunk_positions=128,
         shard_positions=512,
     )
