@@ -11,7 +11,9 @@ baselines that say what the speed is worth.
 (b) The client side of the compressed stream (PROTOCOL.md §2.1) without a network: the
     store's chunks framed as a server sends them, one stream per ``--block`` positions (what
     a remote LogitDataset requests), each parsed by its own ``ChunkParser`` and decoded, with
-    today's decoder and the previous one; and ``LogitStore.read`` (zarr) for scale.
+    today's decoder and the previous one; ``LogitStore.read`` of a local store (straight
+    from the shards, decoding as it reads); and the same blocks read through zarr's own
+    reader and decoded (how ``LogitStore.read`` read before), for scale.
 (c) One optimizer step of a small GPT-2 student on a batch from the store: cross-entropy
     alone, the fused ``losses.distillation_loss`` (CE + forward KL from one log-softmax), and
     the two unfused losses added up.
@@ -42,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from benchlib.models import gpt2
 from benchlib.report import (
     md_table,
@@ -69,7 +72,7 @@ from logitstore.format.chunks import (
 from logitstore.format.codec import decode_rows, sqrt_table
 from logitstore.format.metadata import SQRT_BINS
 from logitstore.format.protocol import encode_end
-from logitstore.format.schema import StoredRows
+from logitstore.format.schema import StoredRows, columns, rows_from_columns
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
@@ -271,17 +274,31 @@ def bench_client(args: argparse.Namespace, store: Path) -> list[dict[str, Any]]:
         "ChunkParser + decode_rows (today)": decode_rows,
         "ChunkParser + previous decoder": previous_decode_rows,
     }
-    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in [*decoders, "zarr"]}
+    group = zarr.open_group(str(store), mode="r")
+    arrays = {c.name: group[c.name] for c in columns(md)}
+
+    def zarr_read(a: int, b: int) -> Batch:
+        got = {name: np.asarray(arr[a:b]) for name, arr in arrays.items()}
+        return decode_rows(md, rows_from_columns(md, got, b - a), np.int32)
+
+    def local_read(a: int, b: int) -> Batch:
+        return s.read(a, b, id_dtype=np.int32)
+
+    readers = {
+        "LogitStore.read (local shards, blocks)": local_read,
+        "zarr's reader + decode_rows (blocks)": zarr_read,
+    }
+    rates: dict[str, list[tuple[float, float]]] = {k: [] for k in [*decoders, *readers]}
     for _ in range(args.repeats):
         for name, decode in decoders.items():
             rates[name].append(client_rate(streams, md, decode))
-        t0, c0 = time.perf_counter(), time.process_time()
-        for a in range(0, n, args.block):
-            s.read(a, min(a + args.block, n), id_dtype=np.int32)
-        rates["zarr"].append((n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
+        for name, read in readers.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            for a in range(0, n, args.block):
+                read(a, min(a + args.block, n))
+            rates[name].append((n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
     out = []
-    for name, r in rates.items():
-        label = "LogitStore.read (zarr, blocks)" if name == "zarr" else name
+    for label, r in rates.items():
         out.append(
             {
                 "path": label,
@@ -431,7 +448,10 @@ def write_outputs(
         "",
         "One stream per block of `--block` positions, as a remote LogitDataset requests them, "
         "each parsed by its own ChunkParser (which decodes the chunks into that block's "
-        "arrays) and decoded; `LogitStore.read` of the same blocks through zarr for scale.",
+        "arrays) and decoded; for scale, `LogitStore.read` of the same blocks from the local "
+        "store (straight from its shards, decoding each inner chunk as it is read) and the "
+        "same blocks read through zarr's own reader and decoded (how `LogitStore.read` read "
+        "until 2026-12-03).",
         "",
         *md_table(
             ["path", "positions/s", "positions per CPU s", "stream B/position"],

@@ -155,3 +155,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def zarr_rows(path: Path, start: int, stop: int) -> Any:
+    """Positions ``[start, stop)`` of the store at ``path`` as zarr's own reader returns them
+    (a ``StoredRows``): the reference the project's shard readers are checked against."""
+    import numpy as np
+    import zarr
+
+    import logitstore
+    from logitstore.format.schema import columns, rows_from_columns
+
+    md = logitstore.open(path, allow_incomplete=True).metadata
+    got = {
+        c.name: np.asarray(zarr.open_array(str(path / c.name), mode="r")[start:stop])
+        for c in columns(md)
+    }
+    return rows_from_columns(md, got, stop - start)

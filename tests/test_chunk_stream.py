@@ -18,6 +18,7 @@ import logitstore
 from logitstore import Encoding
 from logitstore.format.chunks import CHUNKS_MAGIC, CHUNKS_MEDIA_TYPE
 from logitstore.format.protocol import MAGIC
+from tests.conftest import zarr_rows
 from tests.test_server import Server
 
 VOCAB = 300
@@ -487,7 +488,7 @@ def test_a_damaged_chunk_is_caught_by_its_checksum(tmp_path: Path, stores) -> No
 
 @pytest.mark.parametrize("name", ["topk", "full", "sampled", "tokens"])
 def test_reading_the_shards_directly_gives_zarrs_bytes(stores: dict[str, Path], name: str) -> None:
-    """The local fast path LogitDataset takes (format/chunks.py) against zarr's reader."""
+    """The local fast path every local read takes (format/shards.py) against zarr's reader."""
     from logitstore.format.chunks import chunk_layout, read_chunked
 
     store = logitstore.open(stores[name])
@@ -495,11 +496,13 @@ def test_reading_the_shards_directly_gives_zarrs_bytes(stores: dict[str, Path], 
     assert layout is not None
     n = len(store)
     for a, b in [(0, n), (255, 257), (2047, 2049), (n - 1, n), (7, 7), (100, 2048 * 2 + 9)]:
-        got, want = (
-            read_chunked(stores[name], store.metadata, layout, a, b),
-            store.read_stored(a, b),
-        )
+        want = zarr_rows(stores[name], a, b)
+        got = read_chunked(stores[name], store.metadata, layout, a, b)
         for x, y in zip(got, want, strict=True):
+            assert (x is None) == (y is None), (name, a, b)
+            if x is not None:
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (name, a, b)
+        for x, y in zip(store.read_stored(a, b), want, strict=True):
             assert (x is None) == (y is None), (name, a, b)
             if x is not None:
                 assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (name, a, b)

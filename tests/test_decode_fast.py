@@ -5,6 +5,7 @@ same bits whichever way the rows reach it (zarr, the shards directly, the Datase
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from logitstore.format.metadata import Layout, StoreMetadata
 from logitstore.format.schema import StoredRows
 from logitstore.format.shards import chunk_layout, read_chunked
 from logitstore.read.blocks import BufferPool
+from tests.conftest import zarr_rows
 
 VOCAB = 300
 
@@ -231,10 +233,11 @@ def test_decoding_from_the_shards_is_decoding_what_zarr_reads(
     assert layout is not None
     n = len(store)
     for a, b in [(0, n), (127, 129), (1023, 1025), (n - 1, n), (9, 9), (5, 128 * 9 + 3)]:
-        want = store.read(a, b, id_dtype=np.int32)
+        want = codec.decode_rows(md, zarr_rows(stores[name], a, b), np.int32)
         for got in (
             read_decoded(stores[name], md, layout, a, b, np.int32),
             codec.decode_rows(md, read_chunked(stores[name], md, layout, a, b), np.int32),
+            store.read(a, b, id_dtype=np.int32),
         ):
             for x, y in zip(got, want, strict=True):
                 assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (name, a, b)
@@ -297,3 +300,29 @@ def test_the_dataset_reads_the_same_samples_locally_and_remotely(stores: dict[st
     for x, y in zip(*batches, strict=True):
         for key in x:
             assert x[key].dtype == y[key].dtype and torch.equal(x[key], y[key]), key
+
+
+def test_read_decodes_into_the_memory_the_caller_gives(stores: dict[str, Path]) -> None:
+    """``read(..., alloc=)``: the ids and probabilities are the caller's arrays, locally (the
+    shards decoded as read) and remotely (stored rows, then the decoder), same bits."""
+    from tests.test_server import Server
+
+    srv = Server([stores["topk"]]).start()
+    try:
+        for source in (stores["topk"], srv.url("topk")):
+            given: list[np.ndarray] = []
+
+            def alloc(shape: tuple[int, ...], dtype: Any, given: list = given) -> np.ndarray:
+                given.append(np.full(shape, 7, dtype=dtype))
+                return given[-1]
+
+            store = logitstore.open(source)
+            got = store.read(5, 700, id_dtype=np.int32, alloc=alloc)
+            want = store.read(5, 700, id_dtype=np.int32)
+            store.close()
+            assert len(given) == 2, source
+            assert any(g is got.ids for g in given) and any(g is got.probs for g in given)
+            for x, y in zip(got, want, strict=True):
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), source
+    finally:
+        srv.stop()

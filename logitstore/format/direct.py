@@ -1,5 +1,6 @@
-"""A complete local store's positions decoded straight from its shards, one inner chunk at a
-time: the read path of :class:`logitstore.LogitDataset` (NumPy only).
+"""A local store's positions decoded straight from its shards (complete, or committed where
+read), one inner chunk at a time: how :class:`logitstore.LogitStore` reads a local store,
+and so :class:`logitstore.LogitDataset` (NumPy only).
 
 Each inner chunk of ``ids`` and ``values`` is decompressed into a small buffer, and decoded
 from it (:func:`logitstore.format.codec.decode_candidates_into`) while it is still in the
@@ -37,9 +38,9 @@ def read_decoded(
     id_dtype: type = np.int64,
     alloc: Alloc = np.empty,
 ) -> Batch:
-    """Positions ``[start, stop)`` of the complete local store at ``root`` (its
-    :func:`~logitstore.format.shards.chunk_layout` is ``layout``), decoded. ``ids`` and
-    ``probs`` are allocated with ``alloc``.
+    """Positions ``[start, stop)`` of the local store at ``root`` (its
+    :func:`~logitstore.format.shards.chunk_layout` is ``layout``; every shard the range
+    touches committed), decoded. ``ids`` and ``probs`` are allocated with ``alloc``.
 
     Raises:
         CorruptStoreError: a missing or damaged shard or chunk, or ids outside the vocabulary.

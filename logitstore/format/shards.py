@@ -34,6 +34,7 @@ __all__ = [
     "chunk_layout",
     "chunk_plan",
     "read_chunked",
+    "read_columns",
 ]
 
 _ABSENT = (1 << 64) - 1  # a shard index entry for a chunk that was never written
@@ -197,18 +198,18 @@ def chunk_bytes(root: Path, c: ChunkColumn, chunk: int, files: ShardFiles) -> by
     return data
 
 
-def read_chunked(
+def read_columns(
     root: Path,
     md: StoreMetadata,
     layout: list[ChunkColumn],
     start: int,
     stop: int,
-    names: tuple[str, ...] | None = None,
-) -> StoredRows:
-    """Positions ``[start, stop)`` as stored, read straight from the shards of a complete
-    local store: the same bytes and checks as zarr's reader (the index's and every chunk's
-    CRC-32C), without its per-chunk machinery. With ``names``, only those columns are read
-    (the others hold no rows).
+    names: tuple[str, ...],
+) -> dict[str, np.ndarray]:
+    """Per-position arrays ``names`` at positions ``[start, stop)`` as stored, read straight
+    from the shards of a local store: the same bytes and checks as zarr's reader (the
+    index's and every chunk's CRC-32C), without its per-chunk machinery. Every shard the
+    range touches must be complete (committed, or the store complete).
 
     Raises:
         CorruptStoreError: a missing or damaged shard or chunk.
@@ -217,8 +218,7 @@ def read_chunked(
     arrays: dict[str, np.ndarray] = {}
     with ShardFiles() as files:
         for i, col in enumerate(columns(md)):
-            if names is not None and col.name not in names:
-                arrays[col.name] = col.empty(0)
+            if col.name not in names:
                 continue
             c = layout[i]
             out = np.empty(col.shape(n), dtype=col.stored_dtype)
@@ -228,4 +228,25 @@ def read_chunked(
                 where = f"array {col.name!r}, chunk {chunk}"
                 into_place(data, c.codec, out[lo - start : hi - start], where, c.rows, lo - first)
             arrays[col.name] = out
-    return rows_from_columns(md, arrays, n)
+    return arrays
+
+
+def read_chunked(
+    root: Path,
+    md: StoreMetadata,
+    layout: list[ChunkColumn],
+    start: int,
+    stop: int,
+    names: tuple[str, ...] | None = None,
+) -> StoredRows:
+    """Positions ``[start, stop)`` as stored (:func:`read_columns`). With ``names``, only
+    those columns are read (the others hold no rows).
+
+    Raises:
+        CorruptStoreError: a missing or damaged shard or chunk.
+    """
+    cols = columns(md)
+    wanted = tuple(c.name for c in cols) if names is None else names
+    got = read_columns(root, md, layout, start, stop, wanted)
+    arrays = {c.name: got[c.name] if c.name in got else c.empty(0) for c in cols}
+    return rows_from_columns(md, arrays, stop - start)

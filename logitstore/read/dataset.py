@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,14 +32,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import LogitStoreError
-from ..format.codec import Batch, decode_rows
-from ..format.direct import Alloc, read_decoded
+from ..format.codec import Batch
+from ..format.direct import Alloc
 from ..format.provenance import tokenizer_identity
-from ..format.shards import ChunkColumn, chunk_layout
 from . import open as open_store
 from .blocks import Block, BlockReader, BufferPool, block_of
 from .collate import collate, fold_to_vocab
-from .local import LogitStore
 from .store import StoreBase
 
 __all__ = ["LogitDataset", "collate", "fold_to_vocab"]  # the last two: collate.py
@@ -149,8 +146,6 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
         self._store: StoreBase | None = None  # opened lazily, inside each worker
         self._store_pid = -1
-        self._direct: list[ChunkColumn] | None = None  # shards read directly (_read_block)
-        self._direct_pid = -1
 
     # -- order -------------------------------------------------------------------------------
 
@@ -251,29 +246,11 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
 
     def _read_block(self, start: int, stop: int, alloc: Alloc = np.empty) -> Batch:
         """Decode positions ``[start, stop)`` (int32 ids; ids and probabilities in memory
-        from ``alloc``); subclasses may read elsewhere.
-
-        A complete local store is read and decoded straight from its shards, one inner chunk
-        at a time (format/direct.py: the same bytes and checksums as zarr's reader, without
-        its per-chunk machinery); any other store through its ``read_stored``, then the same
-        decoder."""
+        from ``alloc``); subclasses may read elsewhere. A local store decodes straight from
+        its shards (:class:`~logitstore.read.local.LogitStore`)."""
         store = self._store
         assert store is not None
-        if self._direct_pid != os.getpid():
-            self._direct_pid, self._direct = os.getpid(), None
-            # The records themselves, not committed(), which trusts a complete store's state:
-            # a record of 0 inside a complete store is damage, and store.read raises on it.
-            if (
-                isinstance(store, LogitStore)
-                and not isinstance(store.path, str)
-                and bool(store.commit_records().all())
-            ):
-                self._direct = chunk_layout(Path(store.path), self.metadata)
-        if self._direct is not None:
-            return read_decoded(
-                Path(store.path), self.metadata, self._direct, start, stop, np.int32, alloc
-            )
-        return decode_rows(self.metadata, store.read_stored(start, stop), np.int32, alloc)
+        return store.read(start, stop, id_dtype=np.int32, alloc=alloc)
 
     def _for_student(self, start: int, data: Batch) -> Batch:
         """A decoded block as the student can use it: ids folded below its vocabulary."""

@@ -1,6 +1,11 @@
-"""A store read through zarr — a local directory or an object-storage URL
+"""A store opened for reading — a local directory or an object-storage URL
 (``s3://bucket/prefix/store.zarr``): random access by position range, checked against its
 metadata.
+
+A local store in the layout FORMAT.md §4 describes is read straight from its shards
+(format/shards.py, format/direct.py: the same bytes and checksums as zarr's reader, without
+its per-chunk machinery), and its teacher rows decoded one inner chunk at a time; any other
+local layout, and object storage, through zarr.
 
 From object storage every array of a read is fetched at once (zarr turns each into parallel
 ranged GETs of the chunks it needs), and a read that continues the previous one starts the
@@ -11,13 +16,16 @@ copy, sequential training).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ..errors import CorruptStoreError, IncompleteStoreError, LogitStoreError
+from ..format.codec import Batch
+from ..format.direct import Alloc, read_decoded
 from ..format.metadata import StoreMetadata
 from ..format.schema import (
     COMMITS,
@@ -29,6 +37,7 @@ from ..format.schema import (
     columns,
     rows_from_columns,
 )
+from ..format.shards import ChunkColumn, chunk_layout, read_columns
 from ..format.storage import (
     StorePath,
     location,
@@ -49,6 +58,8 @@ if TYPE_CHECKING:
     import tokenizers
 
 __all__ = ["LogitStore"]
+
+_T = TypeVar("_T")
 
 
 class LogitStore(StoreBase):
@@ -88,6 +99,10 @@ class LogitStore(StoreBase):
             self._committed = commits
         self.offsets: np.ndarray = read_offsets(checked[OFFSETS], md, str(self.path))
         self._present: set[int] = set()  # shards whose files were seen
+        # The shards read directly, or through zarr (None: object storage, another layout).
+        self._layout: list[ChunkColumn] | None = (
+            None if self._remote else chunk_layout(Path(self.path), md)
+        )
 
     def committed(self) -> np.ndarray:
         """``(num_shards,)`` bool: which shards are committed (all, once complete)."""
@@ -145,15 +160,34 @@ class LogitStore(StoreBase):
             np.ones(stop - start, dtype=bool) if mask is None else mask.astype(bool),
         )
 
-    def _read_arrays(
-        self, start: int, stop: int, names: tuple[str, ...]
-    ) -> tuple[int, int, dict[str, np.ndarray]]:
-        """Checked range, and arrays ``names`` at positions ``[start, stop)`` as stored."""
+    def _checked(self, start: int, stop: int) -> tuple[int, int]:
+        """The range, checked: inside the store, its shards committed and present."""
         start, stop = check_range(start, stop, len(self))
         if self._committed is not None:
             self._check_committed(start, stop)
         if stop > start:
             self._check_present(start, stop)
+        return start, stop
+
+    def _decode(self, start: int, stop: int, id_dtype: type, alloc: Alloc) -> Batch:
+        if self._layout is None:
+            return super()._decode(start, stop, id_dtype, alloc)
+        start, stop = self._checked(start, stop)
+        root, md, layout = Path(self.path), self.metadata, self._layout
+        return self._direct(lambda: read_decoded(root, md, layout, start, stop, id_dtype, alloc))
+
+    def _read_arrays(
+        self, start: int, stop: int, names: tuple[str, ...]
+    ) -> tuple[int, int, dict[str, np.ndarray]]:
+        """Checked range, and arrays ``names`` at positions ``[start, stop)`` as stored."""
+        start, stop = self._checked(start, stop)
+        if self._layout is not None:
+            root, md, layout = Path(self.path), self.metadata, self._layout
+            return (
+                start,
+                stop,
+                self._direct(lambda: read_columns(root, md, layout, start, stop, names)),
+            )
         if not self._remote:
             return start, stop, {name: self._read_one(name, start, stop) for name in names}
         ahead, self._ahead = self._ahead, None
@@ -168,6 +202,17 @@ class LogitStore(StoreBase):
                 self._ahead = (stop, nxt, names, job)
         self._last_stop = stop
         return start, stop, got
+
+    def _direct(self, read: Callable[[], _T]) -> _T:
+        """``read()`` of the shards on disk; an operating-system failure (a file made
+        unreadable, an I/O error) as the store's, naming it."""
+        try:
+            return read()
+        except OSError as e:
+            raise CorruptStoreError(
+                f"reading {str(self.path)!r} failed: {e}; run `logitstore verify` to locate "
+                "the damage"
+            ) from None
 
     def _read_one(self, name: str, start: int, stop: int) -> np.ndarray:
         try:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import PositionError
 from ..format.codec import Batch, decode_rows
+from ..format.direct import Alloc
 from ..format.metadata import Encoding, StoreMetadata
 from ..format.schema import StoredRows
 
@@ -76,11 +77,15 @@ class StoreBase(abc.ABC):
     def vocab_size(self) -> int:
         return self.metadata.vocab_size
 
-    def read(self, start: int, stop: int, *, id_dtype: type = np.int64) -> Batch:
+    def read(
+        self, start: int, stop: int, *, id_dtype: type = np.int64, alloc: Alloc = np.empty
+    ) -> Batch:
         """Decode positions ``[start, stop)``.
 
         ``id_dtype`` is int64 by default (what ``torch.gather`` wants); int32 halves the
-        memory traffic of large reads.
+        memory traffic of large reads. ``alloc(shape, dtype)`` gives the memory the ids and
+        probabilities are decoded into (default ``np.empty``; e.g. buffers the caller reuses,
+        or page-locked memory for copies to a GPU).
 
         Raises:
             PositionError: the range is reversed or outside ``[0, len(store)]``.
@@ -91,7 +96,12 @@ class StoreBase(abc.ABC):
             >>> b = logitstore.open("s.zarr").read(0, 4096)
             >>> b.probs.shape          # (4096, k)
         """
-        return decode_rows(self.metadata, self.read_stored(start, stop), id_dtype)
+        return self._decode(start, stop, id_dtype, alloc)
+
+    def _decode(self, start: int, stop: int, id_dtype: type, alloc: Alloc) -> Batch:
+        """:meth:`read`'s work: the stored rows, then the one decoder (a store that can
+        decode its rows as it reads them overrides this, to the same bits)."""
+        return decode_rows(self.metadata, self.read_stored(start, stop), id_dtype, alloc)
 
     def read_tokens(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The tokens ``(n,)`` int64 and loss mask ``(n,)`` bool of positions ``[start, stop)``,
