@@ -4,6 +4,7 @@ same bits whichever way the rows reach it (zarr, the shards directly, the Datase
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,10 @@ def test_a_damaged_chunk_decoded_directly_is_a_corrupt_store(
     assert layout is not None
     with pytest.raises(logitstore.CorruptStoreError, match="ids"):
         read_decoded(path, md, layout, 0, 10)
+    # LogitStore.read, which decodes this way, names the store, shard and positions
+    where = re.escape(str(path / "ids")) + r": shard 0, the chunk of positions 0-\d+: chunk CRC"
+    with pytest.raises(logitstore.CorruptStoreError, match=where):
+        logitstore.open(path).read(0, 10)
 
 
 def test_the_buffer_pool_reuses_memory_only_once_nothing_refers_to_it() -> None:

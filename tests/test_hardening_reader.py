@@ -280,3 +280,32 @@ def test_dataset_over_a_shard_that_is_a_directory_is_damage(store: Path) -> None
     ds = LogitDataset(store, seq_len=4, shuffle=False)
     with pytest.raises(logitstore.CorruptStoreError):
         list(ds)
+
+
+def test_a_shard_rewritten_in_place_is_read_afresh(store: Path) -> None:
+    """The checked shard indexes are cached by the file's identity, not its name, size and
+    time: a shard rewritten in place (here its index pointing chunk 0 at chunk 1's bytes,
+    same size, its modification time put back, as `cp -p` or `rsync -a` leave it) is read as
+    it now is, not through the index of the file it replaced."""
+    import struct
+
+    import crc32c
+
+    s = logitstore.open(store)
+    before = s.read_stored(0, 8).values.copy()  # shard 0: chunks of positions 0-3 and 4-7
+    shard = store / "values" / "c" / "0" / "0"
+    st = shard.stat()
+    raw = bytearray(shard.read_bytes())
+    n = 2  # inner chunks per shard
+    at = len(raw) - (16 * n + 4)
+    entries = raw[at : at + 16 * n]
+    swapped = entries[16:32] + entries[0:16]
+    raw[at : at + 16 * n] = swapped
+    raw[-4:] = struct.pack("<I", crc32c.crc32c(bytes(swapped)))
+    with open(shard, "r+b") as f:  # in place: the same inode
+        f.write(raw)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
+    after = s.read_stored(0, 8).values
+    assert after[:4].tobytes() == before[4:].tobytes()
+    assert after[4:].tobytes() == before[:4].tobytes()

@@ -141,3 +141,75 @@ def test_any_zarr_v3_reader_sees_standard_codecs(store_path: Path) -> None:
             stack += cfg.get("codecs", []) + cfg.get("index_codecs", [])
     group = zarr.open_group(str(store_path), mode="r")
     assert group["ids"].shape == (len(logitstore.open(store_path)), 6)
+
+
+def test_a_local_layout_the_shard_reader_does_not_take_is_read_through_zarr(
+    store_path: Path, tmp_path: Path
+) -> None:
+    """Another Zarr writer may rewrite an array with a codec FORMAT.md allows readers to meet
+    but the direct shard reader does not decode (gzip here): reads go through zarr, same bits,
+    and damage is still the store's error."""
+    import shutil
+
+    from zarr.codecs import BytesCodec, Crc32cCodec, GzipCodec
+
+    copy = tmp_path / "gz"
+    shutil.copytree(store_path, copy)
+    old = zarr.open_array(str(copy / "values"), mode="r")
+    data, shards, chunks = old[:], old.shards, old.chunks
+    shutil.rmtree(copy / "values")
+    group = zarr.open_group(str(copy), mode="r+")
+    new = group.create_array(
+        "values",
+        shape=data.shape,
+        dtype=data.dtype,
+        shards=shards,
+        chunks=chunks,
+        serializer=BytesCodec(),
+        compressors=[GzipCodec(), Crc32cCodec()],
+        fill_value=0,
+    )
+    new[:] = data
+    store = logitstore.open(copy)
+    assert store._layout is None  # the zarr path, which this test is about
+    n = len(store)
+    for a, b in [(0, n), (31, 33), (127, 129), (n - 1, n), (5, 5)]:
+        for x, y in zip(store.read_stored(a, b), zarr_rows(store_path, a, b), strict=True):
+            assert (x is None) == (y is None)
+            assert x is None or (x.dtype == y.dtype and x.tobytes() == y.tobytes()), (a, b)
+        want = logitstore.open(store_path).read(a, b)
+        for x, y in zip(store.read(a, b), want, strict=True):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (a, b)
+    shard = copy / "values" / "c" / "1" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(logitstore.CorruptStoreError, match="values"):
+        logitstore.open(copy).read(128, 200)
+
+
+def test_read_columns_names_what_it_returns(store_path: Path) -> None:
+    store = logitstore.open(store_path)
+    got = store.read_columns(10, 40, ("values", "input_ids"))
+    assert list(got) == ["values", "input_ids"]  # the order asked for
+    want = zarr_rows(store_path, 10, 40)
+    assert got["values"].tobytes() == want.values.tobytes()
+    assert got["input_ids"].tobytes() == want.input_ids.tobytes()
+    with pytest.raises(ValueError, match=r"no per-position array 'loss_mask'.*input_ids"):
+        store.read_columns(0, 4, ("ids", "loss_mask"))  # this store has no mask
+
+
+def test_zarrs_own_reader_can_be_asked_for(store_path: Path, monkeypatch) -> None:
+    from logitstore.read.local import LOCAL_READER_ENV
+
+    direct = logitstore.open(store_path)
+    monkeypatch.setenv(LOCAL_READER_ENV, "zarr")
+    through_zarr = logitstore.open(store_path)
+    assert direct._layout is not None and through_zarr._layout is None
+    n = len(direct)
+    for a, b in [(0, n), (33, 170), (n - 1, n)]:
+        for x, y in zip(through_zarr.read(a, b), direct.read(a, b), strict=True):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (a, b)
+    monkeypatch.setenv(LOCAL_READER_ENV, "fast")
+    with pytest.raises(ValueError, match="LOGITSTORE_LOCAL_READER is 'fast'; expected"):
+        logitstore.open(store_path)

@@ -41,7 +41,7 @@ def _checked_body(data: bytes) -> memoryview:
     if len(data) < 4:
         raise ProtocolError(f"a chunk of {len(data)} bytes has no room for its checksum")
     if not crc_ok(data):
-        raise ProtocolError("chunk CRC-32C mismatch (corrupted in transit or on disk)")
+        raise ProtocolError("chunk CRC-32C mismatch (its bytes changed after they were written)")
     return memoryview(data)[:-4]
 
 

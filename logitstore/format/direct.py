@@ -79,10 +79,10 @@ def read_decoded(
             gaps = None
             if ids_col is not None:
                 data = chunk_bytes(root, ids_col[1], k, files)
-                into_place(data, ids_col[1].codec, gaps_buf, f"array {IDS!r}, chunk {k}")
+                into_place(data, ids_col[1].codec, gaps_buf, ids_col[1].where(root, k))
                 gaps = gaps_buf[lo:hi]
             data = chunk_bytes(root, values_col[1], k, files)
-            into_place(data, values_col[1].codec, values_buf, f"array {VALUES!r}, chunk {k}")
+            into_place(data, values_col[1].codec, values_buf, values_col[1].where(root, k))
             at = slice(first + lo - start, first + hi - start)  # the rows' place in the output
             decode_candidates_into(
                 md,

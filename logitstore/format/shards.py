@@ -38,8 +38,17 @@ __all__ = [
 ]
 
 _ABSENT = (1 << 64) - 1  # a shard index entry for a chunk that was never written
-_indexes: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+_indexes: OrderedDict[tuple[str, int, int, int, int, int], np.ndarray] = OrderedDict()
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # A DataLoader worker forked while another thread held the lock would wait on it forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,14 @@ class ChunkColumn:
     def shard_of(self, chunk: int) -> tuple[int, int]:
         """Inner chunk ``chunk`` as (shard, inner chunk within that shard)."""
         return divmod(chunk, self.shard_rows // self.rows)
+
+    def where(self, root: Path, chunk: int) -> str:
+        """Inner chunk ``chunk`` named for an error: its array, shard and positions."""
+        first = chunk * self.rows
+        return (
+            f"{root / self.name}: shard {self.shard_of(chunk)[0]}, the chunk of positions "
+            f"{first}-{first + self.rows - 1}"
+        )
 
 
 def chunk_layout(root: Path, md: StoreMetadata) -> list[ChunkColumn] | None:
@@ -91,19 +108,18 @@ def chunk_layout(root: Path, md: StoreMetadata) -> list[ChunkColumn] | None:
     return out
 
 
-def _shard_index(path: Path, chunks: int) -> np.ndarray:
-    """``(chunks, 2)`` offsets and sizes from a shard's index, checked once, then cached.
+def _shard_index(fd: int, path: Path, chunks: int) -> np.ndarray:
+    """``(chunks, 2)`` offsets and sizes from the index of the shard open as ``fd``, checked
+    once, then cached under the file's identity (a file replaced under the same name, even
+    with the same size and time, is read afresh).
 
     Raises:
-        CorruptStoreError: the shard is missing, too short, or its index fails its CRC-32C.
+        CorruptStoreError: the shard is not a file, too short, or its index fails its CRC-32C.
     """
-    try:
-        st = path.stat()
-    except OSError:
-        raise CorruptStoreError(f"shard {path} is missing") from None
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):  # a directory or a named pipe: damage, never a read
         raise CorruptStoreError(f"shard {path} is not a file; run `logitstore verify`")
-    key = (str(path), st.st_mtime_ns, st.st_size)
+    key = (str(path), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
     with _lock:
         hit = _indexes.get(key)
     if hit is not None:
@@ -111,9 +127,9 @@ def _shard_index(path: Path, chunks: int) -> np.ndarray:
     size = chunks * 16 + 4
     if st.st_size < size:
         raise CorruptStoreError(f"shard {path} is shorter than its index")
-    with path.open("rb") as f:
-        f.seek(st.st_size - size)
-        raw = f.read(size)
+    raw = os.pread(fd, size, st.st_size - size)
+    if len(raw) != size:
+        raise CorruptStoreError(f"shard {path} is cut short; run `logitstore verify`")
     (crc,) = struct.unpack("<I", raw[-4:])
     if crc32c.crc32c(raw[:-4]) != crc:
         raise CorruptStoreError(f"shard {path}: index CRC-32C mismatch; run `logitstore verify`")
@@ -176,8 +192,20 @@ class ShardFiles:
             elif root != self._root:
                 raise ValueError(f"one ShardFiles reads one store: {self._root}, not {root}")
             path = shard_file(root, c.name, c.ndim, shard)
-            index = _shard_index(path, c.shard_rows // c.rows)
-            hit = self._open[c.name, shard] = (os.open(path, os.O_RDONLY), index, path)
+            try:  # O_NONBLOCK: a named pipe put in a shard's place must not block the open
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            except FileNotFoundError:
+                raise CorruptStoreError(
+                    f"shard {path} is missing; run `logitstore verify`"
+                ) from None
+            except OSError as e:
+                raise CorruptStoreError(f"shard {path} cannot be opened: {e}") from None
+            try:
+                index = _shard_index(fd, path, c.shard_rows // c.rows)
+            except BaseException:
+                os.close(fd)
+                raise
+            hit = self._open[c.name, shard] = (fd, index, path)
         fd, index, path = hit
         offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
         if offset == _ABSENT and nbytes == _ABSENT:
@@ -225,7 +253,7 @@ def read_columns(
             for first, _, chunk in chunk_plan([c], start, stop):
                 lo, hi = max(start, first), min(stop, first + c.rows)
                 data = chunk_bytes(root, c, chunk, files)
-                where = f"array {col.name!r}, chunk {chunk}"
+                where = c.where(root, chunk)
                 into_place(data, c.codec, out[lo - start : hi - start], where, c.rows, lo - first)
             arrays[col.name] = out
     return arrays

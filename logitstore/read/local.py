@@ -57,9 +57,21 @@ from .store import StoreBase, check_range
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["LogitStore"]
+__all__ = ["LOCAL_READER_ENV", "LogitStore"]
 
 _T = TypeVar("_T")
+
+#: ``shards`` (default: a local store's shards read and decoded directly) or ``zarr`` (zarr's
+#: own reader, as local stores were read until 2026-12: a cross-check, and the baseline
+#: benchmarks/bench_http.py serves the row stream from, as it was when issue 15 was filed)
+LOCAL_READER_ENV = "LOGITSTORE_LOCAL_READER"
+
+
+def _local_reader() -> str:
+    value = os.environ.get(LOCAL_READER_ENV, "shards") or "shards"
+    if value not in ("shards", "zarr"):
+        raise ValueError(f"{LOCAL_READER_ENV} is {value!r}; expected 'shards' or 'zarr'")
+    return value
 
 
 class LogitStore(StoreBase):
@@ -99,9 +111,10 @@ class LogitStore(StoreBase):
             self._committed = commits
         self.offsets: np.ndarray = read_offsets(checked[OFFSETS], md, str(self.path))
         self._present: set[int] = set()  # shards whose files were seen
-        # The shards read directly, or through zarr (None: object storage, another layout).
+        # The shards read directly, or through zarr (None: object storage, another layout,
+        # or zarr asked for).
         self._layout: list[ChunkColumn] | None = (
-            None if self._remote else chunk_layout(Path(self.path), md)
+            None if self._remote or _local_reader() == "zarr" else chunk_layout(Path(self.path), md)
         )
 
     def committed(self) -> np.ndarray:
@@ -131,8 +144,22 @@ class LogitStore(StoreBase):
         self, start: int, stop: int, names: tuple[str, ...] | None = None
     ) -> dict[str, np.ndarray]:
         """Per-position arrays ``names`` (default: all of the store's) at ``[start, stop)``,
-        as stored. Raises: as :meth:`read`."""
-        return self._read_arrays(start, stop, tuple(self._arrays) if names is None else names)[2]
+        as stored, in the order asked for.
+
+        Raises:
+            ValueError: the store has no array of one of the ``names``.
+            others: as :meth:`read`.
+        """
+        if names is None:
+            names = tuple(self._arrays)
+        unknown = [n for n in names if n not in self._arrays]
+        if unknown:
+            raise ValueError(
+                f"{str(self.path)!r} has no per-position array {unknown[0]!r}; it has "
+                f"{', '.join(self._arrays)}"
+            )
+        got = self._read_arrays(start, stop, names)[2]
+        return {n: got[n] for n in names}
 
     # -- sizes -----------------------------------------------------------------------------
 
