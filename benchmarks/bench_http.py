@@ -6,8 +6,11 @@ clients stop reading, for the server's memory.
 The store is top-64 u8 rows of a real teacher (held-out stdlib text), tiled to
 ``--positions``. Baselines, in the same run: a plain TCP socket on 127.0.0.1 sending as many
 bytes into a buffer right before each one-stream measurement (the ceiling for one stream,
-taken beside it because this VM's speed drifts); and the row stream beside the compressed
-one. Every rate is given twice: per second
+taken beside it because this VM's speed drifts); the row stream beside the compressed one;
+and, for many clients, the row stream served by a second server that reads the store through
+zarr's own reader (``LOGITSTORE_LOCAL_READER=zarr``): the row stream as it was when issue 15
+set the compressed stream's target (≥ 3× it), before local stores were read straight from
+their shards. Every rate is given twice: per second
 of wall clock (a share of a loaded machine) and per CPU-second of the processes measured
 (server: the supervisor and its workers, from /proc; clients: ``time.process_time`` in each
 client process), which is what the work costs.
@@ -46,8 +49,11 @@ from benchlib.stores import add_store_args, build_store
 
 import logitstore
 from logitstore.format.chunks import CHUNKS_MEDIA_TYPE
+from logitstore.read.local import LOCAL_READER_ENV
 
 STREAMS = {"rows": False, "chunks": True}  # RemoteStore(compressed=...)
+#: the many-clients streams: (the server's local reader, RemoteStore(compressed=...))
+MANY = {"rows": ("shards", False), "chunks": ("shards", True), "rows via zarr": ("zarr", False)}
 _ROUTE = 'logitstore_response_bytes_total{route="/v1/stores/{name}/positions"}'
 
 
@@ -109,7 +115,7 @@ def _stop_with_parent() -> None:
 class Server:
     """`logitstore serve --workers N` in a subprocess on a free port."""
 
-    def __init__(self, store: Path, workers: int) -> None:
+    def __init__(self, store: Path, workers: int, reader: str = "shards") -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -118,6 +124,7 @@ class Server:
             [*cmd, "--workers", str(workers)],
             stdout=subprocess.DEVNULL,
             preexec_fn=_stop_with_parent,
+            env={**os.environ, LOCAL_READER_ENV: reader},
         )
         self.url = f"http://127.0.0.1:{self.port}/v1/stores/store"
         deadline = time.monotonic() + 120
@@ -326,11 +333,17 @@ def _client_process(
 
 
 def many_clients(
-    server: Server, n_clients: int, n_positions: int, span: int, compressed: bool, procs: int
+    server: Server,
+    n_clients: int,
+    n_positions: int,
+    span: int,
+    stream: str,
+    procs: int,
 ) -> dict[str, Any]:
     """``n_clients`` clients spread over ``procs`` processes (threads in each), every one
     reading random ``span``-position ranges; the total is about ``n_positions``, and at least
     ``MIN_READS`` ranges per client (with fewer, the clock measures start-up, not a rate)."""
+    compressed = MANY[stream][1]
     procs = min(procs, n_clients)
     per_client = max(n_positions // n_clients, MIN_READS * span)
     ctx = mp.get_context("fork")  # the children never touch torch
@@ -360,7 +373,7 @@ def many_clients(
     return {
         "clients": n_clients,
         "client_processes": procs,
-        "stream": "chunks" if compressed else "rows",
+        "stream": stream,
         "positions": positions,
         "retried": sum(g[3] for g in got),
         "decoded_positions_per_s": positions / wall,
@@ -371,16 +384,19 @@ def many_clients(
 
 
 def many_clients_pairs(
-    server: Server, k: int, n: int, span: int, args: argparse.Namespace, workers: int
+    servers: dict[str, Server], k: int, n: int, span: int, args: argparse.Namespace, workers: int
 ) -> list[dict[str, Any]]:
-    """:func:`many_clients` for both streams, ``args.repeats`` times in turns (each pair
-    measured back to back, the order alternating, so both see the machine alike): each
-    stream's median run (the lower of two middles), and the chunks ÷ rows ratios as the
-    median over the pairs."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STREAMS}
+    """:func:`many_clients` for every stream of :data:`MANY` (from the server with its
+    reader in ``servers``), ``args.repeats`` times in turns (each turn's streams measured
+    back to back, the order reversed every other turn, so all see the machine alike): each
+    stream's median run (the lower of two middles), and its ratios to each row stream as
+    the medians over the turns."""
+    streams = [name for name in MANY if MANY[name][0] in servers]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in streams}
     for i in range(args.repeats):
-        for name in list(STREAMS)[:: 1 if i % 2 == 0 else -1]:
-            r = many_clients(server, k, n, span, STREAMS[name], args.client_processes)
+        for name in streams[:: 1 if i % 2 == 0 else -1]:
+            server = servers[MANY[name][0]]
+            r = many_clients(server, k, n, span, name, args.client_processes)
             runs[name].append(r)
             print(
                 f"[http] --workers {workers}, {k:>2} client(s) {name}: "
@@ -390,15 +406,20 @@ def many_clients_pairs(
                 flush=True,
             )
     out = []
-    for name in STREAMS:
+    for name in streams:
         ordered = sorted(runs[name], key=lambda r: r["decoded_positions_per_s"])
         median = dict(ordered[(len(ordered) - 1) // 2])
         median["decoded_positions_per_s_runs"] = [r["decoded_positions_per_s"] for r in runs[name]]
         median["retried"] = sum(r["retried"] for r in runs[name])  # in every run, not one
-        for key in ("decoded_positions_per_s", "positions_per_cpu_s"):
-            median[f"{key}_vs_rows"] = statistics.median(
-                r[key] / rows[key] for r, rows in zip(runs[name], runs["rows"], strict=True)
-            )
+        for base, suffix in (("rows", "vs_rows"), ("rows via zarr", "vs_zarr_rows")):
+            for key in ("decoded_positions_per_s", "positions_per_cpu_s"):
+                median[f"{key}_{suffix}"] = (
+                    statistics.median(
+                        r[key] / b[key] for r, b in zip(runs[name], runs[base], strict=True)
+                    )
+                    if base in runs
+                    else None
+                )
         out.append(median)
     return out
 
@@ -467,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-processes", type=int, default=2, help="processes the clients use")
     p.add_argument("--stalled", type=int, default=64, help="streams whose clients stop reading")
     p.add_argument(
+        "--no-zarr-baseline",
+        action="store_true",
+        help="skip the many-clients row stream served through zarr's reader (the row stream "
+        "as issue 15 measured it)",
+    )
+    p.add_argument(
         "--wire-mb",
         type=int,
         default=1024,
@@ -501,11 +528,14 @@ def main(argv: list[str] | None = None) -> int:
         span = min(args.span, n // 2)
         for workers in args.workers:
             server = Server(store_path, workers)
+            servers = {"shards": server}
             try:
+                if not args.no_zarr_baseline:
+                    servers["zarr"] = Server(store_path, workers, reader="zarr")
                 for r in one_stream(server, n, span, args.repeats, args.wire_mb << 20, raws):
                     one.append({"workers": workers, **r})
                 for k in args.clients:
-                    pair = many_clients_pairs(server, k, n, span, args, workers)
+                    pair = many_clients_pairs(servers, k, n, span, args, workers)
                     many += [{"workers": workers, **r} for r in pair]
                 if workers == args.workers[0] and args.stalled:
                     wire = {
@@ -518,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                         for r in stalled_streams(server, n, args.stalled, wire)
                     ]
             finally:
-                server.stop()
+                for each in servers.values():
+                    each.stop()
         raw = statistics.median(r[0] for r in raws)  # for the record: the pairs set vs_raw
         raw_cpu = statistics.median(r[1] for r in raws)
     for r in one:
@@ -607,11 +638,15 @@ def write(
         f"at least {MIN_READS} ranges each, after one untimed range that connects and warms "
         "it (a trainer streams for hours: its first read's one-off costs are not its rate); "
         "aggregate decoded positions/s, beside "
-        "the row stream at the same count (target for `chunks`: ≥ 3× rows). Each cell is "
-        "measured `--repeats` times, in turns with the row stream (the order alternating): "
-        "the row is the median "
-        "run (`runs`: every run's decoded positions/s, in thousands), and `vs rows` the "
-        "median of the ratios of runs taken side by side. Per CPU-s: "
+        "the row stream at the same count (`rows`) and the row stream from a second server "
+        "that reads the store through zarr's own reader (`rows via zarr`: the row stream as "
+        "issue 15 measured it when it set the target for `chunks`, ≥ 3× that; local stores "
+        "have since been read straight from their shards, which made `rows` itself cheaper "
+        "on the server). Each cell is "
+        "measured `--repeats` times, in turns with the other streams (the order reversed "
+        "every other turn): the row is the median "
+        "run (`runs`: every run's decoded positions/s, in thousands), and `vs rows` / "
+        "`vs rows via zarr` the medians of the ratios of runs taken side by side. Per CPU-s: "
         "positions over the CPU time of the clients and the server together. `retried`: "
         "attempts the clients had to repeat in all the runs (errors hidden by retries; 0 means "
         "none).",
@@ -623,8 +658,10 @@ def write(
                 "stream",
                 "decoded positions/s",
                 "vs rows",
+                "vs rows via zarr",
                 "positions per CPU-s",
                 "vs rows per CPU-s",
+                "vs rows via zarr per CPU-s",
                 "server CPU s per 1M",
                 "client CPU s per 1M",
                 "retried",
@@ -636,9 +673,11 @@ def write(
                     str(r["clients"]),
                     r["stream"],
                     f"{r['decoded_positions_per_s']:,.0f}",
-                    f"{r['decoded_positions_per_s_vs_rows']:.2f}",
+                    _ratio(r["decoded_positions_per_s_vs_rows"]),
+                    _ratio(r["decoded_positions_per_s_vs_zarr_rows"]),
                     f"{r['positions_per_cpu_s']:,.0f}",
-                    f"{r['positions_per_cpu_s_vs_rows']:.2f}",
+                    _ratio(r["positions_per_cpu_s_vs_rows"]),
+                    _ratio(r["positions_per_cpu_s_vs_zarr_rows"]),
                     f"{r['server_cpu_s_per_m']:.3f}",
                     f"{r['client_cpu_s_per_m']:.3f}",
                     str(r["retried"]),
@@ -695,6 +734,10 @@ def write(
     plot(out.with_suffix(".png"), many)
 
 
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
 def plot(path: Path, many: list[dict[str, Any]]) -> None:
     plt = pyplot()
     if plt is None:
@@ -705,7 +748,7 @@ def plot(path: Path, many: list[dict[str, Any]]) -> None:
         (axes[1], "positions_per_cpu_s", "positions per CPU-second (clients + server)"),
     ):
         for workers in sorted({r["workers"] for r in many}):
-            for stream, style in (("rows", "--"), ("chunks", "-")):
+            for stream, style in (("rows via zarr", ":"), ("rows", "--"), ("chunks", "-")):
                 pts = [r for r in many if r["workers"] == workers and r["stream"] == stream]
                 ax.plot(
                     [r["clients"] for r in pts],
