@@ -49,6 +49,7 @@ from benchlib.stores import add_store_args, build_store
 
 import logitstore
 from logitstore.format.chunks import CHUNKS_MEDIA_TYPE
+from logitstore.read.buffers import BufferPool
 from logitstore.read.local import LOCAL_READER_ENV
 
 STREAMS = {"rows": False, "chunks": True}  # RemoteStore(compressed=...)
@@ -251,12 +252,13 @@ def one_stream(
             raws.append(raw)
             pairs.append((runs[-1][0] / raw[0], runs[-1][1] / raw[1]))
         remote = logitstore.RemoteStore(server.url, compressed=compressed)
-        remote.read(0, span, id_dtype=np.int32)
+        alloc = BufferPool(keep=4).alloc
+        remote.read(0, span, id_dtype=np.int32, alloc=alloc)
         times, cpu, mine = [], [], []
         for _ in range(repeats):
             c0, t0, p0 = server.cpu(), time.perf_counter(), time.process_time()
             for a in range(0, n, span):  # in blocks of int32 ids, as LogitDataset reads
-                remote.read(a, min(a + span, n), id_dtype=np.int32)
+                remote.read(a, min(a + span, n), id_dtype=np.int32, alloc=alloc)
             times.append(time.perf_counter() - t0)
             cpu.append(server.cpu() - c0)
             mine.append(time.process_time() - p0)
@@ -297,23 +299,25 @@ def _client_process(
     results: Any,
 ) -> None:
     """``threads`` clients in one process, each reading random ``span``-position ranges
-    (int32 ids, as LogitDataset reads) until it has decoded ``per_client`` positions;
+    (int32 ids, decoded into memory it reuses: as LogitDataset reads) until it has decoded
+    ``per_client`` positions;
     reports (positions, CPU s, end time, retries, errors). Each client connects and reads
     one range before the clock starts: a trainer streams for hours, so the first read's
     one-off costs (connection, first-touch memory, lookup tables) are not its rate."""
     stores = [logitstore.RemoteStore(url, compressed=compressed) for _ in range(threads)]
-    for s in stores:
-        s.read(0, span, id_dtype=np.int32)  # connected and warm
+    pools = [BufferPool(keep=4) for _ in range(threads)]  # as LogitDataset decodes blocks
+    for s, pool in zip(stores, pools, strict=True):
+        s.read(0, span, id_dtype=np.int32, alloc=pool.alloc)  # connected and warm
     done = [0] * threads
     failed: list[BaseException] = []
 
     def run(i: int) -> None:
-        store = stores[i]
+        store, alloc = stores[i], pools[i].alloc
         rng = np.random.default_rng(seed * 1000 + i)
         try:
             while done[i] < per_client:
                 a = int(rng.integers(0, len(store) - span))
-                store.read(a, a + span, id_dtype=np.int32)
+                store.read(a, a + span, id_dtype=np.int32, alloc=alloc)
                 done[i] += span
         except BaseException as e:  # reported to the parent, which stops the run
             failed.append(e)
@@ -593,7 +597,8 @@ def write(
         "(target for `chunks`: ≥ 0.5× raw). MB per "
         "CPU-s: server and client together, beside raw TCP's sender and receiver together. "
         "Decoded: `RemoteStore.read` of the whole store in blocks of `--span` positions, "
-        "as LogitDataset reads, in this one client process.",
+        "as LogitDataset reads (int32 ids, into memory it reuses), in this one client "
+        "process.",
         "",
         *md_table(
             [
@@ -634,7 +639,8 @@ def write(
         "## Many clients",
         "",
         "Clients spread over client processes (threads in each), every one reading random "
-        "ranges of `--span` positions and decoding them (int32 ids, as LogitDataset does), "
+        "ranges of `--span` positions and decoding them (int32 ids, into memory each client "
+        "reuses once nothing refers to it: as LogitDataset does), "
         f"at least {MIN_READS} ranges each, after one untimed range that connects and warms "
         "it (a trainer streams for hours: its first read's one-off costs are not its rate); "
         "aggregate decoded positions/s, beside "

@@ -23,7 +23,7 @@ from logitstore.format.direct import read_decoded
 from logitstore.format.metadata import Layout, StoreMetadata
 from logitstore.format.schema import StoredRows
 from logitstore.format.shards import chunk_layout, read_chunked
-from logitstore.read.blocks import BufferPool
+from logitstore.read.buffers import BufferPool
 from tests.conftest import zarr_rows
 
 VOCAB = 300

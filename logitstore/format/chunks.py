@@ -221,7 +221,9 @@ class ChunkParser:
         return rows_from_columns(self.md, arrays, stop - start)
 
 
-def alloc_columns(md: StoreMetadata, n: int) -> dict[str, np.ndarray]:
+def alloc_columns(
+    md: StoreMetadata, n: int, alloc: Callable[[tuple[int, ...], Any], np.ndarray] = np.empty
+) -> dict[str, np.ndarray]:
     """Uninitialised arrays for ``n`` stored positions, by column name, in the byte order the
-    chunks hold (little-endian)."""
-    return {c.name: np.empty(c.shape(n), c.stored_dtype) for c in columns(md)}
+    chunks hold (little-endian), from ``alloc(shape, dtype)``."""
+    return {c.name: alloc(c.shape(n), c.stored_dtype) for c in columns(md)}

@@ -3,15 +3,13 @@ reader that keeps a few in memory and reads the next one ahead.
 
 A block is ``block_positions`` consecutive positions, decoded once per epoch and cut into
 windows. Its two large arrays (candidate ids and probabilities, 256 B per top-64 position
-each) are decoded into memory the reader reuses once nothing refers to it any more: writing
-fresh memory costs the kernel a page fault and a zeroed page every 4 KB, which measured a
-quarter of the decoder's own time.
+each) are decoded into memory the reader reuses once nothing refers to it any more
+(:class:`~logitstore.read.buffers.BufferPool`).
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,42 +20,7 @@ import torch
 
 from ..format.codec import Batch
 
-__all__ = ["Block", "BlockReader", "BufferPool", "block_of"]
-
-
-class BufferPool:
-    """Memory for decoded arrays, handed out again once no array, view or tensor refers to
-    it (its reference count is back to the pool's own): a sample a caller still holds keeps
-    its block's memory from being reused.
-
-    Args:
-        keep: buffers kept for reuse; more are allocated as needed and freed by Python.
-    """
-
-    def __init__(self, keep: int) -> None:
-        self._buffers: list[np.ndarray] = []  # flat uint8 arrays
-        self._keep = keep
-
-    def alloc(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """An uninitialised array of ``shape`` and ``dtype`` (``np.empty``'s signature)."""
-        dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        for buf in self._buffers:
-            # 3 references: the list, this loop's name, getrefcount's argument. Any view of
-            # it (and so any tensor made from one) holds another.
-            if sys.getrefcount(buf) == 3 and nbytes <= buf.nbytes <= 2 * nbytes:
-                return _shaped(buf, nbytes, dtype, shape)
-        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
-        if len(self._buffers) < self._keep:
-            self._buffers.append(buf)
-        return _shaped(buf, nbytes, dtype, shape)
-
-
-def _shaped(
-    buf: np.ndarray, nbytes: int, dtype: np.dtype[Any], shape: tuple[int, ...]
-) -> np.ndarray:
-    out: np.ndarray = buf[:nbytes].view(dtype).reshape(shape)
-    return out
+__all__ = ["Block", "BlockReader", "block_of"]
 
 
 class Block(NamedTuple):

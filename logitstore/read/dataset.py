@@ -36,7 +36,8 @@ from ..format.codec import Batch
 from ..format.direct import Alloc
 from ..format.provenance import tokenizer_identity
 from . import open as open_store
-from .blocks import Block, BlockReader, BufferPool, block_of
+from .blocks import Block, BlockReader, block_of
+from .buffers import BufferPool
 from .collate import collate, fold_to_vocab
 from .store import StoreBase
 

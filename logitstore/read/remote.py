@@ -28,10 +28,13 @@ from ..errors import (
     StoreNotFoundError,
 )
 from ..format.chunks import CHUNKS_MEDIA_TYPE, ChunkParser, alloc_columns
+from ..format.codec import Batch, decode_rows
+from ..format.direct import Alloc
 from ..format.metadata import StoreMetadata
 from ..format.protocol import ERROR_TYPES, StreamParser
 from ..format.schema import COLUMN_ORDER, StoredRows, empty_rows, rows_from_columns
 from ..format.validate import check_offsets
+from .buffers import BufferPool
 from .store import StoreBase, check_range
 
 if TYPE_CHECKING:
@@ -222,6 +225,19 @@ class RemoteStore(StoreBase):
 
     def read_stored(self, start: int, stop: int) -> StoredRows:
         """Positions ``[start, stop)`` as stored, streamed and verified (PROTOCOL.md)."""
+        return self._rows(start, stop, np.empty)
+
+    def _decode(self, start: int, stop: int, id_dtype: type, alloc: Alloc) -> Batch:
+        # The stored rows are only the decoder's input here: chunks decompress into memory
+        # this thread reuses (a pool per thread, as reads on other threads share the store).
+        pool = getattr(self._local, "rows_pool", None)
+        if pool is None:
+            pool = self._local.rows_pool = BufferPool(keep=2 * len(COLUMN_ORDER))
+        return decode_rows(self.metadata, self._rows(start, stop, pool.alloc), id_dtype, alloc)
+
+    def _rows(self, start: int, stop: int, alloc: Alloc) -> StoredRows:
+        """:meth:`read_stored`, the compressed stream's chunks decoded into memory from
+        ``alloc``."""
         start, stop = check_range(start, stop, len(self))
         md, n = self.metadata, stop - start
         parts: list[StoredRows] = []  # row-stream blocks, joined at the end
@@ -246,7 +262,7 @@ class RemoteStore(StoreBase):
             # The server chose: its compressed chunks (PROTOCOL.md §2.1), or rows (§2).
             chunked = (resp.getheader("Content-Type") or "").startswith(CHUNKS_MEDIA_TYPE)
             if chunked and not into:
-                into.update(alloc_columns(md, n))
+                into.update(alloc_columns(md, n, alloc))
                 at = 0
                 for part in parts:  # rows an earlier attempt got from a row stream
                     _put(into, part, at)
