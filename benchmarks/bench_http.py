@@ -392,13 +392,17 @@ def many_clients_pairs(
 ) -> list[dict[str, Any]]:
     """:func:`many_clients` for every stream of :data:`MANY` (from the server with its
     reader in ``servers``), ``args.repeats`` times in turns (each turn's streams measured
-    back to back, the order reversed every other turn, so all see the machine alike): each
+    back to back, the order rotated and reversed between turns, so all see the machine
+    alike): each
     stream's median run (the lower of two middles), and its ratios to each row stream as
     the medians over the turns."""
     streams = [name for name in MANY if MANY[name][0] in servers]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in streams}
     for i in range(args.repeats):
-        for name in streams[:: 1 if i % 2 == 0 else -1]:
+        # each turn starts one stream later, and every other turn runs backwards: over 3
+        # turns each stream takes each place once, and no two always run side by side
+        turn = streams[i % len(streams) :] + streams[: i % len(streams)]
+        for name in turn[:: 1 if i % 2 == 0 else -1]:
             server = servers[MANY[name][0]]
             r = many_clients(server, k, n, span, name, args.client_processes)
             runs[name].append(r)
@@ -649,8 +653,9 @@ def write(
         "issue 15 measured it when it set the target for `chunks`, ≥ 3× that; local stores "
         "have since been read straight from their shards, which made `rows` itself cheaper "
         "on the server). Each cell is "
-        "measured `--repeats` times, in turns with the other streams (the order reversed "
-        "every other turn): the row is the median "
+        "measured `--repeats` times, in turns with the other streams (the order rotated by "
+        "one and reversed every other turn, so over 3 turns each stream takes each place "
+        "once): the row is the median "
         "run (`runs`: every run's decoded positions/s, in thousands), and `vs rows` / "
         "`vs rows via zarr` the medians of the ratios of runs taken side by side. Per CPU-s: "
         "positions over the CPU time of the clients and the server together. `retried`: "
@@ -756,6 +761,8 @@ def plot(path: Path, many: list[dict[str, Any]]) -> None:
         for workers in sorted({r["workers"] for r in many}):
             for stream, style in (("rows via zarr", ":"), ("rows", "--"), ("chunks", "-")):
                 pts = [r for r in many if r["workers"] == workers and r["stream"] == stream]
+                if not pts:  # --no-zarr-baseline
+                    continue
                 ax.plot(
                     [r["clients"] for r in pts],
                     [r[key] for r in pts],

@@ -136,6 +136,24 @@ def test_compressed_reads_are_bit_identical_to_local_and_to_rows(
         assert _same(got, want), ("kept", name, a, b)
 
 
+def test_only_reads_up_to_a_block_keep_memory_for_the_next(
+    server: Server, stores: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read's stored rows are decoded from memory its thread keeps for the next read only
+    up to POOLED_POSITIONS positions: one large read must not pin its size for the store's
+    life."""
+    import logitstore.read.remote as remote
+
+    monkeypatch.setattr(remote, "POOLED_POSITIONS", 100)
+    store = logitstore.RemoteStore(server.url("topk"))
+    local = logitstore.open(stores["topk"])
+    assert _same(store.read(0, 500), local.read(0, 500))
+    assert getattr(store._local, "rows_pool", None) is None
+    assert _same(store.read(7, 90), local.read(7, 90))
+    assert getattr(store._local, "rows_pool", None) is not None
+    store.close()
+
+
 def _compare(local: logitstore.LogitStore, body: bytes, a: int, b: int) -> None:
     """``body``, a compressed stream of ``[a, b)``, decodes to exactly the stored rows."""
     import io

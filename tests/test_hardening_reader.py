@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,7 @@ def test_a_shard_rewritten_in_place_is_read_afresh(store: Path) -> None:
     swapped = entries[16:32] + entries[0:16]
     raw[at : at + 16 * n] = swapped
     raw[-4:] = struct.pack("<I", crc32c.crc32c(bytes(swapped)))
+    time.sleep(0.05)  # past the kernel's coarse clock tick, so the change time moves
     with open(shard, "r+b") as f:  # in place: the same inode
         f.write(raw)
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -12,6 +12,7 @@ import zarr
 
 import logitstore
 from logitstore import Encoding
+from logitstore.cli.main import main as cli_main
 
 from .conftest import dies_at_call, zarr_rows
 
@@ -211,5 +212,6 @@ def test_zarrs_own_reader_can_be_asked_for(store_path: Path, monkeypatch) -> Non
         for x, y in zip(through_zarr.read(a, b), direct.read(a, b), strict=True):
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (a, b)
     monkeypatch.setenv(LOCAL_READER_ENV, "fast")
-    with pytest.raises(ValueError, match="LOGITSTORE_LOCAL_READER is 'fast'; expected"):
+    with pytest.raises(logitstore.LogitStoreError, match="LOGITSTORE_LOCAL_READER is 'fast'"):
         logitstore.open(store_path)
+    assert cli_main(["info", str(store_path)]) == 2  # a clean error, not a traceback

@@ -6,6 +6,7 @@ The chunks come from a shard on this disk (shards.py) or from the compressed str
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import crc32c
@@ -130,15 +131,20 @@ def decode_part(data: bytes, codec: str, dest: np.ndarray, rows: int, skip: int 
 
 
 def into_place(
-    data: bytes, codec: str, dest: np.ndarray, where: str, rows: int | None = None, skip: int = 0
+    data: bytes,
+    codec: str,
+    dest: np.ndarray,
+    where: Callable[[], str],
+    rows: int | None = None,
+    skip: int = 0,
 ) -> None:
     """:func:`decode_part` of a chunk read from this machine's disk (the whole chunk unless
     ``rows`` says how many it holds): damage is the store's.
 
     Raises:
-        CorruptStoreError: naming ``where``.
+        CorruptStoreError: naming ``where()`` (called only then).
     """
     try:
         decode_part(data, codec, dest, len(dest) if rows is None else rows, skip)
     except ProtocolError as e:
-        raise CorruptStoreError(f"{where}: {e}; run `logitstore verify`") from None
+        raise CorruptStoreError(f"{where()}: {e}; run `logitstore verify`") from None

@@ -14,6 +14,7 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def _new_lock_after_fork() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_lock_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,12 @@ class ChunkColumn:
         """Inner chunk ``chunk`` as (shard, inner chunk within that shard)."""
         return divmod(chunk, self.shard_rows // self.rows)
 
-    def where(self, root: Path, chunk: int) -> str:
-        """Inner chunk ``chunk`` named for an error: its array, shard and positions."""
-        first = chunk * self.rows
-        return (
-            f"{root / self.name}: shard {self.shard_of(chunk)[0]}, the chunk of positions "
-            f"{first}-{first + self.rows - 1}"
+    def where(self, root: Path, chunk: int) -> Callable[[], str]:
+        """Inner chunk ``chunk`` named for an error (its array, shard and first position),
+        when an error asks."""
+        return lambda: (
+            f"{root / self.name}: shard {self.shard_of(chunk)[0]}, the chunk from position "
+            f"{chunk * self.rows}"
         )
 
 

@@ -22,6 +22,10 @@ class BufferPool:
     it (its reference count is back to the pool's own): a sample a caller still holds keeps
     its block's memory from being reused.
 
+    The pool keeps at most ``keep`` buffers: when none is free and fits, a free one that
+    does not fit gives its place to the new one, so the pool follows the sizes being read
+    (a few small reads first do not leave it without room for the large ones).
+
     Args:
         keep: buffers kept for reuse; more are allocated as needed and freed by Python.
     """
@@ -34,15 +38,32 @@ class BufferPool:
         """An uninitialised array of ``shape`` and ``dtype`` (``np.empty``'s signature)."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        for buf in self._buffers:
-            # 3 references: the list, this loop's name, getrefcount's argument. Any view of
-            # it (and so any tensor made from one) holds another.
-            if sys.getrefcount(buf) == 3 and nbytes <= buf.nbytes <= 2 * nbytes:
-                return _shaped(buf, nbytes, dtype, shape)
+        unfit = -1  # a free buffer of another size, if the pool is full
+        for i, buf in enumerate(self._buffers):
+            if sys.getrefcount(buf) == _FREE:  # nothing outside the pool refers to it
+                if nbytes <= buf.nbytes <= 2 * nbytes:
+                    return _shaped(buf, nbytes, dtype, shape)
+                unfit = i
         buf = np.empty(max(nbytes, 1), dtype=np.uint8)
         if len(self._buffers) < self._keep:
             self._buffers.append(buf)
+        elif unfit >= 0:
+            self._buffers[unfit] = buf
         return _shaped(buf, nbytes, dtype, shape)
+
+
+def _free_count() -> int:
+    """What ``sys.getrefcount`` says, in :meth:`BufferPool.alloc`'s loop, of a buffer only
+    the pool holds: 3 on CPython 3.11-3.13 (the list, the loop's name, the call's argument);
+    measured rather than assumed, as an interpreter that borrows references counts fewer,
+    and a held buffer must never look free."""
+    buffers = [np.empty(1, dtype=np.uint8)]
+    for _, buf in enumerate(buffers):
+        return sys.getrefcount(buf)
+    raise AssertionError("unreachable")
+
+
+_FREE = _free_count()
 
 
 def _shaped(

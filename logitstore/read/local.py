@@ -5,7 +5,8 @@ metadata.
 A local store in the layout FORMAT.md §4 describes is read straight from its shards
 (format/shards.py, format/direct.py: the same bytes and checksums as zarr's reader, without
 its per-chunk machinery), and its teacher rows decoded one inner chunk at a time; any other
-local layout, and object storage, through zarr.
+local layout, object storage, and any store while ``LOGITSTORE_LOCAL_READER=zarr`` is set,
+through zarr.
 
 From object storage every array of a read is fetched at once (zarr turns each into parallel
 ranged GETs of the chunks it needs), and a read that continues the previous one starts the
@@ -70,7 +71,10 @@ LOCAL_READER_ENV = "LOGITSTORE_LOCAL_READER"
 def _local_reader() -> str:
     value = os.environ.get(LOCAL_READER_ENV, "shards") or "shards"
     if value not in ("shards", "zarr"):
-        raise ValueError(f"{LOCAL_READER_ENV} is {value!r}; expected 'shards' or 'zarr'")
+        raise LogitStoreError(
+            f"{LOCAL_READER_ENV} is {value!r}; expected 'shards' (the default) or 'zarr', or "
+            "leave it unset"
+        )
     return value
 
 
@@ -84,6 +88,7 @@ class LogitStore(StoreBase):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
+        reader = _local_reader()  # a bad setting is refused before anything is read
         self.path: StorePath = store_path(path)
         self._remote = location(self.path) is not None
         self._pool: ThreadPoolExecutor | None = None
@@ -114,7 +119,7 @@ class LogitStore(StoreBase):
         # The shards read directly, or through zarr (None: object storage, another layout,
         # or zarr asked for).
         self._layout: list[ChunkColumn] | None = (
-            None if self._remote or _local_reader() == "zarr" else chunk_layout(Path(self.path), md)
+            None if self._remote or reader == "zarr" else chunk_layout(Path(self.path), md)
         )
 
     def committed(self) -> np.ndarray:

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RemoteStore"]
 
+#: reads of at most this many positions decompress into memory the thread reuses
+POOLED_POSITIONS = 1 << 17
+
 #: for a refusal without a known JSON code (ERROR_TYPES), by HTTP status; other 4xx: RemoteError
 _BY_STATUS: dict[int, type[LogitStoreError]] = {404: StoreNotFoundError, 416: PositionError}
 
@@ -230,6 +233,9 @@ class RemoteStore(StoreBase):
     def _decode(self, start: int, stop: int, id_dtype: type, alloc: Alloc) -> Batch:
         # The stored rows are only the decoder's input here: chunks decompress into memory
         # this thread reuses (a pool per thread, as reads on other threads share the store).
+        # Reads above a Dataset block or so take fresh memory, so a pool never holds more.
+        if stop - start > POOLED_POSITIONS:
+            return super()._decode(start, stop, id_dtype, alloc)
         pool = getattr(self._local, "rows_pool", None)
         if pool is None:
             pool = self._local.rows_pool = BufferPool(keep=2 * len(COLUMN_ORDER))
