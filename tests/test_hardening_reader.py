@@ -288,10 +288,6 @@ def test_a_shard_rewritten_in_place_is_read_afresh(store: Path) -> None:
     time: a shard rewritten in place (here its index pointing chunk 0 at chunk 1's bytes,
     same size, its modification time put back, as `cp -p` or `rsync -a` leave it) is read as
     it now is, not through the index of the file it replaced."""
-    import struct
-
-    import crc32c
-
     s = logitstore.open(store)
     before = s.read_stored(0, 8).values.copy()  # shard 0: chunks of positions 0-3 and 4-7
     shard = store / "values" / "c" / "0" / "0"
