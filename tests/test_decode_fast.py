@@ -288,6 +288,34 @@ def test_the_buffer_pool_reuses_memory_only_once_nothing_refers_to_it() -> None:
     assert pool.alloc((1000, 8), np.int32).shape == (1000, 8)  # too large: a new buffer
 
 
+def test_the_buffer_pool_is_right_under_a_tracer_that_reads_locals() -> None:
+    """A debugger or tracer that reads a frame's locals (on 3.11/3.12 a dict that holds them)
+    adds a reference to whatever the loop holds: the pool must neither hand out a buffer a
+    caller holds nor stop reusing free ones."""
+    import sys
+
+    def addr(x: np.ndarray) -> int:
+        return int(x.__array_interface__["data"][0])
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_locals  # noqa: B018  (what a debugger does on every line)
+        return tracer
+
+    pool = BufferPool(keep=2)
+    held = pool.alloc((256,), np.float32)
+    sys.settrace(tracer)
+    try:
+        other = pool.alloc((256,), np.float32)
+        assert addr(other) != addr(held)  # held: never handed out again
+        first = addr(other)
+        del other
+        again = pool.alloc((256,), np.float32)
+    finally:
+        sys.settrace(None)
+    assert addr(again) == first  # free once more: reused, tracer or not
+    assert not np.shares_memory(again, held)
+
+
 def test_the_buffer_pool_follows_the_sizes_being_read() -> None:
     """Small reads first (a warm-up, a short sequence) do not keep the pool from reusing
     memory for the large reads after them, nor keep memory of sizes no longer read."""

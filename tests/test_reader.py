@@ -215,3 +215,4 @@ def test_zarrs_own_reader_can_be_asked_for(store_path: Path, monkeypatch) -> Non
     with pytest.raises(logitstore.LogitStoreError, match="LOGITSTORE_LOCAL_READER is 'fast'"):
         logitstore.open(store_path)
     assert cli_main(["info", str(store_path)]) == 2  # a clean error, not a traceback
+    assert cli_main(["verify", str(store_path)]) == 2  # a setting, not a damaged store (1)

@@ -31,39 +31,33 @@ class BufferPool:
     """
 
     def __init__(self, keep: int) -> None:
-        self._buffers: list[np.ndarray] = []  # flat uint8 arrays
+        # [0] is a sentinel only the pool ever holds, never handed out: its reference count,
+        # taken in the same loop as every buffer's, is what a free buffer's reads as (the
+        # count depends on the interpreter, and on a tracer holding the loop's locals).
+        self._buffers: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]  # flat uint8 arrays
         self._keep = keep
 
     def alloc(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised array of ``shape`` and ``dtype`` (``np.empty``'s signature)."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        unfit = -1  # a free buffer of another size, if the pool is full
+        if nbytes == 0:  # nothing to reuse, and no place to take
+            return np.empty(shape, dtype)
+        free, unfit = -1, 0  # the count of a free buffer; a free one of another size
         for i, buf in enumerate(self._buffers):
-            if sys.getrefcount(buf) == _FREE:  # nothing outside the pool refers to it
+            refs = sys.getrefcount(buf)
+            if i == 0:
+                free = refs
+            elif refs == free:  # nothing outside the pool refers to it
                 if nbytes <= buf.nbytes <= 2 * nbytes:
                     return _shaped(buf, nbytes, dtype, shape)
                 unfit = i
-        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
-        if len(self._buffers) < self._keep:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        if len(self._buffers) <= self._keep:
             self._buffers.append(buf)
-        elif unfit >= 0:
+        elif unfit:
             self._buffers[unfit] = buf
         return _shaped(buf, nbytes, dtype, shape)
-
-
-def _free_count() -> int:
-    """What ``sys.getrefcount`` says, in :meth:`BufferPool.alloc`'s loop, of a buffer only
-    the pool holds: 3 on CPython 3.11-3.13 (the list, the loop's name, the call's argument);
-    measured rather than assumed, as an interpreter that borrows references counts fewer,
-    and a held buffer must never look free."""
-    buffers = [np.empty(1, dtype=np.uint8)]
-    for _, buf in enumerate(buffers):
-        return sys.getrefcount(buf)
-    raise AssertionError("unreachable")
-
-
-_FREE = _free_count()
 
 
 def _shaped(

@@ -58,7 +58,7 @@ from .store import StoreBase, check_range
 if TYPE_CHECKING:
     import tokenizers
 
-__all__ = ["LOCAL_READER_ENV", "LogitStore"]
+__all__ = ["LOCAL_READER_ENV", "LogitStore", "local_reader"]
 
 _T = TypeVar("_T")
 
@@ -68,7 +68,12 @@ _T = TypeVar("_T")
 LOCAL_READER_ENV = "LOGITSTORE_LOCAL_READER"
 
 
-def _local_reader() -> str:
+def local_reader() -> str:
+    """How local stores are read: ``LOGITSTORE_LOCAL_READER``, ``shards`` when unset.
+
+    Raises:
+        LogitStoreError: the setting is neither ``shards`` nor ``zarr``.
+    """
     value = os.environ.get(LOCAL_READER_ENV, "shards") or "shards"
     if value not in ("shards", "zarr"):
         raise LogitStoreError(
@@ -88,7 +93,7 @@ class LogitStore(StoreBase):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
-        reader = _local_reader()  # a bad setting is refused before anything is read
+        reader = local_reader()  # a bad setting is refused before anything is read
         self.path: StorePath = store_path(path)
         self._remote = location(self.path) is not None
         self._pool: ThreadPoolExecutor | None = None

@@ -15,7 +15,7 @@ from ..format.metadata import ATTRS_KEY, SQRT_BINS, StoreMetadata
 from ..format.provenance import identity_digest, identity_settings
 from ..format.schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
 from ..format.storage import leftover_keys, open_group, shard_key
-from ..read.local import LogitStore
+from ..read.local import LogitStore, local_reader
 
 __all__ = ["VerifyReport", "sum_tolerance", "verify"]
 
@@ -40,10 +40,15 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
     Never raises for a damaged store: every fault found is reported, naming the array,
     shard and first position concerned.
 
+    Raises:
+        LogitStoreError: ``LOGITSTORE_LOCAL_READER`` is set to neither ``shards`` nor
+            ``zarr`` (a setting, not a fault of the store).
+
     Example:
         >>> report = verify("teacher.zarr")
         >>> report.ok, report.faults[:1]
     """
+    local_reader()  # a bad setting is the caller's error, not a fault of the store
     report = VerifyReport(str(path))
     try:
         _verify(path, report, progress)
