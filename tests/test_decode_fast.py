@@ -288,14 +288,16 @@ def test_the_buffer_pool_reuses_memory_only_once_nothing_refers_to_it() -> None:
     assert pool.alloc((1000, 8), np.int32).shape == (1000, 8)  # too large: a new buffer
 
 
+def _kept(pool: BufferPool, a: np.ndarray) -> int:
+    """Which of the pool's buffers ``a`` is memory of (0: none)."""
+    return next((i for i, b in enumerate(pool._buffers) if i and a.base is b), 0)
+
+
 def test_the_buffer_pool_is_right_under_a_tracer_that_reads_locals() -> None:
     """A debugger or tracer that reads a frame's locals (on 3.11/3.12 a dict that holds them)
-    adds a reference to whatever the loop holds: the pool must neither hand out a buffer a
-    caller holds nor stop reusing free ones."""
+    adds a reference to whatever a local name holds: the pool must neither hand out a
+    buffer a caller holds nor stop reusing free ones."""
     import sys
-
-    def addr(x: np.ndarray) -> int:
-        return int(x.__array_interface__["data"][0])
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         frame.f_locals  # noqa: B018  (what a debugger does on every line)
@@ -306,29 +308,66 @@ def test_the_buffer_pool_is_right_under_a_tracer_that_reads_locals() -> None:
     sys.settrace(tracer)
     try:
         other = pool.alloc((256,), np.float32)
-        assert addr(other) != addr(held)  # held: never handed out again
-        first = addr(other)
+        k = _kept(pool, other)
         del other
         again = pool.alloc((256,), np.float32)
     finally:
         sys.settrace(None)
-    assert addr(again) == first  # free once more: reused, tracer or not
+    assert k and k != _kept(pool, held)  # held: never handed out again
+    assert _kept(pool, again) == k  # free once more: reused, tracer or not
     assert not np.shares_memory(again, held)
 
 
 def test_the_buffer_pool_follows_the_sizes_being_read() -> None:
     """Small reads first (a warm-up, a short sequence) do not keep the pool from reusing
-    memory for the large reads after them, nor keep memory of sizes no longer read."""
-
-    def addr(x: np.ndarray) -> int:
-        return int(x.__array_interface__["data"][0])
-
+    memory for the large reads after them, nor keep memory of sizes no longer read; it
+    never keeps more than ``keep`` buffers."""
     pool = BufferPool(keep=2)
     pool.alloc((4,), np.float32), pool.alloc((4,), np.int32)  # both places taken, then free
-    big = addr(pool.alloc((1 << 16,), np.float32))
-    assert addr(pool.alloc((1 << 16,), np.float32)) == big  # kept in a small one's place
+    big = pool.alloc((1 << 16,), np.float32)
+    k = _kept(pool, big)
+    assert k  # kept in a small one's place
+    del big
     held = pool.alloc((1 << 16,), np.float32)
-    assert addr(held) == big and addr(pool.alloc((1 << 16,), np.float32)) != big
+    assert _kept(pool, held) == k  # reused
+    more = [pool.alloc((1 << 16,), np.float32) for _ in range(3)]  # all held: new memory
+    assert len(pool._buffers) == 1 + 2  # the sentinel and `keep` buffers, no more
+    assert all(not np.shares_memory(m, held) for m in more)
+
+
+def test_a_buffer_pool_shared_by_two_threads_never_hands_out_held_memory() -> None:
+    """LogitDataset's reader and its read-ahead thread share a pool: each thread fills what
+    it gets, holds it through a view a while, and finds it unchanged."""
+    import sys
+    import threading
+    import time
+
+    pool = BufferPool(keep=4)
+    bad: list[str] = []
+    stop = time.monotonic() + 1.0
+
+    def work(me: int) -> None:
+        while time.monotonic() < stop and not bad:
+            a = pool.alloc((64,), np.int32)
+            a.fill(me)
+            view, head = a[8:], a[:8]  # held through two views, as a batch's fields are
+            del a
+            for _ in range(20):  # other threads allocate meanwhile
+                pass
+            if not ((view == me).all() and (head == me).all()):
+                bad.append(f"thread {me} found its buffer overwritten")
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert not bad, bad[0]
 
 
 def test_the_dataset_reads_the_same_samples_locally_and_remotely(stores: dict[str, Path]) -> None:

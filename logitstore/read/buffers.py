@@ -10,6 +10,7 @@ what a caller holds. NumPy only (the HTTP client uses it too).
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,13 @@ class BufferPool:
     """
 
     def __init__(self, keep: int) -> None:
-        # [0] is a sentinel only the pool ever holds, never handed out: its reference count,
-        # taken in the same loop as every buffer's, is what a free buffer's reads as (the
-        # count depends on the interpreter, and on a tracer holding the loop's locals).
+        # [0] is a sentinel the pool holds and never hands out. A buffer is free when its
+        # reference count is the sentinel's, both taken the same way: straight from the
+        # list, never through a local name (a debugger or tracer keeps a frame's locals),
+        # and under the lock (a second thread inside the loop would hold references too).
         self._buffers: list[np.ndarray] = [np.empty(0, dtype=np.uint8)]  # flat uint8 arrays
         self._keep = keep
+        self._lock = threading.Lock()  # LogitDataset's reader and read-ahead thread share one
 
     def alloc(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised array of ``shape`` and ``dtype`` (``np.empty``'s signature)."""
@@ -43,21 +46,21 @@ class BufferPool:
         nbytes = int(np.prod(shape)) * dtype.itemsize
         if nbytes == 0:  # nothing to reuse, and no place to take
             return np.empty(shape, dtype)
-        free, unfit = -1, 0  # the count of a free buffer; a free one of another size
-        for i, buf in enumerate(self._buffers):
-            refs = sys.getrefcount(buf)
-            if i == 0:
-                free = refs
-            elif refs == free:  # nothing outside the pool refers to it
-                if nbytes <= buf.nbytes <= 2 * nbytes:
-                    return _shaped(buf, nbytes, dtype, shape)
-                unfit = i
-        buf = np.empty(nbytes, dtype=np.uint8)
-        if len(self._buffers) <= self._keep:
-            self._buffers.append(buf)
-        elif unfit:
-            self._buffers[unfit] = buf
-        return _shaped(buf, nbytes, dtype, shape)
+        with self._lock:
+            buffers = self._buffers
+            free = sys.getrefcount(buffers[0])
+            unfit = 0  # a free buffer of another size, whose place a new one may take
+            for i in range(1, len(buffers)):
+                if sys.getrefcount(buffers[i]) == free:  # nothing outside refers to it
+                    if nbytes <= buffers[i].nbytes <= 2 * nbytes:
+                        return _shaped(buffers[i], nbytes, dtype, shape)
+                    unfit = i
+            new = np.empty(nbytes, dtype=np.uint8)
+            if len(buffers) <= self._keep:
+                buffers.append(new)
+            elif unfit:
+                buffers[unfit] = new
+            return _shaped(new, nbytes, dtype, shape)
 
 
 def _shaped(
