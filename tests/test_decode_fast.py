@@ -266,31 +266,33 @@ def test_a_damaged_chunk_decoded_directly_is_a_corrupt_store(
         logitstore.open(path).read(0, 10)
 
 
-def test_the_buffer_pool_reuses_memory_only_once_nothing_refers_to_it() -> None:
-    def addr(x: np.ndarray) -> int:
-        return int(x.__array_interface__["data"][0])
-
-    pool = BufferPool(keep=2)
-    a = pool.alloc((100, 8), np.float32)
-    first = addr(a)
-    t = torch.from_numpy(a)[10:20]  # a tensor view of it, as a sample holds
-    del a
-    b = pool.alloc((100, 8), np.float32)
-    assert addr(b) != first  # the tensor still refers to the first buffer
-    del b, t
-    c = pool.alloc((100, 8), np.int32)
-    assert addr(c) == first  # nothing does now
-    row = c[5]  # a numpy view keeps it too
-    del c
-    assert addr(pool.alloc((100, 8), np.int32)) != first
-    del row
-    assert addr(pool.alloc((100, 8), np.int32)) == first
-    assert pool.alloc((1000, 8), np.int32).shape == (1000, 8)  # too large: a new buffer
-
-
 def _kept(pool: BufferPool, a: np.ndarray) -> int:
     """Which of the pool's buffers ``a`` is memory of (0: none)."""
     return next((i for i, b in enumerate(pool._buffers) if i and a.base is b), 0)
+
+
+def test_the_buffer_pool_reuses_memory_only_once_nothing_refers_to_it() -> None:
+    # Which pool buffer an array is memory of, not its address: malloc hands back the
+    # address just freed, so addresses alone pass with no pool at all.
+    pool = BufferPool(keep=2)
+    a = pool.alloc((100, 8), np.float32)
+    first = _kept(pool, a)
+    assert first
+    t = torch.from_numpy(a)[10:20]  # a tensor view of it, as a sample holds
+    del a
+    b = pool.alloc((100, 8), np.float32)
+    assert _kept(pool, b) not in (0, first)  # the tensor still refers to the first buffer
+    del b, t
+    c = pool.alloc((100, 8), np.int32)
+    assert _kept(pool, c) == first  # nothing does now
+    row = c[5]  # a numpy view keeps it too
+    del c
+    assert _kept(pool, pool.alloc((100, 8), np.int32)) != first
+    del row
+    assert _kept(pool, pool.alloc((100, 8), np.int32)) == first
+    old = pool._buffers[first]
+    big = pool.alloc((1000, 8), np.int32)  # too large for either: new memory
+    assert big.shape == (1000, 8) and big.base is not old and len(pool._buffers) == 1 + 2
 
 
 def test_the_buffer_pool_is_right_under_a_tracer_that_reads_locals() -> None:
