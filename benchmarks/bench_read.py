@@ -3,17 +3,20 @@ baselines that say what the speed is worth.
 
 (a) A top-64 u8 store of real teacher rows (the shipped teacher on held-out stdlib text,
     tiled to ``--positions``) is read through ``LogitDataset`` + ``collate`` in a real
-    ``DataLoader`` with 0 and 2 workers, three ways over the same windows in the same order:
-    today's one-pass decoder; the previous decoder (the same Dataset, its blocks decoded by
-    the decoder this project shipped before, kept callable below as
-    ``previous_decode_rows``); and raw ``np.memmap`` files of the already-decoded arrays (the
-    baseline: what is left is decompression, checksums and decoding).
+    ``DataLoader`` with 0 and 2 workers, four ways over the same windows in the same order:
+    today's decoder (numba's compiled kernel where the ``fast`` extra is installed, else
+    NumPy's); NumPy's decoder (``LOGITSTORE_DECODER=numpy``: what a plain install runs); the
+    previous decoder (the same Dataset, its blocks decoded by the decoder this project
+    shipped before, kept callable below as ``previous_decode_rows``); and raw ``np.memmap``
+    files of the already-decoded arrays (the baseline: what is left is decompression,
+    checksums and decoding).
 (b) The client side of the compressed stream (PROTOCOL.md §2.1) without a network: the
     store's chunks framed as a server sends them, one stream per ``--block`` positions (what
     a remote LogitDataset requests), each parsed by its own ``ChunkParser`` and decoded, with
-    today's decoder and the previous one; ``LogitStore.read`` of a local store (straight
-    from the shards, decoding as it reads); and the same blocks read through zarr's own
-    reader and decoded (how ``LogitStore.read`` read before), for scale.
+    today's decoder, NumPy's and the previous one; ``LogitStore.read`` of a local store
+    (straight from the shards, decoding as it reads) with today's decoder and NumPy's; and
+    the same blocks read through zarr's own reader and decoded (how ``LogitStore.read`` read
+    before), for scale.
 (c) One optimizer step of a small GPT-2 student on a batch from the store: cross-entropy
     alone, the fused ``losses.distillation_loss`` (CE + forward KL from one log-softmax), and
     the two unfused losses added up.
@@ -29,6 +32,7 @@ is what the work costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import io
 import os
@@ -38,7 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,7 @@ from torch.utils.data import DataLoader
 
 import logitstore
 from logitstore import Batch, LogitDataset, StoreMetadata, collate, losses
+from logitstore.format import fused
 from logitstore.format.chunks import (
     ChunkParser,
     ShardFiles,
@@ -190,7 +195,23 @@ def loader_rate(ds: LogitDataset, workers: int, batch: int, limit: int) -> tuple
     return n / wall, n / (cpu_seconds() - c0)
 
 
-SOURCES = ("logitstore", "previous decoder", "memmap")
+SOURCES = ("logitstore", "NumPy decoder", "previous decoder", "memmap")
+
+
+@contextlib.contextmanager
+def _setting(numpy_only: bool) -> Iterator[None]:
+    """``LOGITSTORE_DECODER=numpy`` inside the block when ``numpy_only`` (DataLoader workers
+    forked there inherit it), the setting as it was after."""
+    before = os.environ.get(fused.DECODER_ENV)
+    if numpy_only:
+        os.environ[fused.DECODER_ENV] = "numpy"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(fused.DECODER_ENV, None)
+        else:
+            os.environ[fused.DECODER_ENV] = before
 
 
 def bench_loading(args: argparse.Namespace, store: Path, raw: Path) -> list[dict[str, Any]]:
@@ -202,12 +223,13 @@ def bench_loading(args: argparse.Namespace, store: Path, raw: Path) -> list[dict
                 kw = {"seed": rep, "block_positions": args.block}
                 ds = (
                     LogitDataset(store, args.seq_len, **kw)
-                    if source == "logitstore"
+                    if source in ("logitstore", "NumPy decoder")
                     else PreviousDecoder(store, args.seq_len, **kw)
                     if source == "previous decoder"
                     else MemmapWindows(store, raw, args.seq_len, **kw)
                 )
-                rates[source].append(loader_rate(ds, workers, args.batch, args.limit))
+                with _setting(source == "NumPy decoder"):
+                    rates[source].append(loader_rate(ds, workers, args.batch, args.limit))
         for source in SOURCES:
             wall = statistics.median(r[0] for r in rates[source])
             cpu = statistics.median(r[1] for r in rates[source])
@@ -272,6 +294,7 @@ def bench_client(args: argparse.Namespace, store: Path) -> list[dict[str, Any]]:
     stream_nbytes = sum(len(x[2]) for x in streams)
     decoders: dict[str, Callable[..., Batch]] = {
         "ChunkParser + decode_rows (today)": decode_rows,
+        "ChunkParser + decode_rows (NumPy decoder)": decode_rows,
         "ChunkParser + previous decoder": previous_decode_rows,
     }
     group = zarr.open_group(str(store), mode="r")
@@ -286,17 +309,21 @@ def bench_client(args: argparse.Namespace, store: Path) -> list[dict[str, Any]]:
 
     readers = {
         "LogitStore.read (local shards, blocks)": local_read,
+        "LogitStore.read (local shards, blocks, NumPy decoder)": local_read,
         "zarr's reader + decode_rows (blocks)": zarr_read,
     }
     rates: dict[str, list[tuple[float, float]]] = {k: [] for k in [*decoders, *readers]}
     for _ in range(args.repeats):
         for name, decode in decoders.items():
-            rates[name].append(client_rate(streams, md, decode))
+            with _setting("NumPy" in name):
+                rates[name].append(client_rate(streams, md, decode))
         for name, read in readers.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            for a in range(0, n, args.block):
-                read(a, min(a + args.block, n))
-            rates[name].append((n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
+            with _setting("NumPy" in name):
+                t0, c0 = time.perf_counter(), time.process_time()
+                for a in range(0, n, args.block):
+                    read(a, min(a + args.block, n))
+                rate = (n / (time.perf_counter() - t0), n / (time.process_time() - c0))
+            rates[name].append(rate)
     out = []
     for label, r in rates.items():
         out.append(
@@ -412,6 +439,12 @@ def write_outputs(
         if r["source"] == "previous decoder"
         for k in ("positions_per_s", "positions_per_cpu_s")
     }
+    plain = {
+        (r["workers"], k): r[k]
+        for r in load
+        if r["source"] == "NumPy decoder"
+        for k in ("positions_per_s", "positions_per_cpu_s")
+    }
 
     def ratio(r: dict[str, Any], to: dict[tuple[int, str], float], key: str) -> str:
         return "" if r["source"] == "memmap" else f"{r[key] / to[(r['workers'], key)]:.2f}"
@@ -427,6 +460,7 @@ def write_outputs(
                 "positions/s",
                 "positions per CPU s",
                 "per CPU s vs previous decoder",
+                "per CPU s vs NumPy decoder",
                 "per CPU s vs memmap",
                 "wall vs memmap",
             ],
@@ -436,7 +470,10 @@ def write_outputs(
                     r["source"],
                     f"{r['positions_per_s']:,.0f}",
                     f"{r['positions_per_cpu_s']:,.0f}",
-                    ratio(r, prev, "positions_per_cpu_s") if r["source"] == "logitstore" else "",
+                    ratio(r, prev, "positions_per_cpu_s")
+                    if r["source"] in ("logitstore", "NumPy decoder")
+                    else "",
+                    ratio(r, plain, "positions_per_cpu_s") if r["source"] == "logitstore" else "",
                     ratio(r, base, "positions_per_cpu_s"),
                     ratio(r, base, "positions_per_s"),
                 ]
@@ -466,8 +503,12 @@ def write_outputs(
             ],
         ),
         "",
-        "The decoder is NumPy only: no compiled kernel and no new dependency (0 MB, 0 s to "
-        "install). Load average during the run (1 min, at its start and end): "
+        f"Today's decoder in this run: **{_DECODER[0]}** (`{fused.DECODER_ENV}` unset). "
+        "NumPy's decoder needs nothing beyond the base install; numba's compiled kernel is "
+        "the `fast` extra (`pip install 'logitstore[fast]'`: numba and llvmlite, ~210 MB on "
+        "disk; a one-off compile of ~1.5 s per machine, cached, then ~0.3-0.7 s per process "
+        "to import numba and load the kernel, outside these timings as outside a training "
+        "step). Load average during the run (1 min, at its start and end): "
         f"{_LOAD[0]:.1f} and {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall-clock "
         "rates are a share of the cores; the rates per CPU-second are what the work costs, "
         "and the positions/s targets are judged on them when the machine is loaded.",
@@ -507,9 +548,9 @@ def write_outputs(
         (axes[1], "positions_per_cpu_s", "per CPU second"),
     ):
         for i, source in enumerate(SOURCES):
-            xs = [r["workers"] / 2 + (i - 1) * 0.25 for r in load if r["source"] == source]
+            xs = [r["workers"] / 2 + (i - 1.5) * 0.2 for r in load if r["source"] == source]
             ys = [r[key] for r in load if r["source"] == source]
-            ax.bar(xs, ys, 0.25, label=source)
+            ax.bar(xs, ys, 0.2, label=source)
         ax.axhline(1e6, color="k", ls=":", lw=1, label="1M positions/s")
         ax.set_xticks([0, 1], ["0 workers", "2 workers"])
         ax.set_title(f"LogitDataset, top-64 u8: {title}", fontsize=9)
@@ -520,6 +561,7 @@ def write_outputs(
 
 
 _BATCH = [16]
+_DECODER = ["numpy"]
 _LOAD = [os.getloadavg()[0]]  # at the start of the run
 
 
@@ -555,10 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         args.out = results_dir(args.quick) / "results" / "read"
     _BATCH[0] = args.batch
+    _DECODER[0] = fused.decoder()
     one_thread_if_quick(args.quick)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         store = args.store or build_store(args, Path(tmp))
-        write_raw(store, Path(tmp) / "raw")
+        write_raw(store, Path(tmp) / "raw")  # also loads the decoder (int32 ids) before the clock
         load = bench_loading(args, store, Path(tmp) / "raw")
         client = bench_client(args, store)
         steps = bench_step(args, store)

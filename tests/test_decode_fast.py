@@ -20,6 +20,7 @@ from logitstore import Encoding
 from logitstore.errors import ProtocolError
 from logitstore.format.chunks import decode_chunk, decode_chunk_into
 from logitstore.format.direct import read_decoded
+from logitstore.format.fused import DECODER_ENV
 from logitstore.format.metadata import Layout, StoreMetadata
 from logitstore.format.schema import StoredRows
 from logitstore.format.shards import chunk_layout, read_chunked
@@ -129,6 +130,9 @@ CASES = [
     Encoding("topk", "u8", k=64),
     Encoding("topk", "u8", k=7),  # odd width: no pair table
     Encoding("topk", "u4", k=16),
+    Encoding("topk", "u5", k=13),  # past the pairwise sum's 8 lanes, a remainder of 5
+    Encoding("topk", "u8", k=128),  # the widest row the compiled kernel decodes
+    Encoding("topk", "u8", k=129),  # one wider: NumPy's, split pairwise
     Encoding("topk", "fp16", k=9),
     Encoding("topk", "bf16", k=130),  # > 128: the pairwise split
     Encoding("topk", "fp32", k=5),
@@ -140,10 +144,20 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each decoder in turn (format/fused.py): NumPy's, and numba's compiled one, which the
+    dev install has."""
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="the fast extra is not installed")
+    monkeypatch.setenv(DECODER_ENV, request.param)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("enc", CASES, ids=lambda e: f"{e.kind}-{e.values}-{e.k or e.samples}")
 @pytest.mark.parametrize("n", [0, 1, 5, 333])
 def test_the_decoder_gives_the_specs_bits(
-    enc: Encoding, n: int, monkeypatch: pytest.MonkeyPatch
+    enc: Encoding, n: int, decoder: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m = {"topk": enc.k, "sampled": min(enc.samples or 0, 40), "full": 40}[enc.kind]
     assert m is not None
@@ -157,7 +171,7 @@ def test_the_decoder_gives_the_specs_bits(
             assert x.tobytes() == y.tobytes(), (name, enc)
 
 
-def test_ids_past_the_vocabulary_are_refused() -> None:
+def test_ids_past_the_vocabulary_are_refused(decoder: str) -> None:
     md = _metadata(Encoding("topk", "u8", k=4), 4, 2)
     rows = StoredRows(
         np.zeros(2, np.uint16),

@@ -3,6 +3,7 @@ happened, Markdown tables, results files and plots, and the progress log."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -68,8 +69,20 @@ def run_meta(script: str, argv: list[str]) -> dict[str, Any]:
             "zarr": zarr.__version__,
             "numpy": np.__version__,
             "logitstore": logitstore.__version__,
+            "numba": _numba(),
         },
     }
+
+
+def _numba() -> str:
+    """numba's version and the decoder this run uses (numba's kernel, or NumPy's)."""
+    from logitstore.format import fused
+
+    try:
+        version = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    return f"{version} (decoder: {fused.decoder()})"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Decoding stored rows back into token ids and probabilities (NumPy only).
+"""Decoding stored rows back into token ids and probabilities (NumPy; top-k rows of √p codes
+by a compiled kernel instead where numba is installed: fused.py, the same bits).
 
 The stored row layout is docs/FORMAT.md §5: candidate ids sorted ascending and kept as gaps
 (first id, then differences; a gap of 0 after the first column marks padding), values in the
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import CorruptStoreError, FormatError
+from .fused import decode_topk
 from .metadata import SQRT_BINS, StoreMetadata
 from .schema import StoredRows
 
@@ -141,16 +143,29 @@ def _ids_into(gaps: np.ndarray, ids: np.ndarray, vocab_size: int | None) -> None
     if not ids.size:
         return
     np.add.accumulate(gaps, axis=1, dtype=ids.dtype, out=ids)
-    # Before padding is zeroed, the last column holds each row's largest id (padding adds 0).
-    top = int(ids[:, -1].max())
+    fits = np.iinfo(ids.dtype).max // gaps.shape[1]  # gaps up to this cannot wrap a row's sum
+    if np.iinfo(gaps.dtype).max > fits and int(gaps.max()) > fits:
+        # e.g. uint32 gaps into int32 ids: a corrupt row's sum could wrap; check it in int64
+        top = int(np.add.reduce(gaps, axis=1, dtype=np.int64).max())
+    else:  # before padding is zeroed, the last column holds each row's largest id
+        top = int(ids[:, -1].max())
+    _check_top(top, vocab_size)
+    later = gaps[:, 1:]  # (n, m - 1)
+    if not later.all():  # padding is rare in top-k rows: find it only where it is
+        ids[:, 1:] *= later != 0
+
+
+def _check_top(top: int, vocab_size: int | None) -> None:
+    """Refuse decoded ids reaching ``vocab_size`` (``top`` the largest).
+
+    Raises:
+        CorruptStoreError: they do.
+    """
     if vocab_size is not None and top >= vocab_size:
         raise CorruptStoreError(
             f"decoded token ids reach {top}, outside the vocabulary of {vocab_size}; "
             "run `logitstore verify`"
         )
-    later = gaps[:, 1:]  # (n, m - 1)
-    if not later.all():  # padding is rare in top-k rows: find it only where it is
-        ids[:, 1:] *= later != 0
 
 
 def rescale_into(probs: np.ndarray, target: np.ndarray) -> None:
@@ -187,6 +202,12 @@ def decode_candidates_into(
     enc = md.encoding
     n = len(values)
     rescale = enc.lossy and target is not None
+    if rescale and enc.values in _SQRT_TABLES and gaps is not None and ids is not None:
+        assert target is not None  # numba's one pass over each row where it can: the same bits
+        top = decode_topk(gaps, values, target, _SQRT_TABLES[enc.values], ids, probs)
+        if top is not None:
+            _check_top(top, md.vocab_size)
+            return
     tile = max(1, TILE_VALUES // max(1, values.shape[1]))
     for a in range(0, n, tile):
         z = min(a + tile, n)

@@ -1,6 +1,6 @@
 """A local store's positions decoded straight from its shards (complete, or committed where
 read), one inner chunk at a time: how :class:`logitstore.LogitStore` reads a local store,
-and so :class:`logitstore.LogitDataset` (NumPy only).
+and so :class:`logitstore.LogitDataset` (no torch here).
 
 Each inner chunk of ``ids`` and ``values`` is decompressed into a small buffer, and decoded
 from it (:func:`logitstore.format.codec.decode_candidates_into`) while it is still in the

@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import LogitStoreError
 from ..format.codec import Batch
 from ..format.direct import Alloc
+from ..format.fused import warm
 from ..format.provenance import tokenizer_identity
 from . import open as open_store
 from .blocks import Block, BlockReader, block_of
@@ -147,6 +148,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
         self._store: StoreBase | None = None  # opened lazily, inside each worker
         self._store_pid = -1
+        warm(self.metadata, np.int32)  # numba's decoder, if used: loaded once, before workers fork
 
     # -- order -------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import CorruptStoreError, IncompleteStoreError, LogitStoreError
 from ..format.codec import Batch
 from ..format.direct import Alloc, read_decoded
+from ..format.fused import check_decoder
 from ..format.metadata import StoreMetadata
 from ..format.schema import (
     COMMITS,
@@ -94,6 +95,7 @@ class LogitStore(StoreBase):
 
     def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
         reader = local_reader()  # a bad setting is refused before anything is read
+        check_decoder()
         self.path: StorePath = store_path(path)
         self._remote = location(self.path) is not None
         self._pool: ThreadPoolExecutor | None = None

@@ -30,6 +30,7 @@ from ..errors import (
 from ..format.chunks import CHUNKS_MEDIA_TYPE, ChunkParser, alloc_columns
 from ..format.codec import Batch, decode_rows
 from ..format.direct import Alloc
+from ..format.fused import check_decoder
 from ..format.metadata import StoreMetadata
 from ..format.protocol import ERROR_TYPES, StreamParser
 from ..format.schema import COLUMN_ORDER, StoredRows, empty_rows, rows_from_columns
@@ -74,6 +75,7 @@ class RemoteStore(StoreBase):
         backoff: float = 0.25,
         compressed: bool = True,
     ) -> None:
+        check_decoder()  # a bad setting is refused before anything is read
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise LogitStoreError(f"not an http(s) store URL: {url!r}")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LogitStoreError
 from ..format.codec import decode_ids, decode_values
+from ..format.fused import check_decoder
 from ..format.metadata import ATTRS_KEY, SQRT_BINS, StoreMetadata
 from ..format.provenance import identity_digest, identity_settings
 from ..format.schema import IDS, INPUT_IDS, LOSS_MASK, RESIDUAL, VALUES, columns
@@ -49,6 +50,7 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
         >>> report.ok, report.faults[:1]
     """
     local_reader()  # a bad setting is the caller's error, not a fault of the store
+    check_decoder()
     report = VerifyReport(str(path))
     try:
         _verify(path, report, progress)
