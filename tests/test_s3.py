@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import logitstore
+import logitstore.write.lease as lease_module
 from logitstore import Encoding, StoreWriter, encode_rows
 from logitstore.cli.main import main as cli_main
 from logitstore.errors import StorageError
@@ -187,6 +188,33 @@ def test_of_two_jobs_taking_over_a_run_out_lease_one_gets_it(bucket: str) -> Non
     first.release()
 
 
+def test_a_renewal_racing_a_takeover_does_not_overwrite_it(bucket: str) -> None:
+    """Another job writes the lease between a renewal's read and its put (this job's
+    renewals had stalled): the put, conditioned on what was read, fails, and this job
+    stops; an unconditional put would overwrite the other job's lease and both would
+    write."""
+    url = f"s3://{bucket}/renew-race.zarr"
+    lease = _Lease(ObjectLocation(url), 0.4)
+    lease.acquire()
+    other = {"job": "other", "host": "h", "pid": 1, "expires": time.time() + 60}
+    read_tagged = lease.loc.read_tagged
+
+    def read_then_lose_the_race(key: str) -> tuple[bytes, str | None] | None:
+        tagged = read_tagged(key)  # this job's lease, as the renewal saw it...
+        ObjectLocation(url).write(WRITER_KEY, json.dumps(other).encode())  # ...taken over
+        return tagged
+
+    lease.loc.read_tagged = read_then_lose_the_race  # type: ignore[method-assign]
+    lease.start_renewing()
+    deadline = time.time() + 20
+    while url not in lease_module._LOST and time.time() < deadline:
+        time.sleep(0.05)
+    lost = lease_module._LOST.get(url, "")
+    lease.release()
+    assert "took over its lease while it was renewed" in lost
+    assert ObjectLocation(url).read_json(WRITER_KEY)["job"] == "other"
+
+
 def test_a_job_that_lost_its_lease_stops_before_its_next_shard(
     bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,7 +238,9 @@ def test_a_job_that_lost_its_lease_stops_before_its_next_shard(
         # Another job takes the store over (this one's renewals had failed meanwhile).
         other = {"job": "other", "host": "h", "pid": 1, "expires": time.time() + 60}
         ObjectLocation(url).write(WRITER_KEY, json.dumps(other).encode())
-        time.sleep(0.5)  # the next renewal finds it
+        deadline = time.time() + 20  # the next renewal finds it (0.1 s apart; later if loaded)
+        while url not in lease_module._LOST and time.time() < deadline:
+            time.sleep(0.05)
         w.write(512, encode_rows(logits[512:], ENC, 0, torch.arange(512, N)))
     assert logitstore.open(url, allow_incomplete=True).metadata.state != "complete"
     assert ObjectLocation(url).read_json(WRITER_KEY)["job"] == "other"  # left alone

@@ -112,12 +112,20 @@ class _Lease:
         until = time.time() + self.ttl  # when the lease last put runs out
         while not self._stop.wait(self.ttl / 4):
             with contextlib.suppress(LogitStoreError):  # a missed renewal is retried next time
-                held = self.loc.read_json(WRITER_KEY)
+                tagged = self.loc.read_tagged(WRITER_KEY)
+                held = _parse(None if tagged is None else tagged[0])
                 if not (isinstance(held, dict) and held.get("job") == self.job):
                     self._lose(f"another job took over its lease (now {held!r})")
                     return
-                body = self.body()
-                self.loc.write(WRITER_KEY, body)
+                body, etag = self.body(), None if tagged is None else tagged[1]
+                # On S3 the put is conditioned on the lease just read: a job taking it over
+                # between the read and the put is not overwritten (the renewal fails instead).
+                if etag is not None and self.loc.scheme in ("s3", "s3a"):
+                    if not self.loc.replace(WRITER_KEY, body, etag):
+                        self._lose("another job took over its lease while it was renewed")
+                        return
+                else:
+                    self.loc.write(WRITER_KEY, body)
                 until = json.loads(body)["expires"]
             if time.time() > until:  # another job may take it over any moment now
                 self._lose(f"its lease ran out at {until:.0f} while renewals failed")
