@@ -506,7 +506,7 @@ def write_outputs(
         f"Today's decoder in this run: **{_DECODER[0]}** (`{fused.DECODER_ENV}` unset). "
         "NumPy's decoder needs nothing beyond the base install; numba's compiled kernel is "
         "the `fast` extra (`pip install 'logitstore[fast]'`: numba and llvmlite, ~210 MB on "
-        "disk; a one-off compile of ~1.5 s per machine, cached, then ~0.3-0.7 s per process "
+        "disk; a one-off compile of ~1.5 s per machine, cached, then ~0.4-0.7 s per process "
         "to import numba and load the kernel, outside these timings as outside a training "
         "step). Load average during the run (1 min, at its start and end): "
         f"{_LOAD[0]:.1f} and {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall-clock "

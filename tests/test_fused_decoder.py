@@ -297,6 +297,22 @@ def test_wrapped_ids_are_refused_by_both_decoders(monkeypatch: pytest.MonkeyPatc
                 codec.decode_rows(md, rows, id_dtype)
 
 
+def test_ids_past_int32_are_an_error_not_a_wrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vocabulary past 2³¹ (the format allows up to 2³²) read into int32 ids: a clear
+    error from both decoders, not ids wrapped negative; int64 ids read it."""
+    md, rows = _rows(3, 4, 3_000_000_000, seed=1)
+    assert rows.gaps is not None
+    rows.gaps[1] = [2_500_000_000, 1, 0, 0]
+    for setting in ("numpy", "numba"):
+        monkeypatch.setenv(DECODER_ENV, setting)
+        with pytest.raises(logitstore.LogitStoreError, match="more than int32 holds"):
+            codec.decode_rows(md, rows, np.int32)
+        assert codec.decode_rows(md, rows, np.int64).ids[1, :2].tolist() == [
+            2_500_000_000,
+            2_500_000_001,
+        ]
+
+
 @pytest.mark.parametrize("vocab", [300, 70_000, 3_000_000])
 @pytest.mark.parametrize("m", [1, 7, 8, 64, 100, 128])
 def test_both_decoders_give_the_same_bits(vocab: int, m: int) -> None:

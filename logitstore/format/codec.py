@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import CorruptStoreError, FormatError
+from ..errors import CorruptStoreError, FormatError, LogitStoreError
 from .fused import decode_topk
 from .metadata import SQRT_BINS, StoreMetadata
 from .schema import StoredRows
@@ -149,22 +149,29 @@ def _ids_into(gaps: np.ndarray, ids: np.ndarray, vocab_size: int | None) -> None
         top = int(np.add.reduce(gaps, axis=1, dtype=np.int64).max())
     else:  # before padding is zeroed, the last column holds each row's largest id
         top = int(ids[:, -1].max())
-    _check_top(top, vocab_size)
+    _check_top(top, vocab_size, ids.dtype)
     later = gaps[:, 1:]  # (n, m - 1)
     if not later.all():  # padding is rare in top-k rows: find it only where it is
         ids[:, 1:] *= later != 0
 
 
-def _check_top(top: int, vocab_size: int | None) -> None:
-    """Refuse decoded ids reaching ``vocab_size`` (``top`` the largest).
+def _check_top(top: int, vocab_size: int | None, id_dtype: np.dtype[Any]) -> None:
+    """Refuse decoded ids reaching ``vocab_size`` (``top`` the largest, summed exactly), or
+    past what the ids' dtype holds (they would have wrapped).
 
     Raises:
-        CorruptStoreError: they do.
+        CorruptStoreError: they reach the vocabulary's size.
+        LogitStoreError: they do not fit ``id_dtype`` (e.g. int32 for a vocabulary > 2³¹).
     """
     if vocab_size is not None and top >= vocab_size:
         raise CorruptStoreError(
             f"decoded token ids reach {top}, outside the vocabulary of {vocab_size}; "
             "run `logitstore verify`"
+        )
+    if top > np.iinfo(id_dtype).max:
+        raise LogitStoreError(
+            f"decoded token ids reach {top}, more than {id_dtype} holds: read with "
+            "id_dtype=np.int64"
         )
 
 
@@ -198,6 +205,7 @@ def decode_candidates_into(
 
     Raises:
         CorruptStoreError: a decoded id falls outside the vocabulary.
+        LogitStoreError: decoded ids do not fit the ids' dtype (int32 past 2³¹).
     """
     enc = md.encoding
     n = len(values)
@@ -206,7 +214,7 @@ def decode_candidates_into(
         assert target is not None  # numba's one pass over each row where it can: the same bits
         top = decode_topk(gaps, values, target, _SQRT_TABLES[enc.values], ids, probs)
         if top is not None:
-            _check_top(top, md.vocab_size)
+            _check_top(top, md.vocab_size, ids.dtype)
             return
     tile = max(1, TILE_VALUES // max(1, values.shape[1]))
     for a in range(0, n, tile):
@@ -236,6 +244,7 @@ def decode_rows(
 
     Raises:
         CorruptStoreError: a decoded id falls outside the vocabulary.
+        LogitStoreError: decoded ids do not fit the ids' dtype (int32 past 2³¹).
     """
     enc = md.encoding
     n = len(rows.input_ids)

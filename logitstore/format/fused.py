@@ -8,7 +8,7 @@ uint16 and uint32 gaps, int32 and int64 ids). The kernel decodes a row in one pa
 in cache instead of NumPy's five passes over a tile: about 2-3× less CPU for top-64 u8 rows
 (benchmarks/results/read.md). It costs numba and llvmlite on disk (~210 MB) and, once per
 machine and argument types, a compile of ~1.5 s that numba caches beside the module (or in
-its user-wide cache; where neither is writable, each process compiles); then ~0.3-0.5 s per
+its user-wide cache; where neither is writable, each process compiles); then ~0.4-0.7 s per
 process to import numba and load the kernel, which LogitDataset spends before DataLoader
 workers fork (:func:`warm`).
 

@@ -30,7 +30,7 @@ class Block(NamedTuple):
     input_ids: torch.Tensor  # (L,) int64
     labels: torch.Tensor  # (L,) int64: the next token or -100
     loss_mask: torch.Tensor  # (L,) bool
-    ids: Any  # (L, m) int32 tensor; a full store's read-only broadcast ndarray
+    ids: Any  # (L, m) int32 (int64 past 2³¹ ids) tensor; a full store's read-only broadcast ndarray
     probs: torch.Tensor  # (L, m) float32
     residual: torch.Tensor  # (L,) float32
 

@@ -47,7 +47,8 @@ def collate(
     """Stack samples into a batch, trimmed to the longest real window in it.
 
     Shapes: ``input_ids``, ``labels``, ``attention_mask``, ``loss_mask`` ``(B, T)``;
-    ``ids`` ``(B, T, m)`` int32 (half the bytes of int64 to move; the losses accept it),
+    ``ids`` ``(B, T, m)`` int32 (half the bytes of int64 to move; the losses accept it;
+    int64 for a vocabulary past 2³¹),
     ``probs`` ``(B, T, m)``; ``residual`` ``(B, T)``.
 
     With ``pin_memory`` (a CUDA trainer reading with ``num_workers=0``) the batch is stacked

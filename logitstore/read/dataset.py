@@ -148,7 +148,9 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
         self._resume_from = 0  # set by load_state_dict, consumed by the next __iter__
         self._store: StoreBase | None = None  # opened lazily, inside each worker
         self._store_pid = -1
-        warm(self.metadata, np.int32)  # numba's decoder, if used: loaded once, before workers fork
+        # int32 ids (half the memory traffic) unless the vocabulary needs more
+        self._id_dtype = np.int32 if self.metadata.vocab_size <= 1 << 31 else np.int64
+        warm(self.metadata, self._id_dtype)  # numba's decoder, if used: loaded before workers fork
 
     # -- order -------------------------------------------------------------------------------
 
@@ -248,12 +250,12 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
                 yield sample
 
     def _read_block(self, start: int, stop: int, alloc: Alloc = np.empty) -> Batch:
-        """Decode positions ``[start, stop)`` (int32 ids; ids and probabilities in memory
-        from ``alloc``); subclasses may read elsewhere. A local store decodes straight from
-        its shards (:class:`~logitstore.read.local.LogitStore`)."""
+        """Decode positions ``[start, stop)`` (int32 ids, int64 past a vocabulary of 2³¹; ids
+        and probabilities in memory from ``alloc``); subclasses may read elsewhere. A local
+        store decodes straight from its shards (:class:`~logitstore.read.local.LogitStore`)."""
         store = self._store
         assert store is not None
-        return store.read(start, stop, id_dtype=np.int32, alloc=alloc)
+        return store.read(start, stop, id_dtype=self._id_dtype, alloc=alloc)
 
     def _for_student(self, start: int, data: Batch) -> Batch:
         """A decoded block as the student can use it: ids folded below its vocabulary."""
@@ -287,7 +289,7 @@ class LogitDataset(IterableDataset[dict[str, torch.Tensor]]):
             "labels": block.labels[real],  # (n,) next token, -100 where there is none
             "attention_mask": torch.ones(n, dtype=torch.long),  # (n,)
             "loss_mask": block.loss_mask[real],  # (n,) bool: rows that count (FORMAT §4)
-            # (n, m) int32: half the bytes of int64.
+            # (n, m) int32: half the bytes of int64 (int64 past a vocabulary of 2³¹).
             "ids": ids if isinstance(ids, torch.Tensor) else torch.from_numpy(np.array(ids)),
             "probs": block.probs[real],  # (n, m)
             "residual": block.residual[real],  # (n,)

@@ -91,6 +91,7 @@ class StoreBase(abc.ABC):
             PositionError: the range is reversed or outside ``[0, len(store)]``.
             IncompleteStoreError: (incomplete stores only) the range touches uncommitted shards.
             CorruptStoreError: a checksum failed or decoded ids fall outside the vocabulary.
+            LogitStoreError: decoded ids do not fit ``id_dtype`` (int32 past 2³¹).
 
         Example:
             >>> b = logitstore.open("s.zarr").read(0, 4096)
