@@ -87,12 +87,14 @@ def _spec_decode(md: StoreMetadata, rows: StoredRows, id_dtype: type) -> codec.B
     return codec.Batch(rows.input_ids.astype(np.int64), ids, q, residual, mask)
 
 
-def _metadata(enc: Encoding, m: int, n: int) -> StoreMetadata:
+def _metadata(enc: Encoding, m: int, n: int, vocab: int = VOCAB) -> StoreMetadata:
+    """A store's metadata for ``n`` rows of ``m`` slots: gaps of uint32 past a vocabulary of
+    65,536, as the writer stores them."""
     value_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "uint16"}.get(
         enc.values, "uint16" if enc.kind == "sampled" and (enc.samples or 0) > 255 else "uint8"
     )
-    layout = Layout(64, 256, "uint16", value_dtype, m, 256)
-    return StoreMetadata(enc, layout, VOCAB if enc.kind != "full" else m, n, 1, None, 0, "x")
+    layout = Layout(64, 256, "uint16" if vocab <= 1 << 16 else "uint32", value_dtype, m, 256)
+    return StoreMetadata(enc, layout, vocab if enc.kind != "full" else m, n, 1, None, 0, "x")
 
 
 def _rows(md: StoreMetadata, n: int, seed: int) -> StoredRows:
@@ -111,14 +113,14 @@ def _rows(md: StoreMetadata, n: int, seed: int) -> StoredRows:
         values = rng.integers(0, (1 << int(enc.values[1:])), (n, m)).astype(vdt)
     gaps = None
     if enc.kind != "full":
-        ids = np.sort(rng.choice(VOCAB, size=(n, m)), axis=1) if n else np.zeros((0, m), int)
-        gaps = np.diff(ids, axis=1, prepend=0).astype(np.uint16)  # repeats: padding
+        vocab = md.vocab_size
+        ids = np.sort(rng.choice(vocab, size=(n, m)), axis=1) if n else np.zeros((0, m), int)
+        gaps = np.diff(ids, axis=1, prepend=0).astype(md.layout.id_dtype)  # repeats: padding
         if n > 2:
             gaps[1, 0] = 0  # id 0 first
             gaps[2] = 0  # all padding after id 0
-            gaps[2, 0] = VOCAB - 1 if m == 1 else 0
-        values[gaps == 0] = 0
-        values[:, 0][gaps[:, 0] == 0] = values[:, 0][gaps[:, 0] == 0]  # id 0 keeps its value
+            gaps[2, 0] = vocab - 1 if m == 1 else 0
+        values[:, 1:][gaps[:, 1:] == 0] = 0  # padding holds nothing; id 0 first keeps its value
     if n > 3:
         values[3] = 0  # a row of zeros: scale 0
     residual = rng.random(n).astype(np.float32) * 0.2 if enc.kind == "topk" else None

@@ -23,9 +23,11 @@ import logitstore.format.codec as codec
 from logitstore import Encoding
 from logitstore.format import fused
 from logitstore.format.fused import DECODER_ENV
-from logitstore.format.metadata import Layout, StoreMetadata
+from logitstore.format.metadata import StoreMetadata
 from logitstore.format.schema import StoredRows
 from tests.conftest import table_store
+from tests.test_decode_fast import _metadata
+from tests.test_decode_fast import _rows as _spec_rows
 
 pytest.importorskip("numba", reason="the fast extra is not installed")
 
@@ -33,18 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _rows(n: int, m: int, vocab: int, seed: int) -> tuple[StoreMetadata, StoredRows]:
-    """Top-``m`` u8 rows over a vocabulary of ``vocab`` with padding and an all-zero row."""
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(vocab, size=(n, m)), axis=1)  # repeats become padding
-    gdt = np.uint16 if vocab <= 1 << 16 else np.uint32
-    gaps = np.diff(ids, axis=1, prepend=0).astype(gdt)
-    values = rng.integers(0, 256, (n, m)).astype(np.uint8)
-    values[gaps == 0] = 0
-    values[min(3, n - 1)] = 0
-    residual = (rng.random(n) * 0.3).astype(np.float32)
-    layout = Layout(64, 256, np.dtype(gdt).name, "uint8", m, 256)
-    md = StoreMetadata(Encoding("topk", "u8", k=m), layout, vocab, n, 1, None, 0, "x")
-    return md, StoredRows(rng.integers(0, 300, n).astype(np.uint16), gaps, values, residual)
+    """Top-``m`` u8 rows over a vocabulary of ``vocab``, with test_decode_fast's edges
+    (padding, id 0 first, an all-padding row, an all-zero row)."""
+    md = _metadata(Encoding("topk", "u8", k=m), m, n, vocab)
+    return md, _spec_rows(md, n, seed)
 
 
 def _digest(batch: codec.Batch) -> str:
@@ -52,12 +46,17 @@ def _digest(batch: codec.Batch) -> str:
 
 
 def _decode(md: StoreMetadata, rows: StoredRows, setting: str, id_dtype: type) -> codec.Batch:
+    """``decode_rows`` with ``LOGITSTORE_DECODER=setting`` (also in the subprocesses below,
+    which have no monkeypatch), the variable as it was after."""
     before = os.environ.get(DECODER_ENV)
     os.environ[DECODER_ENV] = setting
     try:
         return codec.decode_rows(md, rows, id_dtype)
     finally:
-        os.environ.pop(DECODER_ENV) if before is None else os.environ.update({DECODER_ENV: before})
+        if before is None:
+            del os.environ[DECODER_ENV]
+        else:
+            os.environ[DECODER_ENV] = before
 
 
 def test_the_default_decoder_is_numba_where_it_is_installed(
